@@ -1,0 +1,93 @@
+"""The hand-written Gemma 3 against transformers' Gemma3ForCausalLM on random tiny configs."""
+import pytest
+import torch
+
+import shared_logic as sl
+from conftest import hf_twin, randomize, tiny_config
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CONFIGS = {
+    "gqa_sliding_full": dict(),
+    "six_layers_no_scaling": dict(num_layers=6, layer_types=(), global_rope_scaling=1.0, sliding_window=5),
+    "mha_head_scalar": dict(num_kv_heads=4, query_pre_attn_scalar=24, local_rope_theta=500.0),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_hidden_states_match_transformers(name):
+    torch.manual_seed(1)
+    model = randomize(sl.Gemma3(tiny_config(**CONFIGS[name])), seed=3).eval()
+    assert {l.layer_type for l in model.layers} == {sl.SLIDING, sl.FULL}
+    hf = hf_twin(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.sliding_window + 5))
+    with torch.no_grad():
+        ours = model(ids, output_hidden_states=True)
+        ref = hf(ids, output_hidden_states=True)
+    assert rel_err(ours.logits, ref.logits) <= 1e-5
+    assert len(ours.hidden_states) == len(ref.hidden_states) == model.config.num_layers + 1
+    # transformers' last entry is after the final norm; ours is the raw layer output, with the normed one in .hidden
+    for mine, theirs in zip(ours.hidden_states[:-1], ref.hidden_states[:-1]):
+        assert rel_err(mine, theirs) <= 1e-5
+    assert rel_err(ours.hidden, ref.hidden_states[-1]) <= 1e-5
+
+
+def test_left_padded_batch_equals_rows_alone(tiny_model):
+    torch.manual_seed(2)
+    lengths = [21, 9, 14]
+    rows = [torch.randint(3, 500, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, True
+    with torch.no_grad():
+        batched = tiny_model(ids, mask).logits
+        for i, row in enumerate(rows):
+            alone = tiny_model(row[None]).logits[0]
+            assert rel_err(batched[i, width - len(row):], alone) <= 1e-5
+
+
+def test_right_padded_batch_equals_rows_alone(tiny_model):
+    torch.manual_seed(3)
+    rows = [torch.randint(3, 500, (n,)) for n in (17, 6)]
+    ids = torch.zeros(2, 17, dtype=torch.long)
+    mask = torch.zeros(2, 17, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, True
+    with torch.no_grad():
+        batched = tiny_model(ids, mask).logits
+        for i, row in enumerate(rows):
+            assert rel_err(batched[i, :len(row)], tiny_model(row[None]).logits[0]) <= 1e-5
+    assert torch.isfinite(batched).all()
+
+
+def test_cached_decoding_equals_full_forward(tiny_model):
+    torch.manual_seed(4)
+    ids = torch.randint(3, 500, (2, 30))  # longer than the window of 8
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :5] = False  # left padding in row 1
+    with torch.no_grad():
+        full = tiny_model(ids, mask).logits
+        cache = sl.KVCache(tiny_model.config, 2, 40, torch.float32, torch.device("cpu"))
+        steps = [tiny_model(ids[:, :12], mask[:, :12], cache=cache).logits]
+        for t in range(12, 30):
+            steps.append(tiny_model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache).logits)
+    stepped = torch.cat(steps, dim=1)
+    assert rel_err(stepped[0], full[0]) <= 1e-5
+    assert rel_err(stepped[1, 5:], full[1, 5:]) <= 1e-5
+
+
+def test_float16_is_refused():
+    with pytest.raises(sl.MedkoError, match="float16"):
+        sl.compute_dtype("cpu", torch.float16)
+    assert sl.compute_dtype("cpu") == torch.float32
+    assert sl.compute_dtype("cuda") == torch.bfloat16
+
+
+def test_unknown_config_key_is_an_error():
+    with pytest.raises(sl.MedkoError, match="hiden_size"):
+        sl.ModelConfig.from_dict({**sl.asdict(sl.PRESETS["tiny"]), "hiden_size": 3})
