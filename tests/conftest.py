@@ -43,3 +43,54 @@ def hf_twin(model: sl.Gemma3):
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
     return hf
+
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def tiny_tokenizer_json(path: Path) -> Path:
+    """A Gemma-shaped tokenizer (BPE, byte fallback, '▁' for spaces) small enough for the tiny model."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    chars = ["▁", "\n"] + [chr(c) for c in range(33, 127)] + list("정답은입니다：")
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    merges = [("▁", letter) for letter in "ABCDE"] + [("정", "답")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    assert tok.get_vocab_size() <= sl.PRESETS["tiny"].vocab_size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A complete HF-layout tiny Gemma 3 directory: config.json, model.safetensors, tokenizer.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = randomize(sl.Gemma3(tiny_config()), seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(sl.config_to_hf(model.config)))
+    save_file({k: v.contiguous() for k, v in sl.export_state_dict(model).items()}, str(directory / "model.safetensors"))
+    tiny_tokenizer_json(directory / "tokenizer.json")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir) -> sl.Tokenizer:
+    return sl.Tokenizer(tiny_dir / "tokenizer.json")
