@@ -129,7 +129,7 @@ def _http_error(cls):
 
 
 @pytest.mark.parametrize("error, sentence", [
-    ("gated", "is gated: accept its licence"),
+    ("gated", "is gated: accept its terms"),
     ("missing", "was not found or needs a token"),
     ("offline", "is not in the local cache"),
 ])
