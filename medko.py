@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import shared_logic as sl
 
@@ -30,6 +31,89 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(sl.generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
+def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool) -> list:
+    """--data: 'kormedmcqa' (the hub), a directory laid out like it, or one MCQ file."""
+    names = subsets.split(",")
+    if data == "kormedmcqa" or Path(data).is_dir():
+        return list(sl.load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
+    return list(sl.load_mcq_file(data, lang=lang, skip_bad=skip_bad))
+
+
+def model_for(args: argparse.Namespace):
+    """(model, tokenizer, name): a run's model when --run is given, else the base of --size/--model."""
+    if args.run:
+        run_dir, stage = sl.run_and_stage(args.run)
+        model, tokenizer, _ = sl.load_run_model_after(run_dir, stage, args)
+        return model, tokenizer, f"{run_dir}:{stage}"
+    model, tokenizer, path = sl.load_base(args.size, args.model, args.device)
+    return model, tokenizer, str(args.model or args.size)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad)[:args.limit]
+    fewshot = []
+    if args.fewshot:
+        if not (args.data == "kormedmcqa" or Path(args.data).is_dir()):
+            raise sl.MedkoError("--fewshot takes examples from the fewshot split, so --data must be kormedmcqa or "
+                                "a directory laid out like it")
+        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False)
+        fewshot = [r for s in args.subsets.split(",") for r in [x for x in shots if x.subset == s][:args.fewshot]]
+    model, tokenizer, name = model_for(args)
+    modes = ["logits", "generate"] if args.mode == "both" else [args.mode]
+    reports = [sl.evaluate(model, tokenizer, rows, mode, args.lang, args.chat, fewshot, args.batch_size,
+                           args.max_new_tokens, model_name=name) for mode in modes]
+    report = reports[0]
+    extra = {}
+    if len(reports) == 2:
+        extra["mode_agreement"] = sl.agreement(reports[0], reports[1])
+        extra["generate"] = sl.asdict(reports[1])
+    if args.agree_with:
+        extra["agreement_with"] = {"report": args.agree_with,
+                                   "agreement": sl.agreement(report, sl.read_json(Path(args.agree_with)))}
+    for r in reports:
+        print(sl.format_table(r))
+    for key in ("mode_agreement",):
+        if key in extra:
+            print(f"agreement logits/generate: {extra[key]:.3f}")
+    if "agreement_with" in extra:
+        print(f"agreement with {args.agree_with}: {extra['agreement_with']['agreement']:.3f}")
+    if args.out:
+        sl.write_json_atomic({**sl.asdict(report), **extra}, Path(args.out))
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    model, tokenizer, name = model_for(args)
+    cache = Path(args.cache or f"{args.out}.cache.jsonl")
+    if args.texts:
+        texts = list(sl.load_texts(args.data, args.field))
+        out = sl.translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
+                           progress=True, model_id=name, chat=args.chat)
+        records = [{"source": t, "translation": o} for t, o in zip(texts, out)]
+    else:
+        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False)
+        out = sl.translate_mcqs(rows, model, tokenizer, args.to, cache_path=cache, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, progress=True, model_id=name, chat=args.chat)
+        records = [sl.mcq_record(r) for r in out]
+    sl.write_jsonl_atomic(records, Path(args.out))
+    print(args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    run_dir, stage = sl.run_and_stage(args.run_stage_dir)
+    model, _, base = sl.load_run_model_after(run_dir, stage, args)
+    tokenizer_path = sl.resolve_model_dir(base["size"], base["model"]) / "tokenizer.json"
+    print(sl.export_run(model, Path(args.out), tokenizer_path))
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    result = sl.test_stage(Path(args.run_dir), args)
+    print(f"test accuracy after {result['stage']}: {result['accuracy']:.3f} on {result['n']} questions")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    print(sl.write_run_report(Path(args.run_dir)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medko", description="Teach MedGemma the Korean medical exams.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +132,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn format")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("eval", help="score multiple-choice questions (KorMedMCQA or a file); prints a table")
+    add_model_args(p)
+    p.add_argument("--run", default=None, help="score a run's model: RUN_DIR (its last stage) or RUN_DIR/STAGE_DIR")
+    p.add_argument("--data", default="kormedmcqa", help="'kormedmcqa' (hub), a directory laid out like it, or a file")
+    p.add_argument("--lang", default="ko", choices=["ko", "en"])
+    p.add_argument("--mode", default="logits", choices=["logits", "generate", "both"])
+    p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
+    p.add_argument("--subsets", default=",".join(sl.KORMEDMCQA_SUBSETS))
+    p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
+    p.add_argument("--fewshot", type=int, default=0, help="examples per subset from the fewshot split")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode")
+    p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
+    p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("translate", help="translate exam questions (or texts) with the model; cached and resumable")
+    add_model_args(p)
+    p.add_argument("--run", default=None, help="translate with a run's model")
+    p.add_argument("--data", required=True, help="'kormedmcqa', a directory laid out like it, an MCQ file, or a text file")
+    p.add_argument("--texts", action="store_true", help="--data is a text file (JSONL with --field)")
+    p.add_argument("--field", default="text")
+    p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
+    p.add_argument("--subsets", default=",".join(sl.KORMEDMCQA_SUBSETS))
+    p.add_argument("--to", default="en", choices=["en", "ko"])
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--cache", default=None, help="translation cache (default: OUT.cache.jsonl)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_translate)
+
+    p = sub.add_parser("export", help="write a run stage as a standard Gemma 3 checkpoint (LoRA merged)")
+    p.add_argument("run_stage_dir", help="e.g. runs/default/s5_reasoning")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("test", help="score the test split once on a run's final model")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_test)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
+    p.add_argument("run_dir")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

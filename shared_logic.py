@@ -9,10 +9,14 @@ import hashlib
 import json
 import logging
 import math
+import base64
+import contextlib
 import copy
 import csv
 import fnmatch
+import functools
 import importlib.util
+import argparse
 import inspect
 import os
 import re
@@ -1813,3 +1817,1227 @@ def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to:
         options = {letter: next(done) for letter in row.options}
         out.append(replace(row, question=question, options=options, lang=to))
     return out
+
+
+# ───────────────────────────── training configuration ─────────────────────────────
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer updates; the only field that may change on resume
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer update
+    lr: float = 1e-4  # peak learning rate, reached at the end of warm-up
+    weight_decay: float = 0.0  # AdamW decay of matrices; vectors, norms and embeddings are never decayed
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio; 1.0 keeps lr constant
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 turns clipping off
+    max_len: int = 512  # tokens per example; longer batches are refused
+    seed: int = 0  # data order and torch RNG (dropout) of a fresh run
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 100  # steps between checkpoints; one is also written at the end
+    gradient_checkpointing: bool = False  # recompute each layer in backward to save activation memory
+    device: str = "auto"  # "auto" is cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every")
+        bad = [name for name in positive if getattr(self, name) < 1]
+        if bad:
+            raise MedkoError(f"train config fields {bad} must be at least 1; fix them")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise MedkoError(f"train config min_lr_ratio is {self.min_lr_ratio}; give a value in [0, 1]")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise MedkoError(f"unknown train config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ───────────────────────────── training data ─────────────────────────────
+
+@dataclass
+class Example:
+    ids: list[int]  # BOS, prompt tokens, target tokens, EOS
+    target_mask: list[bool]  # True where the token itself is a target; BOS and prompt tokens are not
+
+
+def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                max_len: int) -> list[Example]:
+    """Language-modelling examples: the targets, and EOS after them, are learned; the prompts are context.
+
+    Plain text is a target with prompt "". An example longer than max_len loses its end; one left with
+    no target token is dropped. Both are counted and logged.
+    """
+    if len(prompts) != len(targets):
+        raise MedkoError(f"lm_examples got {len(prompts)} prompts but {len(targets)} targets; "
+                         f"pass one of each per example")
+    # Prompt and target are encoded apart, as at inference, where the prompt is encoded alone.
+    prompt_ids = tokenizer.encode_batch(prompts)
+    target_ids = tokenizer.encode_batch(targets, bos=False)
+    examples, truncated, dropped = [], 0, 0
+    for prompt, target in zip(prompt_ids, target_ids):
+        ids = prompt + target + [tokenizer.eos_id]
+        mask = [False] * len(prompt) + [True] * (len(target) + 1)
+        if len(ids) > max_len:
+            truncated += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask):
+            dropped += 1
+            continue
+        examples.append(Example(ids, mask))
+    if truncated:
+        log.info("lm_examples: truncated %d of %d examples to max_len %d tokens; dropped %d left with no target",
+                 truncated, len(prompt_ids), max_len, dropped)
+    if not examples:
+        raise MedkoError(f"every example's prompt fills max_len {max_len}; raise max_len or shorten the prompts")
+    return examples
+
+
+def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Right-padded {input_ids, attention_mask, target_mask}; target_mask[b, t] marks token t as a target.
+
+    A loss therefore compares logits[:, :-1] with input_ids[:, 1:] where target_mask[:, 1:] is set.
+    """
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)  # pad slots are masked, so any id works
+    attention = torch.zeros(len(examples), width, dtype=torch.bool)
+    targets = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        attention[i, :len(e.ids)] = True
+        targets[i, :len(e.ids)] = torch.tensor(e.target_mask, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": attention, "target_mask": targets}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Micro-batch `micro` of update `step`: a pure function of (seed, step, micro), so resume repeats it.
+
+    The examples are read as one endless stream, each epoch a fresh permutation seeded by (seed, epoch).
+    """
+    n = len(examples)
+    first = (step * config.grad_accum + micro) * config.batch_size
+    positions = range(first, first + config.batch_size)
+    return collate([examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions])
+
+
+# ───────────────────────────── trainable parameters ─────────────────────────────
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Trains exactly the parameters whose names match a pattern (fnmatch, e.g. "layers.*.lora_*"); freezes the rest."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise MedkoError(f"trainable patterns {unmatched} match no parameter; names look like {names[:3]}")
+    chosen = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if param.requires_grad:
+            chosen.append(name)
+    trainable, frozen = parameter_counts(model)
+    log.info("trainable: %s parameters in %d tensors; frozen: %s", f"{trainable:,}", len(chosen), f"{frozen:,}")
+    return chosen
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Shrinking gains, biases or (language) embeddings toward zero changes what they mean, not their size.
+    return param.ndim < 2 or "norm" in name or "embed" in name
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only, matrices decayed, everything else not."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise MedkoError("the model has no trainable parameters; call set_trainable(model, patterns) first")
+    groups = [{"params": [p for n, p in params if not _no_decay(n, p)], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in params if _no_decay(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+# ───────────────────────────── training checkpoints ─────────────────────────────
+
+# out_dir/checkpoints/step-00000100/{adapter.safetensors, optimizer.pt, state.json}, written as
+# .tmp-* in the same directory and renamed, so a step directory is complete or absent.
+CHECKPOINTS, WEIGHTS, OPTIMIZER, STATE = "checkpoints", "adapter.safetensors", "optimizer.pt", "state.json"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    def encode(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    cuda = [encode(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": encode(torch.get_rng_state()), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    def decode(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> Path:
+    """Writes step's checkpoint atomically and removes older ones; returns its directory."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        for name in (WEIGHTS, OPTIMIZER, STATE):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint; temporary directories of an interrupted save are never chosen."""
+    root = Path(out_dir) / CHECKPOINTS
+    steps = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: TrainConfig) -> dict[str, Any]:
+    """Loads trainable weights and optimizer state in place; returns the loop state.
+
+    The train config must be the saved one except for max_steps; this is checked before anything loads.
+    """
+    from safetensors.torch import load_file
+
+    missing = [name for name in (WEIGHTS, OPTIMIZER, STATE) if not (path / name).is_file()]
+    if missing:
+        raise MedkoError(f"checkpoint {path} lacks {missing}; delete that directory to resume from an earlier one")
+    state = json.loads((path / STATE).read_text())
+    saved = asdict(TrainConfig.from_dict(state["config"]))
+    changed = {k: (v, getattr(config, k)) for k, v in saved.items() if k != "max_steps" and v != getattr(config, k)}
+    if changed:
+        raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now); "
+                         f"resume with the saved values or start a new run directory")
+    weights = load_file(str(path / WEIGHTS))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights) - set(params))[:8]} beyond the trainable "
+                         f"parameters and lacks {sorted(set(params) - set(weights))[:8]}; "
+                         f"call set_trainable with the patterns of the interrupted run")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+    return state
+
+
+# ───────────────────────────── training loop ─────────────────────────────
+
+# loss_fn(model, batch) -> (sum of the loss over target tokens, number of target tokens, extra metrics)
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, Any]]]
+BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
+METRICS = "metrics.jsonl"
+
+
+def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(out_dir: Path, step: int) -> None:
+    """Drops lines logged after the checkpoint being resumed, and a line cut off by a crash."""
+    path = out_dir / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(METRICS + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], dict], out_dir: Path, step: int,
+              name: str) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        results = eval_fn(model)
+    model.train(was_training)
+    _append_metrics(out_dir, {"step": step, name: results})
+    log.info("%s at step %d: %s", name, step, results)
+    return results
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[dict[str, torch.Tensor]],
+                         autocast: contextlib.AbstractContextManager) -> tuple[float, int, dict[str, list[float]]]:
+    """Backward over the micro-batches of one update; returns (loss sum, target tokens, extras per micro-batch).
+
+    Every micro-batch's loss sum is divided by the target tokens of all of them, counted before any
+    forward pass, so an update weights each target token alike however the tokens fall into micro-batches.
+    """
+    counts = [int(b["target_mask"].sum()) for b in batches]
+    total = sum(counts)
+    if total == 0:
+        raise MedkoError("an accumulated batch has no target tokens; check the target masks of the training data")
+    loss, extras = 0.0, {}
+    for batch, count in zip(batches, counts):
+        with autocast:
+            loss_sum, n_targets, metrics = loss_fn(model, batch)
+        if int(n_targets) != count:
+            raise MedkoError(f"loss_fn counted {int(n_targets)} targets where the batch's target_mask holds "
+                             f"{count}; a loss must sum over the target_mask tokens")
+        (loss_sum / total).backward()
+        loss += float(loss_sum.detach())
+        for key, value in metrics.items():
+            extras.setdefault(key, []).append(float(value))
+    return loss, total, extras
+
+
+def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Example] | BatchFn,
+          config: TrainConfig, out_dir: Path, resume: bool = False,
+          eval_fn: Callable[[nn.Module], dict] | None = None) -> dict[str, Any]:
+    """Trains the model's trainable parameters for config.max_steps updates and returns a summary.
+
+    Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
+    then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
+    divided by the target tokens of the whole accumulated batch. Ctrl-C saves a checkpoint at the last
+    completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
+    targets, seconds and tokens_per_s (of this call), trainable (parameter count), eval_before, eval_after.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(config.device)
+    compute_dtype(device, model_dtype(model))  # refuses fp16 weights
+    model.to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    optimizer = make_optimizer(model, config)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable, frozen = parameter_counts(model)
+    log.info("training %s parameters in %d tensors; %s frozen", f"{trainable:,}", len(trainable_names), f"{frozen:,}")
+    if callable(examples_or_batch_fn):
+        next_batch = examples_or_batch_fn
+    else:
+        examples = list(examples_or_batch_fn)
+        if not examples:
+            raise MedkoError("train got no examples; check the data files of this stage")
+        next_batch = functools.partial(batch_at, examples, config=config)
+
+    for leftover in (out_dir / CHECKPOINTS).glob(".tmp-*"):
+        log.info("removing %s, left by an interrupted checkpoint save", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = latest_checkpoint(out_dir)
+    if resume:
+        if found is None:
+            raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
+        state = load_checkpoint(found, model, optimizer, config)
+        _set_rng_state(state["rng"])
+        _trim_metrics(out_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
+    else:
+        if found is not None:
+            raise MedkoError(f"{out_dir} already holds checkpoint {found.name}; "
+                             f"pass --resume or choose a new directory")
+        torch.manual_seed(config.seed)
+        (out_dir / METRICS).write_text("")
+        state = {"step": 0, "tokens": 0, "targets": 0, "elapsed": 0.0, "loss": None, "metrics": {},
+                 "eval_before": _evaluate(model, eval_fn, out_dir, 0, "eval_before") if eval_fn else None}
+
+    from tqdm import tqdm
+
+    step = saved_step = state["step"]
+    run_start, run_tokens, earlier_seconds = time.perf_counter(), 0, state["elapsed"]
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": run_start, "extras": {}}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def save(at: int) -> None:
+        nonlocal saved_step
+        state.update(step=at, config=asdict(config), trainable=trainable_names,
+                     elapsed=earlier_seconds + time.perf_counter() - run_start)
+        path = save_checkpoint(out_dir, at, model, optimizer, state)
+        saved_step = at
+        log.info("saved %s", path)
+
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr)
+    updating = False
+    try:
+        while step < config.max_steps:
+            batches = [{k: v.to(device) for k, v in next_batch(step, m).items()} for m in range(config.grad_accum)]
+            width = max(b["input_ids"].shape[1] for b in batches)
+            if width > config.max_len:
+                raise MedkoError(f"a batch of step {step} is {width} tokens long but max_len is {config.max_len}; "
+                                 f"build the examples with the same max_len")
+            step_loss, total, extras = accumulate_gradients(model, loss_fn, batches, autocast)
+            for key, values in extras.items():
+                window["extras"].setdefault(key, []).extend(values)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+            updating = True  # an interrupt from here to the end of the update leaves no consistent state
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.clip_norm or math.inf))
+            if not math.isfinite(grad_norm):
+                raise MedkoError(f"the gradient norm at step {step} is {grad_norm}; lower lr or check the data, "
+                                 f"then resume from the last checkpoint")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["tokens"] += tokens
+            state["targets"] += total
+            state["loss"] = step_loss / total
+            state["rng"] = _rng_state()
+            updating = False
+
+            run_tokens += tokens
+            window["loss"] += step_loss
+            window["targets"] += total
+            window["tokens"] += tokens
+            now = time.perf_counter()
+            speed = window["tokens"] / max(now - window["start"], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['loss']:.4f}", tok_s=f"{speed:.0f}")
+            if step % config.log_every == 0 or step == config.max_steps:
+                record = {"step": step, "loss": window["loss"] / window["targets"], "lr": lr, "grad_norm": grad_norm,
+                          "tokens": state["tokens"], "tokens_per_s": speed,
+                          "elapsed": earlier_seconds + now - run_start}
+                record.update({k: sum(v) / len(v) for k, v in window["extras"].items()})
+                _append_metrics(out_dir, record)
+                state["metrics"] = record
+                window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
+            if step % config.save_every == 0 or step == config.max_steps:
+                save(step)
+    except KeyboardInterrupt:
+        if updating:
+            log.info("interrupted inside the update of step %d, which is not saved", step)
+        elif step > saved_step:
+            save(step)
+        log.info("interrupted after step %d; resume to continue", step)
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    seconds = time.perf_counter() - run_start
+    eval_after = _evaluate(model, eval_fn, out_dir, step, "eval_after") if eval_fn else None
+    return {"steps": step, "loss": state["loss"], "tokens": state["tokens"], "targets": state["targets"],
+            "seconds": seconds, "tokens_per_s": run_tokens / max(seconds, 1e-9), "trainable": trainable,
+            "eval_before": state["eval_before"], "eval_after": eval_after}
+
+
+# ───────────────────────────── curriculum: runs and stages ─────────────────────────────
+
+# Stage name -> its directory in a run; stages find each other only through this map.
+STAGES = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
+          "s4": "s4_translate", "s5": "s5_reasoning"}
+DEFAULT_STEPS = {"270m": 8, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """Options every stage takes; a stage script adds its own before parsing."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", default=None, choices=["270m", "4b", "27b"], help="base model (default 270m)")
+    p.add_argument("--model", default=None, help="local HF-layout base checkpoint (overrides --size)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--run-dir", default="runs/default", help="the run's directory")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per training phase")
+    p.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-len", type=int, default=256, help="tokens per training example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gate", type=float, default=0.97, help="English validation accuracy the gate asks for")
+    p.add_argument("--tolerance", type=float, default=0.02, help="English guard: allowed drop below its reference")
+    p.add_argument("--guard-rounds", type=int, default=2, help="English guard: recovery rounds before stopping")
+    p.add_argument("--layer-loss", default="mse", choices=["mse", "kl"], help="per-layer English loss")
+    p.add_argument("--layer-weight", type=float, default=1.0, help="weight of the per-layer English loss")
+    p.add_argument("--eval-limit", type=int, default=None, help="score at most this many questions per exam")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of lora1 (when this stage adds it)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="alpha of lora1; scaling is alpha/rank")
+    return p
+
+
+@dataclass
+class RunData:
+    """The normalised data s0 wrote into the run."""
+
+    exam: dict[str, list[MCQ]]  # Korean exam by split: train, dev, test, fewshot
+    en_mcq: list[MCQ]  # English exam-style questions (MedQA style)
+    ko_text: list[str]  # Korean medical text for training
+    en_text: list[str]  # English medical text for training
+    ko_heldout: list[str]  # Korean text never trained on, for before/after losses
+    en_heldout: list[str]  # English text never trained on, for losses and drift
+    pairs: list[Pair]  # Korean-English pairs
+    reasoning: list[MCQ]  # Korean exam rows with worked reasoning
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl_atomic(rows: Iterable[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mcq_record(row: MCQ) -> dict[str, Any]:
+    return {"id": row.id, "subset": row.subset, "question": row.question, **row.options, "answer": row.answer,
+            **({"reasoning": row.reasoning} if row.reasoning else {})}
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / STAGES[stage]
+
+
+def finished(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The stage's meta.json when it finished, else None."""
+    path = stage_dir(run_dir, stage) / "meta.json"
+    return read_json(path) if path.is_file() else None
+
+
+def previous_stage(run_dir: Path, stage: str) -> str | None:
+    """The stage whose output this one reads; s2 follows s1.1 only when the gate sent the run there."""
+    if stage == "s0":
+        return None
+    order = ["s0", "s1", "s1_1", "s2", "s3", "s4", "s5"]
+    prev = order[order.index(stage) - 1]
+    if stage == "s2":
+        gate = finished(run_dir, "s1")
+        prev = "s1_1" if gate and gate["needs_english"] else "s1"
+    return prev
+
+
+def require_previous(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The previous stage's meta; refuses in one sentence to run out of order."""
+    prev = previous_stage(run_dir, stage)
+    if prev is None:
+        return None
+    meta = finished(run_dir, prev)
+    if meta is None or meta.get("status") != "done":
+        script = f"stages/{STAGES[prev]}.py"
+        state = "has not finished" if meta is None else f"ended with status {meta.get('status')!r}"
+        raise MedkoError(f"{stage} needs {prev}, which {state} in {run_dir}: run `python {script} --run-dir "
+                         f"{run_dir}` first")
+    if stage == "s1_1" and not meta["needs_english"]:
+        raise MedkoError(f"s1 found a model at the gate ({meta['chosen']}), so s1.1 is not needed; go on with s2")
+    return meta
+
+
+def prepare_stage_dir(run_dir: Path, stage: str, resume: bool) -> Path:
+    out = stage_dir(run_dir, stage)
+    if out.exists() and not resume:
+        raise MedkoError(f"{out} exists; pass --resume to continue it or delete it to start the stage over")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_base(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The base model the run is built on (chosen by s1); an explicit different --size/--model is refused."""
+    gate = finished(run_dir, "s1")
+    if gate is None:
+        raise MedkoError(f"{run_dir} has no finished s1 gate to name its base model; run stages/s1_gate.py first")
+    base = gate["base"]
+    asked = {"size": args.size, "model": args.model}
+    clash = [k for k, v in asked.items() if v is not None and str(v) != str(base[k])]
+    if clash:
+        raise MedkoError(f"{run_dir} is built on {base}; drop --{clash[0]} or use a new --run-dir")
+    return base
+
+
+def load_run_model(run_dir: Path, stage: str, args: argparse.Namespace) -> tuple[Gemma3, Tokenizer, dict[str, Any]]:
+    """The model a stage starts from: the base with the previous stage's architecture and additions."""
+    prev = previous_stage(run_dir, stage)
+    return load_run_model_after(run_dir, prev, args)
+
+
+def load_run_data(run_dir: Path) -> RunData:
+    d = stage_dir(run_dir, "s0")
+    exam = {s: list(load_mcq_file(d / f"exam_{s}.jsonl", lang="ko")) for s in KORMEDMCQA_SPLITS}
+    texts = lambda name: [t for t in load_texts(d / f"{name}.jsonl")]  # noqa: E731
+    pairs = list(load_pairs(d / "pairs.jsonl")) if (d / "pairs.jsonl").is_file() else []
+    return RunData(exam, list(load_mcq_file(d / "en_mcq.jsonl", lang="en")), texts("ko_text"), texts("en_text"),
+                   texts("ko_heldout"), texts("en_heldout"), pairs,
+                   list(load_reasoning(d / "reasoning.jsonl", lang="ko")))
+
+
+def english_exam(run_dir: Path, split: str) -> list[MCQ]:
+    """The English translation of a Korean exam split that s1 made."""
+    return list(load_mcq_file(stage_dir(run_dir, "s1") / f"en_exam_{split}.jsonl", lang="en"))
+
+
+def save_stage(out: Path, model: Gemma3, meta: dict[str, Any]) -> None:
+    """adapter.safetensors (the additions only, never base weights) and meta.json, each written atomically."""
+    from safetensors.torch import save_file
+
+    additions = additions_state_dict(model)
+    if additions:
+        tmp = out / ".tmp-adapter.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in additions.items()}, str(tmp))
+        os.replace(tmp, out / "adapter.safetensors")
+    meta = {**meta, "surgery": model.surgery, "additions": sum(v.numel() for v in additions.values())}
+    write_json_atomic(meta, out / "meta.json")
+
+
+# ───────────────────────────── curriculum: measurements ─────────────────────────────
+
+def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
+    return rows[:limit] if limit else rows
+
+
+@torch.no_grad()
+def text_loss(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> float:
+    """Mean next-token cross-entropy per target token on plain texts."""
+    examples = lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), 8):
+        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + 8]).items()}
+        hidden = model(batch["input_ids"], batch["attention_mask"], return_logits=False).hidden
+        loss_sum, n = causal_lm_loss(model, hidden, batch["input_ids"], batch["target_mask"])
+        total, count = total + float(loss_sum), count + int(n)
+    return total / max(count, 1)
+
+
+def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states of the frozen teacher: the same modules with the student's additions off."""
+    with torch.no_grad(), teacher_mode(model):
+        return model(ids, mask, output_hidden_states=True, return_logits=False).hidden_states
+
+
+@torch.no_grad()
+def drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], kind: str, max_len: int) -> float:
+    """The per-layer loss between the model and its teacher on English text (0 when they are equal)."""
+    examples = lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+    batch = {k: v.to(model_device(model)) for k, v in collate(examples).items()}
+    student = model(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, return_logits=False)
+    teacher = teacher_states(model, batch["input_ids"], batch["attention_mask"])
+    return float(layer_loss(student.hidden_states, teacher, batch["attention_mask"], teacher_layer_map(model),
+                            kind=kind, model=model, generator=torch.Generator().manual_seed(0)))
+
+
+def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, args: argparse.Namespace
+            ) -> dict[str, float]:
+    """Korean and English validation accuracy, held-out text losses and drift from the teacher."""
+    was_training = model.training
+    model.eval()
+    ko = evaluate(model, tokenizer, limited(data.exam["dev"], args.eval_limit), "logits", "ko", progress=False)
+    en = evaluate(model, tokenizer, limited(english_exam(run_dir, "dev"), args.eval_limit), "logits", "en",
+                  progress=False)
+    out = {"ko_accuracy": ko.accuracy, "en_accuracy": en.accuracy,
+           "ko_loss": text_loss(model, tokenizer, data.ko_heldout, args.max_len),
+           "en_loss": text_loss(model, tokenizer, data.en_heldout, args.max_len),
+           "drift": drift(model, tokenizer, data.en_heldout, args.layer_loss, args.max_len)}
+    model.train(was_training)
+    return out
+
+
+# ───────────────────────────── curriculum: training phases ─────────────────────────────
+
+def train_config(args: argparse.Namespace, base: dict[str, Any], steps: int | None = None) -> TrainConfig:
+    return TrainConfig(max_steps=steps or args.max_steps or DEFAULT_STEPS.get(base["size"], 8),
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup_steps=1, max_len=args.max_len, seed=args.seed, log_every=1,
+                       save_every=max(1, (steps or args.max_steps or 8) // 2),
+                       gradient_checkpointing=args.gradient_checkpointing, device=args.device or "auto")
+
+
+def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, config: TrainConfig):
+    """Batch function: a micro-batch of the stage's data, plus English text (prefixed en_) for the layer loss."""
+    def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        out = batch_at(main, step, micro, config)
+        if english:
+            out.update({f"en_{k}": v for k, v in batch_at(english, step, micro, config).items()})
+        return out
+    return batch
+
+
+def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
+    """Loss function of a training phase: CE on targets, the per-layer English loss, the letter loss.
+
+    The per-layer term is a mean; it is scaled by the micro-batch's target count so that the trainer's
+    division by the accumulated target tokens leaves it at `weight` per update.
+    """
+    def loss_fn(model: Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        count = int(targets.sum())
+        metrics: dict[str, float] = {}
+        hidden = model(ids, mask, return_logits=False).hidden
+        loss, n = causal_lm_loss(model, hidden, ids, targets)
+        metrics["ce"] = float(loss) / max(n, 1)
+        if letters is not None:
+            # The answer letter is the last target before EOS; it is predicted one position earlier.
+            last = targets.long().cumsum(-1).argmax(-1)
+            gold = ids[torch.arange(len(ids)), last - 1]
+            letter = letter_loss(model, hidden, last - 2, letters, gold)
+            loss = loss + letter * count
+            metrics["letter"] = float(letter)
+        if "en_input_ids" in batch and weight:
+            en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
+            student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
+            layer = layer_loss(student, teacher_states(model, en_ids, en_mask), en_mask, teacher_layer_map(model),
+                               kind=kind, model=model)
+            loss = loss + weight * layer * count
+            metrics["layer"] = float(layer)
+        return loss, count, metrics
+    return loss_fn
+
+
+def english_only_loss(kind: str):
+    """Guard recovery: only the per-layer English loss, weighted per English token."""
+    def loss_fn(model: Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        student = model(ids, mask, output_hidden_states=True, return_logits=False).hidden_states
+        layer = layer_loss(student, teacher_states(model, ids, mask), mask, teacher_layer_map(model), kind=kind,
+                           model=model)
+        count = int(targets.sum())
+        return layer * count, count, {"layer": float(layer)}
+    return loss_fn
+
+
+def text_examples(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[Example]:
+    return lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+
+
+def run_phase(name: str, out: Path, model: Gemma3, patterns: Sequence[str], loss_fn, batches,
+              config: TrainConfig, resume: bool) -> dict[str, Any]:
+    """One training phase in out/name; resumes it when asked and a checkpoint exists."""
+    trained = set_trainable(model, patterns)
+    phase_dir = out / name
+    resume = resume and latest_checkpoint(phase_dir) is not None
+    summary = train(model, loss_fn, batches, config, phase_dir, resume=resume)
+    counts = dict(model.named_parameters())
+    return {"phase": name, "steps": summary["steps"], "loss": summary["loss"], "seconds": summary["seconds"],
+            "tokens_per_s": summary["tokens_per_s"], "patterns": list(patterns),
+            "trainable": sum(counts[n].numel() for n in trained), "tensors": len(trained)}
+
+
+def english_guard(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, data: RunData,
+                  patterns: Sequence[str], args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """English validation accuracy must stay at min(gate, accuracy entering s2) - tolerance.
+
+    Below it, rounds of English-only per-layer training; the best state (by English accuracy) is kept.
+    """
+    reference = finished(run_dir, "s2")["english_reference"] if finished(run_dir, "s2") else None
+    reference = reference if reference is not None else finished(run_dir, "s1")["scores"][base["size"]]
+    threshold = min(args.gate, reference) - args.tolerance
+    exam = limited(english_exam(run_dir, "dev"), args.eval_limit)
+
+    def score() -> float:
+        model.eval()
+        return evaluate(model, tokenizer, exam, "logits", "en", progress=False).accuracy
+
+    history = [score()]
+    best = (history[0], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
+    config = train_config(args, base)
+    examples = text_examples(tokenizer, data.en_text, args.max_len)
+    for_loss = [Example(e.ids, [False] + [True] * (len(e.ids) - 1)) for e in examples]  # every token after BOS
+    rounds = 0
+    while history[-1] < threshold and rounds < args.guard_rounds:
+        rounds += 1
+        log.info("English guard: %.3f < %.3f, recovery round %d of %d", history[-1], threshold, rounds,
+                 args.guard_rounds)
+        run_phase(f"guard_round{rounds}", out, model, patterns, english_only_loss(args.layer_loss), for_loss,
+                  config, args.resume)
+        history.append(score())
+        if history[-1] > best[0]:
+            best = (history[-1], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
+    passed = history[-1] >= threshold
+    if not passed:
+        load_additions(model, best[1], "the best guard state")
+    return {"reference": reference, "threshold": threshold, "history": history, "rounds": rounds,
+            "passed": passed, "kept_accuracy": history[-1] if passed else best[0]}
+
+
+def guard_verdict(stage: str, out: Path, guard: dict[str, Any]) -> None:
+    if not guard["passed"]:
+        raise MedkoError(f"English guard failed after {stage}: English dev accuracy stayed below "
+                         f"{guard['threshold']:.3f} (history {[round(h, 3) for h in guard['history']]}) after "
+                         f"{guard['rounds']} recovery rounds; the best state ({guard['kept_accuracy']:.3f}) is kept "
+                         f"in {out}; lower --gate or --tolerance, or train with more --max-steps")
+
+
+# ───────────────────────────── curriculum: the stages ─────────────────────────────
+
+def data_stage(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """s0: read every source (bundled sample data, a local directory, or the hub), normalise, report overlap."""
+    hub = args.data == "hub" or (args.data is None and (args.size or "270m") != "270m" and args.model is None)
+    root = None if hub else Path(args.data or DATA_DIR)
+    subsets = args.subsets.split(",")
+    exam = {s: list(load_kormedmcqa(subsets, s, "hub" if hub else root / "kormedmcqa", skip_bad=args.skip_bad))
+            for s in KORMEDMCQA_SPLITS}
+    local = lambda flag, name: Path(flag) if flag else (None if hub else root / name)  # noqa: E731
+    en_mcq_src = local(args.en_mcq, "medqa_en.jsonl") or SOURCES["medqa"]
+    en_mcq = list(load_mcq_file(en_mcq_src, {"answer": "answer_idx"} if not args.en_mcq else None, "en",
+                                args.skip_bad))
+    ko_src = local(args.ko_text, "ko_medical_text.jsonl")
+    ko_text = (list(load_texts(ko_src)) if ko_src else
+               [i.output for i in load_instructions(SOURCES["ko_text"], skip_bad=args.skip_bad)])
+    en_src = local(args.en_text, "en_medical_text.jsonl")
+    # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
+    en_text = list(load_texts(en_src)) if en_src else [r.question for r in en_mcq]
+    pairs_src = local(args.pairs, "ko_en_pairs.jsonl")
+    pairs = list(load_pairs(pairs_src)) if pairs_src else []
+    reasoning = list(load_reasoning(local(args.reasoning, "reasoning_ko.jsonl") or SOURCES["reasoning"],
+                                    lang="ko", skip_bad=args.skip_bad))
+    overlap = split_overlap({s: exam[s] for s in ("train", "dev", "test")})
+    for pair_name, found in overlap.items():
+        if found:
+            log.warning("question overlap %s: %d pairs, e.g. %s", pair_name, len(found), found[0])
+    ko_keep, en_keep = max(2, len(ko_text) // 10), max(2, len(en_text) // 10)  # held out for losses and drift
+    files = {f"exam_{s}.jsonl": [mcq_record(r) for r in rows] for s, rows in exam.items()}
+    files.update({"en_mcq.jsonl": [mcq_record(r) for r in en_mcq],
+                  "ko_text.jsonl": [{"text": t} for t in ko_text[:-ko_keep]],
+                  "ko_heldout.jsonl": [{"text": t} for t in ko_text[-ko_keep:]],
+                  "en_text.jsonl": [{"text": t} for t in en_text[:-en_keep]],
+                  "en_heldout.jsonl": [{"text": t} for t in en_text[-en_keep:]],
+                  "pairs.jsonl": [{"ko": p.src, "en": p.tgt} for p in pairs],
+                  "reasoning.jsonl": [mcq_record(r) for r in reasoning]})
+    for name, rows in files.items():
+        write_jsonl_atomic(rows, out / name)
+    return {"stage": "s0", "status": "done", "source": "hub" if hub else str(root),
+            "counts": {name: len(rows) for name, rows in files.items()},
+            "overlap": {k: len(v) for k, v in overlap.items()}, "overlap_pairs": overlap,
+            "data": {name: file_sha256(out / name) for name in files}}
+
+
+def gate_stage(out: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """s1: English versions of the dev and train exams, each candidate scored on English dev, the smallest
+    at or above the gate chosen; if none passes, the best one goes on to s1.1."""
+    data = load_run_data(run_dir)
+    candidates = [args.model] if args.model else (args.candidates.split(",") if args.candidates else
+                                                  [args.size or "270m"])
+    scores: dict[str, float] = {}
+    translated_with = None
+    for name in reversed(candidates):  # the largest translates, as it translates best
+        model, tokenizer, path = (load_base("270m", name, args.device) if args.model else
+                                  load_base(name, None, args.device))
+        if translated_with is None:
+            translated_with = name
+            for split in ("dev", "train"):
+                if args.english_exam:
+                    rows = list(load_kormedmcqa(args.subsets.split(","), split, args.english_exam, lang="en"))
+                    by_id = {r.id: r for r in rows}
+                    missing = [r.id for r in data.exam[split] if r.id not in by_id]
+                    if missing:
+                        raise MedkoError(f"--english-exam {args.english_exam} lacks questions {missing[:5]}; "
+                                         f"give translations of every {split} question")
+                    rows = [by_id[r.id] for r in data.exam[split]]
+                else:
+                    rows = translate_mcqs(data.exam[split], model, tokenizer, "en", cache_path=out / "translations.jsonl",
+                                          batch_size=16, max_new_tokens=args.translate_tokens, progress=True,
+                                          model_id=str(path))
+                write_jsonl_atomic([mcq_record(r) for r in rows], out / f"en_exam_{split}.jsonl")
+        exam = limited(english_exam_at(out, "dev"), args.eval_limit)
+        scores[name] = evaluate(model, tokenizer, exam, "logits", "en", progress=True).accuracy
+        log.info("gate: %s scores %.3f on the English dev exam (gate %.2f)", name, scores[name], args.gate)
+        del model
+    passing = [c for c in candidates if scores[c] >= args.gate]
+    chosen = passing[0] if passing else max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
+    base = {"size": "270m" if args.model else chosen, "model": args.model}
+    return {"stage": "s1", "status": "done", "scores": scores, "gate": args.gate, "chosen": chosen, "base": base,
+            "needs_english": not passing, "translated_with": "reference" if args.english_exam else translated_with}
+
+
+def english_exam_at(s1_dir: Path, split: str) -> list[MCQ]:
+    return list(load_mcq_file(s1_dir / f"en_exam_{split}.jsonl", lang="en"))
+
+
+def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:
+    """Exam questions with the answer letter as the only target, as the evaluator scores it."""
+    return lm_examples(tokenizer, [mcq_prompt(r, lang) for r in rows], [f" {r.answer}" for r in rows], max_len)
+
+
+LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
+LANGUAGE_PATTERNS = ["language_embedding.*"]
+
+
+def english_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,
+                  base: dict[str, Any]) -> dict[str, Any]:
+    """s1.1: LoRA lora1 trained on the English train exam and English medical data until the gate passes."""
+    data = load_run_data(run_dir)
+    add_lora(model, "lora1", rank=args.lora_rank, alpha=args.lora_alpha)
+    examples = (exam_examples(tokenizer, english_exam(run_dir, "train"), "en", args.max_len)
+                + exam_examples(tokenizer, data.en_mcq, "en", args.max_len)
+                + text_examples(tokenizer, data.en_text, args.max_len))
+    before = measure(model, tokenizer, run_dir, data, args)
+    budget = args.max_steps or DEFAULT_STEPS.get(base["size"], 8)
+    chunk = max(1, budget // args.english_rounds)
+    phases, accuracy, steps = [], before["en_accuracy"], 0
+    while accuracy < args.gate and steps < budget:
+        steps = min(budget, steps + chunk)
+        config = train_config(args, base, steps)
+        phases.append(run_phase("train", out, model, LORA_PATTERNS, stage_loss(args.layer_loss, 0.0),
+                                mixed_batches(examples, None, config), config, args.resume or steps > chunk))
+        model.eval()
+        accuracy = evaluate(model, tokenizer, limited(english_exam(run_dir, "dev"), args.eval_limit), "logits",
+                            "en", progress=False).accuracy
+        log.info("s1.1: English dev accuracy %.3f after %d steps (gate %.2f)", accuracy, steps, args.gate)
+    after = measure(model, tokenizer, run_dir, data, args)
+    return {"stage": "s1_1", "status": "done", "before": before, "after": after, "phases": phases,
+            "gate_passed": accuracy >= args.gate, "steps": steps}
+
+
+def embed_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,
+                base: dict[str, Any]) -> dict[str, Any]:
+    """s2: the teacher is fixed (the model as it enters), then Korean/English embeddings on Korean text."""
+    data = load_run_data(run_dir)
+    if "lora1" in adapter_specs(model):
+        snapshot_adapter(model, "lora1", "teacher")
+    add_language_embeddings(model, tokenizer, korean_delta=args.korean_delta)
+    before = measure(model, tokenizer, run_dir, data, args)
+    config = train_config(args, base)
+    examples = text_examples(tokenizer, data.ko_text, args.max_len)
+    phase = run_phase("train", out, model, LANGUAGE_PATTERNS, stage_loss(args.layer_loss, 0.0),
+                      mixed_batches(examples, None, config), config, args.resume)
+    after = measure(model, tokenizer, run_dir, data, args)
+    return {"stage": "s2", "status": "done", "before": before, "after": after, "phases": [phase],
+            "english_reference": before["en_accuracy"]}
+
+
+def korean_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,
+                 base: dict[str, Any]) -> dict[str, Any]:
+    """s3: Korean text on language embeddings + lora1, English held to the teacher layer by layer; guard."""
+    data = load_run_data(run_dir)
+    if "lora1" not in adapter_specs(model):
+        add_lora(model, "lora1", rank=args.lora_rank, alpha=args.lora_alpha)
+    patterns = LANGUAGE_PATTERNS + LORA_PATTERNS
+    before = measure(model, tokenizer, run_dir, data, args)
+    config = train_config(args, base)
+    batches = mixed_batches(text_examples(tokenizer, data.ko_text, args.max_len),
+                            text_examples(tokenizer, data.en_text, args.max_len), config)
+    phase = run_phase("train", out, model, patterns, stage_loss(args.layer_loss, args.layer_weight), batches,
+                      config, args.resume)
+    after = measure(model, tokenizer, run_dir, data, args)
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    return {"stage": "s3", "status": "done" if guard["passed"] else "guard_failed", "before": before,
+            "after": after, "phases": [phase], "guard": guard}
+
+
+def added_layer_patterns(model: Gemma3) -> list[str]:
+    return [f"layers.{i}.*" for i, layer in enumerate(model.layers) if layer.added]
+
+
+def translate_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,
+                    base: dict[str, Any]) -> dict[str, Any]:
+    """s4: duplicated edge layers; Korean text, then Korean-English translation, each with the layer loss."""
+    data = load_run_data(run_dir)
+    duplicate_edge_layers(model)
+    patterns = added_layer_patterns(model) + LANGUAGE_PATTERNS + LORA_PATTERNS
+    before = measure(model, tokenizer, run_dir, data, args)
+    english = text_examples(tokenizer, data.en_text, args.max_len)
+    config = train_config(args, base)
+    korean = text_examples(tokenizer, data.ko_text, args.max_len)
+    # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
+    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
+                  for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
+    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
+    translation = lm_examples(tokenizer, [translation_prompt(k, "en") for k, _ in pairs], [f" {e}" for _, e in pairs],
+                              args.max_len)
+    phases = [run_phase(name, out, model, patterns, stage_loss(args.layer_loss, args.layer_weight),
+                        mixed_batches(examples, english, config), config, args.resume)
+              for name, examples in (("korean", korean), ("translation", translation))]
+    after = measure(model, tokenizer, run_dir, data, args)
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    return {"stage": "s4", "status": "done" if guard["passed"] else "guard_failed", "before": before,
+            "after": after, "phases": phases, "guard": guard, "pairs": len(pairs)}
+
+
+def reasoning_prompt(row: MCQ) -> str:
+    """The harness question block with a worked-reasoning cue in place of the answer cue."""
+    return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
+
+
+def reasoning_target(row: MCQ) -> str:
+    return f" {row.reasoning.strip()}\n{ANSWER_CUE['ko']} {row.answer}"
+
+
+@torch.no_grad()
+def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max_new_tokens: int) -> dict[str, float]:
+    """Greedy reasoning on the dev exam: format compliance (an answer could be read) and accuracy."""
+    model.eval()
+    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=8)
+    preds = [extract_answer(o) for o in outputs]
+    return {"compliance": sum(p is not None for p in preds) / len(rows),
+            "accuracy": sum(p == r.answer for p, r in zip(preds, rows)) / len(rows)}
+
+
+def reasoning_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,
+                    base: dict[str, Any]) -> dict[str, Any]:
+    """s5: reasoning that ends in one letter: CE on the reasoning, a letter loss, the English layer loss."""
+    data = load_run_data(run_dir)
+    patterns = added_layer_patterns(model) + LANGUAGE_PATTERNS + LORA_PATTERNS
+    dev = limited(data.exam["dev"], args.eval_limit)
+    before = {**measure(model, tokenizer, run_dir, data, args),
+              **{f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()}}
+    config = train_config(args, base)
+    examples = lm_examples(tokenizer, [reasoning_prompt(r) for r in data.reasoning],
+                           [reasoning_target(r) for r in data.reasoning], args.max_len)
+    letters = letter_token_ids(tokenizer, chat=False)
+    phase = run_phase("train", out, model, patterns, stage_loss(args.layer_loss, args.layer_weight, letters),
+                      mixed_batches(examples, text_examples(tokenizer, data.en_text, args.max_len), config), config,
+                      args.resume)
+    after = {**measure(model, tokenizer, run_dir, data, args),
+             **{f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()}}
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    return {"stage": "s5", "status": "done" if guard["passed"] else "guard_failed", "before": before,
+            "after": after, "phases": [phase], "guard": guard}
+
+
+def final_stage(run_dir: Path) -> str:
+    """The last stage of the run that finished (s5 when the whole curriculum ran)."""
+    for stage in ("s5", "s4", "s3", "s2", "s1_1", "s1"):
+        meta = finished(run_dir, stage)
+        if meta is not None and meta.get("status") == "done":
+            return stage
+    raise MedkoError(f"{run_dir} has no finished stage to score; run the curriculum first")
+
+
+def test_stage(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The test split, scored once at the end on the run's final model (Korean, logits mode)."""
+    out = Path(run_dir) / "test_report.json"
+    if out.exists():
+        raise MedkoError(f"{out} exists: the test split is scored once per run; delete it to score again")
+    stage = final_stage(run_dir)
+    model, tokenizer, _ = load_run_model_after(run_dir, stage, args)
+    rows = load_run_data(run_dir).exam["test"]
+    report = evaluate(model, tokenizer, rows, "logits", "ko", progress=True, model_name=f"{run_dir}:{stage}")
+    write_report(report, out)
+    return {"stage": stage, "accuracy": report.accuracy, "subsets": report.subsets, "n": report.n}
+
+
+def load_run_model_after(run_dir: Path, stage: str, args: argparse.Namespace) -> tuple[Gemma3, Tokenizer, dict]:
+    """The model as `stage` left it."""
+    from safetensors.torch import load_file
+
+    base = run_base(run_dir, args)
+    model, tokenizer, _ = load_base(base["size"], base["model"], args.device)
+    meta = finished(run_dir, stage)
+    if meta and meta.get("surgery"):
+        apply_surgery(model, meta["surgery"], tokenizer)
+        load_additions(model, load_file(str(stage_dir(run_dir, stage) / "adapter.safetensors")), stage)
+    return model.eval(), tokenizer, base
+
+
+# ───────────────────────────── curriculum: the run report ─────────────────────────────
+
+STAGE_TITLES = {"s1_1": "s1.1 english", "s2": "s2 embed", "s3": "s3 korean", "s4": "s4 translate",
+                "s5": "s5 reasoning"}
+
+
+def _change(meta: dict[str, Any], key: str, digits: int = 3) -> str:
+    before, after = meta.get("before", {}).get(key), meta.get("after", {}).get(key)
+    if before is None or after is None:
+        return "–"
+    return f"{before:.{digits}f} → {after:.{digits}f}"
+
+
+def _guard(meta: dict[str, Any]) -> str:
+    guard = meta.get("guard")
+    if not guard:
+        return "–"
+    verdict = "passed" if guard["passed"] else "FAILED"
+    return f"{verdict} ({guard['history'][-1]:.3f} ≥ {guard['threshold']:.3f}?, {guard['rounds']} rounds)"
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """report.md and report.png: per stage what was trained, steps, before → after, guard, final test."""
+    run_dir = Path(run_dir)
+    metas = {s: finished(run_dir, s) for s in STAGES}
+    if not any(metas.values()):
+        raise MedkoError(f"{run_dir} holds no finished stage; run the curriculum (bash run.sh) first")
+    lines = [f"# medko run report: {run_dir}", ""]
+    if metas["s0"]:
+        m = metas["s0"]
+        lines += [f"Data from {m['source']}: " + ", ".join(f"{k.removesuffix('.jsonl')} {v}" for k, v in m["counts"].items())
+                  + ". Question overlap between splits: " + ", ".join(f"{k} {v}" for k, v in m["overlap"].items()) + ".", ""]
+    if metas["s1"]:
+        m = metas["s1"]
+        lines += [f"Gate (English dev accuracy ≥ {m['gate']}): " + ", ".join(f"{k} {v:.3f}" for k, v in m["scores"].items())
+                  + f"; chosen {m['chosen']}; s1.1 {'ran' if m['needs_english'] else 'not needed'}"
+                  + f"; English exam translated by {m['translated_with']}.", ""]
+    lines += ["## Summary", "",
+              "| stage | trained | params | steps | ko acc | en acc | ko loss | en loss | drift | guard |",
+              "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
+    for stage, title in STAGE_TITLES.items():
+        m = metas[stage]
+        if not m:
+            continue
+        phases = m.get("phases", [])
+        patterns = sorted({p for ph in phases for p in ph["patterns"]})
+        params = max((ph["trainable"] for ph in phases), default=0)
+        steps = sum(ph["steps"] for ph in phases)
+        lines.append(f"| {title} | {', '.join(f'`{p}`' for p in patterns)} | {params:,} | {steps} | "
+                     f"{_change(m, 'ko_accuracy')} | {_change(m, 'en_accuracy')} | {_change(m, 'ko_loss')} | "
+                     f"{_change(m, 'en_loss')} | {_change(m, 'drift', 4)} | {_guard(m)} |")
+    if metas["s5"]:
+        lines += ["", f"s5 reasoning on the Korean dev exam: format compliance {_change(metas['s5'], 'reasoning_compliance')}, "
+                  f"accuracy {_change(metas['s5'], 'reasoning_accuracy')}."]
+    test = run_dir / "test_report.json"
+    if test.is_file():
+        t = read_json(test)
+        lines += ["", f"## Test split (scored once, {t['model']})", "", "| subset | n | accuracy |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {s['n']} | {s['accuracy']:.3f} |" for name, s in t["subsets"].items()]
+        lines.append(f"| all (micro) | {t['n']} | {t['accuracy']:.3f} |")
+    plot_run(run_dir, metas)
+    lines += ["", "![accuracy and training loss](report.png)", ""]
+    out = run_dir / "report.md"
+    tmp = run_dir / ".tmp-report.md"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def plot_run(run_dir: Path, metas: dict[str, dict | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    names, ko, en = [], [], []
+    for stage, title in STAGE_TITLES.items():
+        m = metas.get(stage)
+        if m and "after" in m:
+            names.append(title.split()[0])
+            ko.append(m["after"]["ko_accuracy"])
+            en.append(m["after"]["en_accuracy"])
+    acc_ax.plot(names, ko, "o-", label="Korean dev")
+    acc_ax.plot(names, en, "s-", label="English dev")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.set_title("accuracy after each stage")
+    acc_ax.legend()
+    offset = 0
+    for stage, title in STAGE_TITLES.items():
+        d = stage_dir(run_dir, stage)
+        for metrics in sorted(d.glob("*/metrics.jsonl")) if d.is_dir() else []:
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if "loss" in r and "step" in r]
+            if rows:
+                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows],
+                             label=f"{title.split()[0]} {metrics.parent.name}")
+                offset += rows[-1]["step"]
+    loss_ax.set_title("training loss")
+    loss_ax.set_xlabel("step (phases in order)")
+    loss_ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = run_dir / ".tmp-report.png"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_dir / "report.png")
+
+
+# ───────────────────────────── curriculum: stage scripts ─────────────────────────────
+
+def stage_main(stage: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """What every stage script does: parse, check order, load the previous stage, run, save, report."""
+    setup_logging()
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    try:
+        require_previous(run_dir, stage)
+        out = prepare_stage_dir(run_dir, stage, args.resume)
+        start = time.perf_counter()
+        if stage == "s0":
+            meta = data_stage(out, args)
+            write_json_atomic(meta, out / "meta.json")
+        elif stage == "s1":
+            meta = gate_stage(out, run_dir, args)
+            meta["surgery"] = []
+            write_json_atomic(meta, out / "meta.json")
+        else:
+            model, tokenizer, base = load_run_model(run_dir, stage, args)
+            meta = STAGE_FUNCTIONS[stage](model, tokenizer, run_dir, out, args, base)
+            meta["seconds"] = time.perf_counter() - start
+            save_stage(out, model, meta)
+            if "guard" in meta:
+                guard_verdict(stage, out, meta["guard"])
+        log.info("%s done in %.0f s: %s", stage, time.perf_counter() - start, out)
+    except MedkoError as err:
+        print(f"medko: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+STAGE_FUNCTIONS = {"s1_1": english_stage, "s2": embed_stage, "s3": korean_stage, "s4": translate_stage,
+                   "s5": reasoning_stage}
+
+
+def run_and_stage(path: str | Path) -> tuple[Path, str]:
+    """RUN_DIR/STAGE_DIR -> (RUN_DIR, stage); a bare RUN_DIR means its last finished stage."""
+    path = Path(path)
+    by_dir = {d: s for s, d in STAGES.items()}
+    if path.name in by_dir:
+        if finished(path.parent, by_dir[path.name]) is None:
+            raise MedkoError(f"{path} has no meta.json: the stage has not finished")
+        return path.parent, by_dir[path.name]
+    return path, final_stage(path)
