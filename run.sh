@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole medko curriculum: s0 data, s1 gate (s1.1 when the gate asks for it), s2 to s5 with the
+# English guard, the test split scored once, then the report.
+#
+#   bash run.sh                                  # embedded 270M, bundled sample data, offline, CPU
+#   bash run.sh --size 27b --run-dir runs/27b    # MedGemma 27B from the hub, on a GPU
+#   bash run.sh --max-steps 1 --run-dir runs/smoke
+#
+# Every option goes to every stage (see `python stages/s3_korean.py --help`); options of one stage go in
+# S0_ARGS, S1_ARGS, S1_1_ARGS, S2_ARGS, S3_ARGS, S4_ARGS or S5_ARGS, e.g. S2_ARGS=--korean-delta.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+run_dir=runs/default
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --run-dir) run_dir="${args[$((i + 1))]}" ;;
+    --run-dir=*) run_dir="${args[$i]#--run-dir=}" ;;
+  esac
+done
+mkdir -p "$run_dir"
+
+report() { python medko.py report "$run_dir" || true; }
+trap 'status=$?; if [ $status -ne 0 ]; then echo "run.sh: stopped (exit $status); report of what finished:" >&2; report; fi' EXIT
+
+start=$(date +%s)
+stage() {  # stage SCRIPT EXTRA_ARGS_VAR
+  local extra="${!2:-}"
+  echo "== $1 ==" >&2
+  # shellcheck disable=SC2086
+  python "stages/$1.py" --run-dir "$run_dir" "${args[@]}" $extra
+}
+
+# s0 and s1 may take --size; later stages read the run's base from s1.
+stage s0_data S0_ARGS
+stage s1_gate S1_ARGS
+needs_english=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['needs_english'])" "$run_dir/s1_gate/meta.json")
+if [ "$needs_english" = "True" ]; then
+  stage s1_1_english S1_1_ARGS
+fi
+stage s2_embed S2_ARGS
+stage s3_korean S3_ARGS
+stage s4_translate S4_ARGS
+stage s5_reasoning S5_ARGS
+python medko.py test --run-dir "$run_dir"
+python medko.py report "$run_dir"
+echo "run.sh: finished in $(( $(date +%s) - start )) s; report: $run_dir/report.md" >&2
