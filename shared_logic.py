@@ -2897,7 +2897,7 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
         metrics: dict[str, float] = {}
         hidden = model(ids, mask, return_logits=False).hidden
         loss, n = causal_lm_loss(model, hidden, ids, targets)
-        metrics["ce"] = float(loss) / max(n, 1)
+        metrics["ce"] = float(loss.detach()) / max(n, 1)
         if letters is not None:
             # The answer letter is the last target before EOS; it is predicted one position earlier.
             last = targets.long().cumsum(-1).argmax(-1)
@@ -3100,19 +3100,21 @@ def english_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path,
     before = measure(model, tokenizer, run_dir, data, args)
     budget = args.max_steps or DEFAULT_STEPS.get(base["size"], 8)
     chunk = max(1, budget // args.english_rounds)
-    phases, accuracy, steps = [], before["en_accuracy"], 0
+    # One training, extended round by round (resuming) until the gate passes or the budget is spent.
+    phase, checks, accuracy, steps = None, [], before["en_accuracy"], 0
     while accuracy < args.gate and steps < budget:
         steps = min(budget, steps + chunk)
         config = train_config(args, base, steps)
-        phases.append(run_phase("train", out, model, LORA_PATTERNS, stage_loss(args.layer_loss, 0.0),
-                                mixed_batches(examples, None, config), config, args.resume or steps > chunk))
+        phase = run_phase("train", out, model, LORA_PATTERNS, stage_loss(args.layer_loss, 0.0),
+                          mixed_batches(examples, None, config), config, args.resume or steps > chunk)
         model.eval()
         accuracy = evaluate(model, tokenizer, limited(english_exam(run_dir, "dev"), args.eval_limit), "logits",
                             "en", progress=False).accuracy
+        checks.append({"steps": steps, "en_accuracy": accuracy})
         log.info("s1.1: English dev accuracy %.3f after %d steps (gate %.2f)", accuracy, steps, args.gate)
     after = measure(model, tokenizer, run_dir, data, args)
-    return {"stage": "s1_1", "status": "done", "before": before, "after": after, "phases": phases,
-            "gate_passed": accuracy >= args.gate, "steps": steps}
+    return {"stage": "s1_1", "status": "done", "before": before, "after": after,
+            "phases": [phase] if phase else [], "gate_checks": checks, "gate_passed": accuracy >= args.gate}
 
 
 def embed_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, args: argparse.Namespace,

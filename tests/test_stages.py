@@ -1,0 +1,162 @@
+"""The curriculum end to end on the tiny model: every stage, both gate branches, the guard, resume, run.sh."""
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import shared_logic as sl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "stages"))
+EXTRA = {"s1_gate": ["--translate-tokens", "4"], "s5_reasoning": ["--reasoning-tokens", "4"]}
+SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
+           "s4": "s4_translate", "s5": "s5_reasoning"}
+
+
+def stage(name: str, run_dir: Path, model_dir: Path, *args: str) -> int:
+    script = SCRIPTS[name]
+    argv = ["--model", str(model_dir), "--run-dir", str(run_dir), "--max-steps", "2", "--max-len", "1024",
+            *EXTRA.get(script, []), *args]
+    return importlib.import_module(script).main(argv)
+
+
+def meta(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / sl.STAGES[name] / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gated_run(tiny_dir, tmp_path_factory) -> Path:
+    """s0 and s1 done; the tiny model is far below the gate, so s1.1 is next."""
+    run_dir = tmp_path_factory.mktemp("runs") / "gated"
+    assert stage("s0", run_dir, tiny_dir) == 0
+    assert stage("s1", run_dir, tiny_dir) == 0
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path, capsys):
+    run_dir = copy_run(gated_run, tmp_path / "run")
+    gate = meta(run_dir, "s1")
+    assert gate["needs_english"] and gate["chosen"] == str(tiny_dir) and 0 <= gate["scores"][str(tiny_dir)] < 0.97
+    english = [json.loads(l) for l in (run_dir / "s1_gate" / "en_exam_dev.jsonl").read_text().splitlines()]
+    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 24
+    for name in ("s1_1", "s2", "s3", "s4", "s5"):
+        assert stage(name, run_dir, tiny_dir, "--tolerance", "1") == 0, name
+        m = meta(run_dir, name)
+        assert m["status"] == "done"
+        assert set(m["before"]) >= {"ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift"}
+        assert all(ph["steps"] == 2 for ph in m["phases"])
+        saved = load_file(str(run_dir / sl.STAGES[name] / "adapter.safetensors"))
+        added_layers = ("layers.0.", "layers.3.") if name in ("s4", "s5") else ()  # the duplicated edges
+        base_weights = [k for k in saved if ".lora_" not in k and not k.startswith("language_embedding.")
+                        and not k.startswith(added_layers)]
+        assert not base_weights, base_weights  # base weights are never copied into a run
+        assert m["additions"] == sum(v.numel() for v in saved.values())
+    assert meta(run_dir, "s2")["english_reference"] == meta(run_dir, "s2")["before"]["en_accuracy"]
+    assert meta(run_dir, "s3")["guard"]["passed"] and meta(run_dir, "s3")["guard"]["rounds"] == 0
+    s4 = meta(run_dir, "s4")
+    assert [e["op"] for e in s4["surgery"]] == ["add_lora", "snapshot_adapter", "add_language_embeddings",
+                                                "duplicate_edge_layers"]
+    assert [ph["phase"] for ph in s4["phases"]] == ["korean", "translation"]
+    assert "reasoning_compliance" in meta(run_dir, "s5")["after"]
+    # A stage's saved state reloads to the same architecture and weights.
+    model, _, _ = sl.load_run_model_after(run_dir, "s5", sl.argparse.Namespace(size=None, model=str(tiny_dir),
+                                                                                    device="cpu"))
+    assert model.config.num_layers == 4 and model.language_embedding is not None
+
+    import medko
+    assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 1  # scored once
+    assert "scored once" in capsys.readouterr().err
+    assert medko.main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    for title in ("s1.1 english", "s2 embed", "s3 korean", "s4 translate", "s5 reasoning", "Test split", "dentist"):
+        assert title in report
+    assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    export = tmp_path / "export"
+    assert medko.main(["export", str(run_dir / "s5_reasoning"), "--out", str(export)]) == 0
+    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_gate_pass_skips_the_english_stage(tiny_dir, tmp_path, capsys):
+    run_dir = tmp_path / "passing"
+    assert stage("s0", run_dir, tiny_dir) == 0
+    assert stage("s1", run_dir, tiny_dir, "--gate", "0.0") == 0
+    assert not meta(run_dir, "s1")["needs_english"]
+    assert stage("s1_1", run_dir, tiny_dir) == 1
+    assert "s1.1 is not needed" in capsys.readouterr().err
+    assert stage("s2", run_dir, tiny_dir, "--gate", "0.0") == 0
+    assert meta(run_dir, "s2")["surgery"][0]["op"] == "add_language_embeddings"  # no lora1 to snapshot
+
+
+def test_stages_refuse_to_run_out_of_order(tiny_dir, tmp_path, capsys):
+    assert stage("s3", tmp_path / "empty", tiny_dir) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medko: s3 needs s2, which has not finished") and "\n" not in err
+
+
+def test_guard_failure_runs_recovery_then_stops_with_the_best_state(gated_run, tiny_dir, tmp_path, capsys):
+    run_dir = copy_run(gated_run, tmp_path / "failing")
+    for name in ("s1_1", "s2"):
+        assert stage(name, run_dir, tiny_dir) == 0
+    # A negative tolerance puts the threshold above any accuracy: the guard must fail.
+    assert stage("s3", run_dir, tiny_dir, "--tolerance", "-1", "--guard-rounds", "2") == 1
+    err = capsys.readouterr().err
+    assert "English guard failed after s3" in err and "best state" in err
+    m = meta(run_dir, "s3")
+    assert m["status"] == "guard_failed" and m["guard"]["rounds"] == 2 and len(m["guard"]["history"]) == 3
+    assert m["guard"]["kept_accuracy"] == max(m["guard"]["history"])
+    for round_dir in ("guard_round1", "guard_round2"):
+        assert (run_dir / "s3_korean" / round_dir / "metrics.jsonl").read_text().strip()
+    assert stage("s4", run_dir, tiny_dir) == 1
+    assert "ended with status 'guard_failed'" in capsys.readouterr().err
+
+
+def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, tmp_path, monkeypatch):
+    straight = copy_run(gated_run, tmp_path / "straight")
+    killed = copy_run(gated_run, tmp_path / "killed")
+    for run_dir in (straight, killed):
+        assert stage("s1_1", run_dir, tiny_dir, "--max-steps", "4", "--english-rounds", "1") == 0
+    assert stage("s2", straight, tiny_dir, "--max-steps", "4") == 0
+
+    real, calls = sl.accumulate_gradients, {"n": 0}
+
+    def dies_at_step_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sl, "accumulate_gradients", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        stage("s2", killed, tiny_dir, "--max-steps", "4")
+    monkeypatch.setattr(sl, "accumulate_gradients", real)
+    assert not (killed / "s2_embed" / "meta.json").exists()
+    assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
+    assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0
+    a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
+    b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
+
+
+def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
+    run_dir = tmp_path / "smoke"
+    env = {**os.environ, "S1_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2",
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
+                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
