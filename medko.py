@@ -15,6 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="270m", choices=["270m", "4b", "27b"], help="model size (default: embedded 270m)")
     p.add_argument("--model", default=None, help="local HF-layout checkpoint directory (overrides --size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quantize", default=None, choices=["4bit"], help="NF4 frozen base weights (CUDA only)")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -26,7 +27,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = sl.load_base(args.size, args.model, args.device)
+    model, tokenizer, _ = sl.load_base(args.size, args.model, args.device, quantize=args.quantize)
     prompt = sl.chat_prompt(args.prompt) if args.chat else args.prompt
     print(sl.generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
@@ -45,7 +46,7 @@ def model_for(args: argparse.Namespace):
         run_dir, stage = sl.run_and_stage(args.run)
         model, tokenizer, _ = sl.load_run_model_after(run_dir, stage, args)
         return model, tokenizer, f"{run_dir}:{stage}"
-    model, tokenizer, path = sl.load_base(args.size, args.model, args.device)
+    model, tokenizer, path = sl.load_base(args.size, args.model, args.device, quantize=args.quantize)
     return model, tokenizer, str(args.model or args.size)
 
 

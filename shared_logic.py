@@ -1009,11 +1009,20 @@ def default_device() -> str:
 
 
 def load_base(size: str = "270m", model_dir: str | Path | None = None, device: str | None = None,
-              dtype: torch.dtype | None = None) -> tuple[Gemma3, Tokenizer, Path]:
-    """The base model and tokenizer named by --size or --model, on the chosen device."""
+              dtype: torch.dtype | None = None, quantize: str | None = None) -> tuple[Gemma3, Tokenizer, Path]:
+    """The base model and tokenizer named by --size or --model, on the chosen device.
+
+    quantize="4bit" stores the frozen base projections in NF4 (CUDA with bitsandbytes only).
+    """
     path = resolve_model_dir(size, model_dir)
     device = device or default_device()
+    if quantize not in (None, "4bit"):
+        raise MedkoError(f"unknown --quantize {quantize!r}; the only choice is 4bit")
+    if quantize and torch.device(device).type != "cuda":
+        raise MedkoError("4-bit base weights need a CUDA GPU with bitsandbytes; drop --quantize or run on a GPU")
     model = load_model(path, device, dtype)
+    if quantize:
+        quantize_base_4bit(model)
     return model, Tokenizer(path / "tokenizer.json"), path
 
 
@@ -1133,7 +1142,8 @@ def add_lora(model: Gemma3, name: str, rank: int = 16, alpha: float = 32.0, drop
     found = set()
     for layer in model.layers:
         for child_name, proj in _projections(layer, targets):
-            proj.add_adapter(name, spec, model_dtype(model), model_device(model))
+            # float32 master weights: AdamW on bf16 adapters loses small updates; the forward casts
+            proj.add_adapter(name, spec, torch.float32, model_device(model))
             found.add(child_name)
     unknown = sorted(set(targets) - found)
     if unknown:
@@ -1208,7 +1218,8 @@ def quantize_base_4bit(model: Gemma3) -> Gemma3:
         for _, proj in _projections(layer, LORA_TARGETS):
             if getattr(proj.weight, "quant_state", None) is None:
                 weight = proj.weight.detach()
-                proj.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4").to(weight.device)
+                proj.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                                compress_statistics=True).to(weight.device)  # NF4, double quant
     return model
 
 
@@ -1268,7 +1279,7 @@ def add_language_embeddings(model: Gemma3, tokenizer: Tokenizer, korean_delta: b
     is_korean = torch.zeros(rows, dtype=torch.bool)
     is_korean[:len(table)] = table  # embedding rows past the vocabulary are padding: English
     model.language_embedding = LanguageEmbedding(is_korean, model.config.hidden_size, korean_delta,
-                                                 model_dtype(model), model_device(model))
+                                                 torch.float32, model_device(model))  # float32 master weights
     _record(model, {"op": "add_language_embeddings", "korean_delta": korean_delta,
                     "tokenizer_sha256": tokenizer.sha256})
     return model
@@ -2427,7 +2438,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise MedkoError(f"checkpoint {path} lacks {missing}; delete that directory to resume from an earlier one")
     state = json.loads((path / STATE).read_text())
     saved = asdict(TrainConfig.from_dict(state["config"]))
-    changed = {k: (v, getattr(config, k)) for k, v in saved.items() if k != "max_steps" and v != getattr(config, k)}
+    free = {"max_steps", "device", "log_every", "save_every", "gradient_checkpointing"}  # results do not depend on them
+    changed = {k: (v, getattr(config, k)) for k, v in saved.items() if k not in free and v != getattr(config, k)}
     if changed:
         raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now); "
                          f"resume with the saved values or start a new run directory")
@@ -2655,7 +2667,8 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
 # Stage name -> its directory in a run; stages find each other only through this map.
 STAGES = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
           "s4": "s4_translate", "s5": "s5_reasoning"}
-DEFAULT_STEPS = {"270m": 8, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
+DEFAULT_STEPS = {"270m": 3, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
+DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
 
 
@@ -2665,10 +2678,11 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, choices=["270m", "4b", "27b"], help="base model (default 270m)")
     p.add_argument("--model", default=None, help="local HF-layout base checkpoint (overrides --size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quantize", default=None, choices=["4bit"], help="NF4 frozen base weights (CUDA only)")
     p.add_argument("--run-dir", default="runs/default", help="the run's directory")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per training phase")
     p.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default 2 on 270m, 8 else)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-len", type=int, default=512, help="tokens per training example")
@@ -2849,6 +2863,19 @@ def drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], kind: str, 
                             kind=kind, model=model, generator=torch.Generator().manual_seed(0)))
 
 
+def entry_measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, stage: str, data: RunData,
+                  args: argparse.Namespace) -> dict[str, float]:
+    """The model as it enters a stage: the previous stage's "after", since every surgery starts at zero
+    (the tests assert unchanged logits); measured afresh when there is none."""
+    prev = finished(run_dir, previous_stage(run_dir, stage))
+    if prev is None or "after" not in prev:
+        return measure(model, tokenizer, run_dir, data, args)
+    entry = {k: prev["after"][k] for k in ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift")}
+    if stage == "s2":
+        entry["drift"] = 0.0  # the teacher is fixed here: it is the entering model
+    return entry
+
+
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, args: argparse.Namespace
             ) -> dict[str, float]:
     """Korean and English validation accuracy, held-out text losses and drift from the teacher."""
@@ -2869,7 +2896,8 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, a
 
 def train_config(args: argparse.Namespace, base: dict[str, Any], steps: int | None = None) -> TrainConfig:
     return TrainConfig(max_steps=steps or args.max_steps or DEFAULT_STEPS.get(base["size"], 8),
-                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       batch_size=args.batch_size or DEFAULT_BATCH.get(base["size"], 2),
+                       grad_accum=args.grad_accum, lr=args.lr,
                        warmup_steps=1, max_len=args.max_len, seed=args.seed, log_every=1,
                        save_every=max(1, (steps or args.max_steps or 8) // 2),
                        gradient_checkpointing=args.gradient_checkpointing, device=args.device or "auto")
@@ -2950,7 +2978,8 @@ def run_phase(name: str, out: Path, model: Gemma3, patterns: Sequence[str], loss
 
 
 def english_guard(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, data: RunData,
-                  patterns: Sequence[str], args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+                  patterns: Sequence[str], args: argparse.Namespace, base: dict[str, Any],
+                  accuracy: float) -> dict[str, Any]:
     """English validation accuracy must stay at min(gate, accuracy entering s2) - tolerance.
 
     Below it, rounds of English-only per-layer training; the best state (by English accuracy) is kept.
@@ -2964,7 +2993,7 @@ def english_guard(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path,
         model.eval()
         return evaluate(model, tokenizer, exam, "logits", "en", progress=False).accuracy
 
-    history = [score()]
+    history = [accuracy]  # the stage's "after" English accuracy, measured on this same state
     best = (history[0], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
     config = train_config(args, base)
     examples = text_examples(tokenizer, data.en_text, args.max_len)
@@ -3046,18 +3075,22 @@ def gate_stage(out: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, 
                                                   [args.size or "270m"])
     scores: dict[str, float] = {}
     translated_with = None
+    # The bundled sample data ships reference translations; hub data is translated by the model itself.
+    s0_source = finished(run_dir, "s0")["source"]
+    reference = {"auto": DATA_DIR / "kormedmcqa_en" if s0_source == str(DATA_DIR) else None,
+                 "model": None}.get(args.english_exam, args.english_exam)
     for name in reversed(candidates):  # the largest translates, as it translates best
-        model, tokenizer, path = (load_base("270m", name, args.device) if args.model else
-                                  load_base(name, None, args.device))
+        model, tokenizer, path = (load_base("270m", name, args.device, quantize=args.quantize) if args.model else
+                                  load_base(name, None, args.device, quantize=args.quantize))
         if translated_with is None:
             translated_with = name
             for split in ("dev", "train"):
-                if args.english_exam:
-                    rows = list(load_kormedmcqa(args.subsets.split(","), split, args.english_exam, lang="en"))
+                if reference is not None:
+                    rows = list(load_kormedmcqa(args.subsets.split(","), split, reference, lang="en"))
                     by_id = {r.id: r for r in rows}
                     missing = [r.id for r in data.exam[split] if r.id not in by_id]
                     if missing:
-                        raise MedkoError(f"--english-exam {args.english_exam} lacks questions {missing[:5]}; "
+                        raise MedkoError(f"--english-exam {reference} lacks questions {missing[:5]}; "
                                          f"give translations of every {split} question")
                     rows = [by_id[r.id] for r in data.exam[split]]
                 else:
@@ -3073,7 +3106,7 @@ def gate_stage(out: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, 
     chosen = passing[0] if passing else max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
     base = {"size": "270m" if args.model else chosen, "model": args.model}
     return {"stage": "s1", "status": "done", "scores": scores, "gate": args.gate, "chosen": chosen, "base": base,
-            "needs_english": not passing, "translated_with": "reference" if args.english_exam else translated_with}
+            "needs_english": not passing, "translated_with": f"reference {reference}" if reference else translated_with}
 
 
 def english_exam_at(s1_dir: Path, split: str) -> list[MCQ]:
@@ -3124,7 +3157,7 @@ def embed_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, a
     if "lora1" in adapter_specs(model):
         snapshot_adapter(model, "lora1", "teacher")
     add_language_embeddings(model, tokenizer, korean_delta=args.korean_delta)
-    before = measure(model, tokenizer, run_dir, data, args)
+    before = entry_measure(model, tokenizer, run_dir, "s2", data, args)
     config = train_config(args, base)
     examples = text_examples(tokenizer, data.ko_text, args.max_len)
     phase = run_phase("train", out, model, LANGUAGE_PATTERNS, stage_loss(args.layer_loss, 0.0),
@@ -3141,14 +3174,14 @@ def korean_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, 
     if "lora1" not in adapter_specs(model):
         add_lora(model, "lora1", rank=args.lora_rank, alpha=args.lora_alpha)
     patterns = LANGUAGE_PATTERNS + LORA_PATTERNS
-    before = measure(model, tokenizer, run_dir, data, args)
+    before = entry_measure(model, tokenizer, run_dir, "s3", data, args)
     config = train_config(args, base)
     batches = mixed_batches(text_examples(tokenizer, data.ko_text, args.max_len),
                             text_examples(tokenizer, data.en_text, args.max_len), config)
     phase = run_phase("train", out, model, patterns, stage_loss(args.layer_loss, args.layer_weight), batches,
                       config, args.resume)
     after = measure(model, tokenizer, run_dir, data, args)
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
     return {"stage": "s3", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": [phase], "guard": guard}
 
@@ -3163,7 +3196,7 @@ def translate_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
     data = load_run_data(run_dir)
     duplicate_edge_layers(model)
     patterns = added_layer_patterns(model) + LANGUAGE_PATTERNS + LORA_PATTERNS
-    before = measure(model, tokenizer, run_dir, data, args)
+    before = entry_measure(model, tokenizer, run_dir, "s4", data, args)
     english = text_examples(tokenizer, data.en_text, args.max_len)
     config = train_config(args, base)
     korean = text_examples(tokenizer, data.ko_text, args.max_len)
@@ -3177,7 +3210,7 @@ def translate_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
                         mixed_batches(examples, english, config), config, args.resume)
               for name, examples in (("korean", korean), ("translation", translation))]
     after = measure(model, tokenizer, run_dir, data, args)
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
     return {"stage": "s4", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": phases, "guard": guard, "pairs": len(pairs)}
 
@@ -3207,7 +3240,7 @@ def reasoning_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
     data = load_run_data(run_dir)
     patterns = added_layer_patterns(model) + LANGUAGE_PATTERNS + LORA_PATTERNS
     dev = limited(data.exam["dev"], args.eval_limit)
-    before = {**measure(model, tokenizer, run_dir, data, args),
+    before = {**entry_measure(model, tokenizer, run_dir, "s5", data, args),
               **{f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()}}
     config = train_config(args, base)
     examples = lm_examples(tokenizer, [reasoning_prompt(r) for r in data.reasoning],
@@ -3218,7 +3251,7 @@ def reasoning_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
                       args.resume)
     after = {**measure(model, tokenizer, run_dir, data, args),
              **{f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()}}
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base)
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
     return {"stage": "s5", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": [phase], "guard": guard}
 
@@ -3250,7 +3283,7 @@ def load_run_model_after(run_dir: Path, stage: str, args: argparse.Namespace) ->
     from safetensors.torch import load_file
 
     base = run_base(run_dir, args)
-    model, tokenizer, _ = load_base(base["size"], base["model"], args.device)
+    model, tokenizer, _ = load_base(base["size"], base["model"], args.device, quantize=getattr(args, "quantize", None))
     meta = finished(run_dir, stage)
     if meta and meta.get("surgery"):
         apply_surgery(model, meta["surgery"], tokenizer)

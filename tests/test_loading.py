@@ -166,3 +166,11 @@ def test_cli_generate_prints_only_the_continuation(tiny_dir, tiny_tokenizer, cap
     assert medko.main(["generate", "--model", str(tiny_dir), "--prompt", "abc", "--max-new-tokens", "5",
                        "--device", "cpu"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_quantize_on_cpu_says_it_needs_a_gpu(tiny_dir, capsys):
+    import medko
+
+    assert medko.main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu",
+                       "--quantize", "4bit"]) == 1
+    assert "need a CUDA GPU with bitsandbytes" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import shared_logic as sl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
-EXTRA = {"s1_gate": ["--translate-tokens", "4"], "s5_reasoning": ["--reasoning-tokens", "4"]}
+EXTRA = {"s1_gate": ["--translate-tokens", "4", "--english-exam", "model"], "s5_reasoning": ["--reasoning-tokens", "4"]}
 SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
            "s4": "s4_translate", "s5": "s5_reasoning"}
 
