@@ -61,6 +61,15 @@ def setup_logging(level: int = logging.INFO) -> None:
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
+def strict_config(cls: type, values: dict[str, Any], what: str) -> Any:
+    """cls(**values) for a config dataclass; unknown or mistyped keys are refused by name."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise MedkoError(f"unknown {what} keys {sorted(unknown)}; known keys are {sorted(known)}")
+    return cls(**values)
+
+
 def default_layer_types(num_layers: int) -> tuple[str, ...]:
     # Gemma 3: every sixth layer is global.
     return tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers))
@@ -96,11 +105,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise MedkoError(f"unknown model config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**values)
+        return strict_config(cls, values, "model config")
 
 
 # Presets follow the released configs; "tiny" is the random test model.
@@ -1688,11 +1693,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise MedkoError(f"unknown train config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**values)
+        return strict_config(cls, values, "train config")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
