@@ -2147,7 +2147,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue this stage from its last checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default 2 on 270m, 8 else)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-2 for s2's language vectors, 2e-4 elsewhere)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per training example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate", type=float, default=0.97, help="English validation accuracy the gate asks for")
@@ -2357,10 +2358,12 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, a
 
 # ───────────────────────────── curriculum: training phases ─────────────────────────────
 
-def train_config(args: argparse.Namespace, base: dict[str, Any], steps: int | None = None) -> TrainConfig:
+def train_config(args: argparse.Namespace, base: dict[str, Any], steps: int | None = None,
+                 lr: float = 2e-4) -> TrainConfig:
+    """The stage's TrainConfig; `lr` is the stage's default, which --lr overrides."""
     return TrainConfig(max_steps=steps or args.max_steps or DEFAULT_STEPS.get(base["size"], 8),
                        batch_size=args.batch_size or DEFAULT_BATCH.get(base["size"], 2),
-                       grad_accum=args.grad_accum, lr=args.lr,
+                       grad_accum=args.grad_accum, lr=args.lr or lr,
                        warmup_steps=1, max_len=args.max_len, seed=args.seed, log_every=1,
                        save_every=max(1, (steps or args.max_steps or 8) // 2),
                        gradient_checkpointing=args.gradient_checkpointing, device=args.device or "auto")
@@ -2621,7 +2624,8 @@ def embed_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, a
         snapshot_adapter(model, "lora1", "teacher")
     add_language_embeddings(model, tokenizer, korean_delta=args.korean_delta)
     before = entry_measure(model, tokenizer, run_dir, "s2", data, args)
-    config = train_config(args, base)
+    # Zero-started vectors added to embeddings of size ~1 need a far larger step than LoRA does.
+    config = train_config(args, base, lr=1e-2)
     examples = text_examples(tokenizer, data.ko_text, args.max_len)
     phase = run_phase("train", out, model, LANGUAGE_PATTERNS, stage_loss(args.layer_loss, 0.0),
                       mixed_batches(examples, None, config), config, args.resume)

@@ -340,3 +340,42 @@ def test_270m_damaged_cache_is_detected(converted_270m, tmp_path):
     assert "sha256" in sl.manifest_problem(clone, source)
     os.truncate(weights, weights.stat().st_size - 4096)
     assert "bytes, the manifest says" in sl.manifest_problem(clone, source)
+
+
+def mixed_long_prompt(min_tokens: int, tokenizer: sl.Tokenizer) -> str:
+    """Korean and English medical passages from the bundled data, alternated past min_tokens."""
+    root = Path(__file__).resolve().parents[1] / "data"
+    ko = [t for t in sl.load_texts(root / "ko_medical_text.jsonl")]
+    en = [t for t in sl.load_texts(root / "en_medical_text.jsonl")]
+    parts: list[str] = []
+    for k, e in zip(ko, en):
+        parts += [k, e]
+        if len(tokenizer.encode("\n".join(parts))) > min_tokens:
+            break
+    return "\n".join(parts) + "\n요약하면,"
+
+
+@pytest.mark.slow
+def test_270m_greedy_continuations_match_transformers(converted_270m, gguf_270m):
+    """medko's greedy decoding (KV cache, sliding window) against transformers' on the real 270M."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = sl.Tokenizer(converted_270m / "tokenizer.json")
+    prompts = ["The first-line treatment for uncomplicated hypertension in adults is",
+               "당뇨병 환자에서 저혈당이 생기면 가장 먼저 해야 할 처치는",
+               mixed_long_prompt(600, tokenizer)]
+    rows = [tokenizer.encode(p) for p in prompts]
+    assert len(rows[2]) > 600 > sl.PRESETS["270m"].sliding_window
+    model = sl.load_model(converted_270m)
+    ours = sl.generate_ids(model, rows, 24, {tokenizer.eos_id}, tokenizer.pad_id, tokenizer.vocab_size)
+    del model
+    hf = AutoModelForCausalLM.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32)
+    for row, mine in zip(rows, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False,
+                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        theirs = [t for t in out[0, len(row):].tolist() if t != tokenizer.pad_id]
+        if theirs and theirs[-1] == tokenizer.eos_id:
+            theirs = theirs[:-1]
+        assert mine == theirs, (tokenizer.decode(mine), tokenizer.decode(theirs))
+        logging.getLogger("medko").info("greedy %d-token prompt -> %r", len(row), tokenizer.decode(mine))
