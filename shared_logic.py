@@ -791,25 +791,62 @@ def teacher_layer_map(model: Gemma3) -> list[int]:
 
 # ───────────────────────────── losses ─────────────────────────────
 
-def _token_cross_entropy(model: Gemma3, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model.logits(hidden).float(), targets, reduction="sum")
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight^T against targets, made `chunk` rows at a time.
+
+    Each chunk's gradient (softmax minus one-hot, folded into hidden's and weight's gradients) is made
+    while its logits exist, so no pass holds more than one chunk of [rows x vocab] float32 logits and the
+    head is never recomputed in the backward, as a checkpointed chunk would be.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h, weight).float()
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's softmax
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                probs = probs.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = probs @ weight
+                if need_w:
+                    grad_w += probs.T.float() @ h.float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.need = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        grad_h = grad_w = None
+        if ctx.need[0]:
+            grad_h = next(saved)
+            grad_h = (grad_h * grad_out).to(grad_h.dtype)
+        if ctx.need[1]:
+            grad_w = (next(saved) * grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
 
 
 def causal_lm_loss(model: Gemma3, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
                    chunk: int = 1024) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and their count.
 
-    target_mask marks tokens to predict (aligned with input_ids; prompt tokens are not targets). Logits are made
-    `chunk` positions at a time inside a checkpoint, so neither the forward nor the backward holds the full
-    [targets x vocab] float32 logits.
+    target_mask marks tokens to predict (aligned with input_ids; prompt tokens are not targets). Only target
+    positions go through the head, `chunk` at a time (ChunkedCrossEntropy), so the full [targets x vocab]
+    float32 logits are never held.
     """
     mask = target_mask[:, 1:].bool()
     h, y = hidden[:, :-1][mask], input_ids[:, 1:][mask]
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, h.shape[0], chunk):
-        total = total + torch.utils.checkpoint.checkpoint(_token_cross_entropy, model, h[start:start + chunk], y[start:start + chunk],
-                                   use_reentrant=False)
-    return total, int(mask.sum())
+    return ChunkedCrossEntropy.apply(h, model.embed_tokens.weight, y, chunk), int(mask.sum())
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -2402,14 +2439,14 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
             gold = (answer[:, None] == choices).float().argmax(-1)
             letter = letter_loss(model, hidden, last - 2, letters, gold)
             loss = loss + letter * count
-            metrics["letter"] = float(letter)
+            metrics["letter"] = float(letter.detach())
         if "en_input_ids" in batch and weight:
             en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
             student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
             layer = layer_loss(student, teacher_states(model, en_ids, en_mask), en_mask, teacher_layer_map(model),
                                kind=kind, model=model)
             loss = loss + weight * layer * count
-            metrics["layer"] = float(layer)
+            metrics["layer"] = float(layer.detach())
         return loss, count, metrics
     return loss_fn
 
@@ -2422,7 +2459,7 @@ def english_only_loss(kind: str):
         layer = layer_loss(student, teacher_states(model, ids, mask), mask, teacher_layer_map(model), kind=kind,
                            model=model)
         count = int(targets.sum())
-        return layer * count, count, {"layer": float(layer)}
+        return layer * count, count, {"layer": float(layer.detach())}
     return loss_fn
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 def run_side(script: str, side: str, args: list[str]) -> dict:
     """Runs `script --side SIDE ARGS` in a fresh process and returns the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, "--side", side, *args], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)  # the side's traceback, which capture_output would otherwise hide
+        raise subprocess.CalledProcessError(out.returncode, out.args, out.stdout, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -37,6 +41,14 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     return times
 
 
+def reset_peak_memory(device: str) -> None:
+    """Starts a new peak for peak_memory_mb, so the peak of a phase leaves out loading."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the RSS high-water mark ru_maxrss reads
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -49,7 +61,48 @@ def summary(times: list[float], work: float) -> dict:
 
 
 def print_table(rows: list[tuple[str, dict]], unit: str) -> None:
-    print(f"{'side':8} {unit + '/s':>12} {'median s':>9} {'min s':>7} {'max s':>7} {'peak MiB':>9}")
+    width = max(8, *(len(name) for name, _ in rows))
+    print(f"{'side':{width}} {unit + '/s':>12} {'median s':>9} {'min s':>7} {'max s':>7} {'peak MiB':>9}")
     for name, r in rows:
-        print(f"{name:8} {r['per_s']:12.1f} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} "
+        print(f"{name:{width}} {r['per_s']:12.1f} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} "
               f"{r['peak_mb']:9.0f}")
+
+
+def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = None,
+                      shard_bytes: int = 4 * 2**30, device: str = "cuda") -> Path:
+    """A random bf16 HF-layout checkpoint of a preset's shape, in shards, made one tensor at a time on `device`.
+
+    Never holds the whole model anywhere, so the 27B shape needs only disk (about 55 GB). The tokenizer
+    files of tokenizer_dir are copied in, so the directory loads like a real one.
+    """
+    import shared_logic as sl
+    from safetensors.torch import save_file
+
+    config = sl.PRESETS[shape]
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in sl.export_state_dict(sl.Gemma3(config)).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device).manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        shard.clear()
+
+    for name, tensor_shape in shapes.items():
+        tensor = torch.empty(tensor_shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=generator)
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor.cpu()
+    flush()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # hand the generator's blocks back, so the sides have the whole GPU
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(sl.config_to_hf(config) | {"torch_dtype": "bfloat16"}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if tokenizer_dir is not None and (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
