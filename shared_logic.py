@@ -2914,6 +2914,7 @@ def stage_main(stage: str, parser: argparse.ArgumentParser, argv: Sequence[str] 
         require_previous(run_dir, stage)
         out = prepare_stage_dir(run_dir, stage, args.resume)
         start = time.perf_counter()
+        torch.manual_seed(args.seed)  # surgery draws (LoRA's A) before the trainer seeds: same run, same start
         if stage == "s0":
             meta = data_stage(out, args)
             write_json_atomic(meta, out / "meta.json")
