@@ -2167,7 +2167,7 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
 # Stage name -> its directory in a run; stages find each other only through this map.
 STAGES = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
           "s4": "s4_translate", "s5": "s5_reasoning"}
-DEFAULT_STEPS = {"270m": 3, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
+DEFAULT_STEPS = {"270m": 10, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
 DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
 
@@ -2518,6 +2518,18 @@ def english_guard(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path,
             "passed": passed, "kept_accuracy": history[-1] if passed else best[0]}
 
 
+def guarded(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, data: RunData, patterns: Sequence[str],
+            args: argparse.Namespace, base: dict[str, Any], after: dict[str, float]
+            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The English guard; when recovery rounds changed the weights, "after" is measured again on the kept
+    state (the next stage starts from it), and the training's own "after" is kept in the guard record."""
+    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
+    if guard["rounds"]:
+        guard["after_training"] = after
+        after = measure(model, tokenizer, run_dir, data, args)
+    return after, guard
+
+
 def guard_verdict(stage: str, out: Path, guard: dict[str, Any]) -> None:
     if not guard["passed"]:
         raise MedkoError(f"English guard failed after {stage}: English dev accuracy stayed below "
@@ -2685,7 +2697,7 @@ def korean_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path, 
     phase = run_phase("train", out, model, patterns, stage_loss(args.layer_loss, args.layer_weight), batches,
                       config, args.resume)
     after = measure(model, tokenizer, run_dir, data, args)
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
+    after, guard = guarded(model, tokenizer, run_dir, out, data, patterns, args, base, after)
     return {"stage": "s3", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": [phase], "guard": guard}
 
@@ -2714,7 +2726,7 @@ def translate_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
                         mixed_batches(examples, english, config), config, args.resume)
               for name, examples in (("korean", korean), ("translation", translation))]
     after = measure(model, tokenizer, run_dir, data, args)
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
+    after, guard = guarded(model, tokenizer, run_dir, out, data, patterns, args, base, after)
     return {"stage": "s4", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": phases, "guard": guard, "pairs": len(pairs)}
 
@@ -2753,9 +2765,10 @@ def reasoning_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Pat
     phase = run_phase("train", out, model, patterns, stage_loss(args.layer_loss, args.layer_weight, letters),
                       mixed_batches(examples, text_examples(tokenizer, data.en_text, args.max_len), config), config,
                       args.resume)
-    after = {**measure(model, tokenizer, run_dir, data, args),
-             **{f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()}}
-    guard = english_guard(model, tokenizer, run_dir, out, data, patterns, args, base, after["en_accuracy"])
+    after, guard = guarded(model, tokenizer, run_dir, out, data, patterns, args, base,
+                           measure(model, tokenizer, run_dir, data, args))
+    # Reasoning is scored on the state the stage keeps, after any guard recovery.
+    after.update({f"reasoning_{k}": v for k, v in reasoning_eval(model, tokenizer, dev, args.reasoning_tokens).items()})
     return {"stage": "s5", "status": "done" if guard["passed"] else "guard_failed", "before": before,
             "after": after, "phases": [phase], "guard": guard}
 
@@ -2813,7 +2826,9 @@ def _guard(meta: dict[str, Any]) -> str:
     if not guard:
         return "–"
     verdict = "passed" if guard["passed"] else "FAILED"
-    return f"{verdict} ({guard['history'][-1]:.3f} ≥ {guard['threshold']:.3f}?, {guard['rounds']} rounds)"
+    relation = "≥" if guard["passed"] else "<"
+    return (f"{verdict}: {guard['kept_accuracy']:.3f} {relation} {guard['threshold']:.3f} after {guard['rounds']} "
+            f"recovery round{'' if guard['rounds'] == 1 else 's'}")
 
 
 def write_run_report(run_dir: Path) -> Path:

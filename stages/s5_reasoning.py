@@ -11,7 +11,8 @@ import shared_logic as sl  # noqa: E402
 
 def main(argv=None) -> int:
     p = sl.stage_parser(__doc__)
-    p.add_argument("--reasoning-tokens", type=int, default=64, help="most new tokens when scoring reasoning")
+    p.add_argument("--reasoning-tokens", type=int, default=256,
+                   help="most new tokens when scoring reasoning (the reasoning must fit before its answer)")
     return sl.stage_main("s5", p, argv)
 
 
