@@ -15,6 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import shared_logic as sl  # noqa: E402
+
 
 def run_side(script: str, side: str, args: list[str]) -> dict:
     """Runs `script --side SIDE ARGS` in a fresh process and returns the JSON it prints last."""
@@ -106,3 +108,13 @@ def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = 
         if tokenizer_dir is not None and (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, directory / name)
     return directory
+
+
+def bench_model_dir(model_dir: str | None, shape: str, tmp: Path) -> str:
+    """--model-dir, else the embedded 270M, or random weights of a bigger preset's shape (its tokenizer)."""
+    if model_dir is not None:
+        return model_dir
+    base = sl.ensure_270m()
+    if shape != "270m":
+        base = random_checkpoint(shape, tmp / "model", tokenizer_dir=base)
+    return str(base)

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from common import peak_memory_mb, print_table, random_checkpoint, reset_peak_memory, run_side, summary, timed
+from common import bench_model_dir, peak_memory_mb, print_table, reset_peak_memory, run_side, summary, timed
 
 import shared_logic as sl
 
@@ -160,11 +160,7 @@ def main() -> None:
         args.questions = args.questions or GPU_QUESTIONS
     sides = ["medko", "peer"] + (["peer-batched"] if args.peer_batched else [])
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model_dir is None:
-            base = sl.ensure_270m()
-            if args.shape != "270m":
-                base = random_checkpoint(args.shape, Path(tmp) / "model", tokenizer_dir=base)
-            args.model_dir = str(base)
+        args.model_dir = bench_model_dir(args.model_dir, args.shape, Path(tmp))
         passed = ["--model-dir", args.model_dir, "--device", args.device, "--source", args.source,
                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--threads", str(args.threads)]
         passed += ["--questions", str(args.questions)] if args.questions else []

@@ -14,27 +14,11 @@ from pathlib import Path
 
 import torch
 
-from common import peak_memory_mb, print_table, run_side, summary, timed
+from common import bench_model_dir, peak_memory_mb, print_table, run_side, summary, timed
 
 import shared_logic as sl
 
 H100_BF16_DENSE_FLOPS = 989e12  # dense bf16 peak of an H100 SXM; MFU is relative to this
-
-
-def random_checkpoint(shape: str, directory: Path) -> Path:
-    """A random HF-layout checkpoint of a preset's shape (no tokenizer needed for a forward)."""
-    from safetensors.torch import save_file
-
-    config = sl.PRESETS[shape]
-    with torch.device("cuda"):
-        model = sl.Gemma3(config).to(torch.bfloat16)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(sl.config_to_hf(config)))
-    save_file({k: v.contiguous().cpu() for k, v in sl.export_state_dict(model).items()},
-              str(directory / "model.safetensors"))
-    return directory
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -74,7 +58,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir is None:
-            args.model_dir = str(random_checkpoint("4b", Path(tmp)) if args.shape == "4b" else sl.ensure_270m())
+            args.model_dir = bench_model_dir(None, args.shape, Path(tmp))
         if args.shape == "4b":
             args.seq, args.batch = max(args.seq, 2048), max(args.batch, 1)
         passed = ["--shape", args.shape, "--model-dir", args.model_dir, "--device", args.device,

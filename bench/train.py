@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from common import peak_memory_mb, print_table, random_checkpoint, reset_peak_memory, run_side, summary, timed
+from common import bench_model_dir, peak_memory_mb, print_table, reset_peak_memory, run_side, summary, timed
 
 import shared_logic as sl
 
@@ -196,11 +196,7 @@ def main() -> None:
         print("bitsandbytes is not installed, so --quantize 4bit cannot run; skipped")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model_dir is None:
-            base = sl.ensure_270m()
-            if args.shape != "270m":
-                base = random_checkpoint(args.shape, Path(tmp) / "model", tokenizer_dir=base)
-            args.model_dir = str(base)
+        args.model_dir = bench_model_dir(args.model_dir, args.shape, Path(tmp))
         tokenizer = sl.Tokenizer(Path(args.model_dir) / "tokenizer.json")
         texts = list(sl.load_texts(args.texts))
         rows = packed_rows(tokenizer, texts, args.seq)
