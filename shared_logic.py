@@ -2312,7 +2312,7 @@ def load_run_data(run_dir: Path) -> RunData:
 
 def english_exam(run_dir: Path, split: str) -> list[MCQ]:
     """The English translation of a Korean exam split that s1 made."""
-    return list(load_mcq_file(stage_dir(run_dir, "s1") / f"en_exam_{split}.jsonl", lang="en"))
+    return english_exam_at(stage_dir(run_dir, "s1"), split)
 
 
 def save_stage(out: Path, model: Gemma3, meta: dict[str, Any]) -> None:
@@ -2337,7 +2337,7 @@ def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
 @torch.no_grad()
 def text_loss(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> float:
     """Mean next-token cross-entropy per target token on plain texts."""
-    examples = lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+    examples = text_examples(tokenizer, texts, max_len)
     total, count = 0.0, 0
     for start in range(0, len(examples), 8):
         batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + 8]).items()}
@@ -2356,7 +2356,7 @@ def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list
 @torch.no_grad()
 def drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], kind: str, max_len: int) -> float:
     """The per-layer loss between the model and its teacher on English text (0 when they are equal)."""
-    examples = lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+    examples = text_examples(tokenizer, texts, max_len)
     batch = {k: v.to(model_device(model)) for k, v in collate(examples).items()}
     student = model(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, return_logits=False)
     teacher = teacher_states(model, batch["input_ids"], batch["attention_mask"])
@@ -2395,14 +2395,20 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, a
 
 # ───────────────────────────── curriculum: training phases ─────────────────────────────
 
+def phase_steps(args: argparse.Namespace, base: dict[str, Any]) -> int:
+    """Optimizer steps of a training phase: --max-steps, else the default for the model size."""
+    return args.max_steps or DEFAULT_STEPS.get(base["size"], 8)
+
+
 def train_config(args: argparse.Namespace, base: dict[str, Any], steps: int | None = None,
                  lr: float = 2e-4) -> TrainConfig:
     """The stage's TrainConfig; `lr` is the stage's default, which --lr overrides."""
-    return TrainConfig(max_steps=steps or args.max_steps or DEFAULT_STEPS.get(base["size"], 8),
+    steps = steps or phase_steps(args, base)
+    return TrainConfig(max_steps=steps,
                        batch_size=args.batch_size or DEFAULT_BATCH.get(base["size"], 2),
                        grad_accum=args.grad_accum, lr=args.lr or lr,
                        warmup_steps=1, max_len=args.max_len, seed=args.seed, log_every=1,
-                       save_every=max(1, (steps or args.max_steps or 8) // 2),
+                       save_every=max(1, steps // 2),
                        gradient_checkpointing=args.gradient_checkpointing, device=args.device or "auto")
 
 
@@ -2646,7 +2652,7 @@ def english_stage(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, out: Path,
                 + exam_examples(tokenizer, data.en_mcq, "en", args.max_len)
                 + text_examples(tokenizer, data.en_text, args.max_len))
     before = measure(model, tokenizer, run_dir, data, args)
-    budget = args.max_steps or DEFAULT_STEPS.get(base["size"], 8)
+    budget = phase_steps(args, base)
     chunk = max(1, budget // args.english_rounds)
     # One training, extended round by round (resuming) until the gate passes or the budget is spent.
     phase, checks, accuracy, steps = None, [], before["en_accuracy"], 0
