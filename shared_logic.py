@@ -253,16 +253,56 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+# On CPU, float32 linears go through oneDNN's matmul (the kernel torch.compile emits for CPU linears) rather
+# than F.linear's MKL sgemm: measured on a 2-core AMD EPYC, 7-20% faster for the decoder's projections, 25-35%
+# for the 262k-row head at training sizes and 3x for it at decode sizes. Other devices and dtypes use F.linear.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight.T by oneDNN; the backward is two plain matmuls (oneDNN's op has no autograd formula)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, through oneDNN for float32 on CPU (see _ONEDNN_LINEAR) and F.linear elsewhere."""
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.is_contiguous() and x.numel() > 0):
+        return _OneDNNLinear.apply(x, weight)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same `weight` key) whose matmul is `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
         self.config = config
         self.layer_type = layer_type
         h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, config.num_heads * d)
+        self.k_proj = Linear(h, config.num_kv_heads * d)
+        self.v_proj = Linear(h, config.num_kv_heads * d)
+        self.o_proj = Linear(config.num_heads * d, h)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
@@ -284,9 +324,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -359,8 +399,10 @@ class Gemma3(nn.Module):
             x = x + self.language_embedding(input_ids).to(x.dtype)
         return x
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed_tokens.weight)  # tied head
+    def logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden @ embedding^T (the tied head); `vocab` computes only those token ids' logits, in that order."""
+        weight = self.embed_tokens.weight
+        return linear(hidden, weight if vocab is None else weight[vocab])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, output_hidden_states: bool = False,
@@ -421,7 +463,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a dense weight or a bitsandbytes NF4 Params4bit (which carries a quant_state)."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
-        return F.linear(x, weight)
+        return linear(x, weight)
     import bitsandbytes as bnb
 
     return bnb.matmul_4bit(x, weight.t(), quant_state=quant_state)
@@ -468,7 +510,8 @@ class LoRALinear(nn.Module):
                 continue
             spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
             h = F.dropout(x, spec.dropout, self.training) if spec.dropout else x
-            out = out + (F.linear(F.linear(h.to(a.dtype), a), b) * spec.scaling).to(out.dtype)
+            # scaled at the rank-wide middle, not on the [tokens x out] product: one less pass over the output
+            out = out + F.linear(F.linear(h.to(a.dtype), a) * spec.scaling, b).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
@@ -792,37 +835,52 @@ def teacher_layer_map(model: Gemma3) -> list[int]:
 # ───────────────────────────── losses ─────────────────────────────
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of hidden @ weight^T against targets, made `chunk` rows at a time.
+    """Summed cross-entropy of hidden @ weight^T against targets, walking the head in vocabulary slices.
 
-    Each chunk's gradient (softmax minus one-hot, folded into hidden's and weight's gradients) is made
-    while its logits exist, so no pass holds more than one chunk of [rows x vocab] float32 logits and the
-    head is never recomputed in the backward, as a checkpointed chunk would be.
+    Each slice's logits feed an online log-sum-exp (a running max and a rescaled sum, as flash attention
+    keeps its softmax) and, in the same pass, hidden's gradient sum_v softmax_v W_v - W_target, accumulated
+    with the same rescaling. So the head's weight is read once for the loss and its gradient together, and
+    no more than one slice of [rows x vocab] logits ever exists (no 1 GB buffer to allocate and fault in on
+    CPU). The gradient is made here and handed out in the backward: the head is never recomputed there.
+    A trainable head (weight's gradient) takes a second pass, as each slice's softmax is known only at the end.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                vocab_slice: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight).float()
-            lse = torch.logsumexp(logits, -1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's softmax
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                probs = probs.to(weight.dtype)
-                if need_h:
-                    grad_h[start:start + chunk] = probs @ weight
-                if need_w:
-                    grad_w += probs.T.float() @ h.float()
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        peak = torch.full((rows, 1), float("-inf"), device=hidden.device)
+        sums = torch.zeros(rows, 1, device=hidden.device)
+        picked = torch.zeros(rows, device=hidden.device)
+        acc = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
+        for start in range(0, vocab, vocab_slice):
+            w = weight[start:start + vocab_slice]
+            logits = linear(hidden, w).float()
+            inside = (targets >= start) & (targets < start + len(w))
+            column = (targets - start).clamp(0, len(w) - 1)[:, None]
+            picked += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
+            new_peak = torch.maximum(peak, logits.amax(-1, keepdim=True))
+            rescale = (peak - new_peak).exp_()
+            numerators = logits.sub_(new_peak).exp_()  # in place: no second slice-sized tensor
+            sums = sums * rescale + numerators.sum(-1, keepdim=True)
+            if need_h:
+                acc.mul_(rescale).add_(numerators.to(w.dtype) @ w)
+            peak = new_peak
+        lse = peak + sums.log()
+        grad_h = grad_w = None
+        if need_h:
+            grad_h = (acc / sums - weight[targets].float()).to(hidden.dtype)
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, vocab, vocab_slice):
+                probs = linear(hidden, weight[start:start + vocab_slice]).float().sub_(lse).exp_()
+                grad_w[start:start + vocab_slice] = probs.T @ hidden.float()
+            grad_w.index_add_(0, targets, -hidden.float())
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        return (lse.squeeze(1) - picked).sum()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -836,17 +894,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
+def head_slice(rows: int, vocab: int, device: torch.device) -> int:
+    """Vocabulary rows per ChunkedCrossEntropy slice: [rows x slice] float32 logits of at most 16 MB on CPU
+    (below glibc's mmap threshold, so the memory is reused rather than faulted in anew each slice) or 256 MB
+    on a GPU (fewer, larger kernels); never fewer than 256 rows, so each matmul stays a real one."""
+    budget = (1 << 22) if device.type == "cpu" else (1 << 26)
+    return max(256, min(vocab, budget // max(rows, 1)))
+
+
 def causal_lm_loss(model: Gemma3, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
-                   chunk: int = 1024) -> tuple[torch.Tensor, int]:
+                   vocab_slice: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and their count.
 
     target_mask marks tokens to predict (aligned with input_ids; prompt tokens are not targets). Only target
-    positions go through the head, `chunk` at a time (ChunkedCrossEntropy), so the full [targets x vocab]
-    float32 logits are never held.
+    positions go through the head, in vocabulary slices (ChunkedCrossEntropy; `vocab_slice` overrides
+    head_slice), so the full [targets x vocab] float32 logits are never held.
     """
     mask = target_mask[:, 1:].bool()
     h, y = hidden[:, :-1][mask], input_ids[:, 1:][mask]
-    return ChunkedCrossEntropy.apply(h, model.embed_tokens.weight, y, chunk), int(mask.sum())
+    weight = model.embed_tokens.weight
+    vocab_slice = vocab_slice or head_slice(len(y), weight.shape[0], weight.device)
+    return ChunkedCrossEntropy.apply(h, weight, y, vocab_slice), int(mask.sum())
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -899,7 +967,7 @@ def letter_loss(model: Gemma3, hidden: torch.Tensor, positions: torch.Tensor, le
     positions[b] is the position whose next-token logits give row b's answer letter; gold[b] is 0-4 (A-E).
     """
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = model.logits(hidden[rows, positions])[:, list(letter_ids)].float()
+    logits = model.logits(hidden[rows, positions], torch.tensor(list(letter_ids), device=hidden.device)).float()
     return F.cross_entropy(logits, gold)
 
 
@@ -1494,7 +1562,7 @@ def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], c
                   batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """Next-token logits of A..E after each prompt [N, 5]: one forward per prompt, in length-sorted batches.
 
-    Only the last position goes through the head, so [T x vocab] logits are never built.
+    Only the last position's five letter logits are computed, so no [T x vocab] or [N x vocab] logits are built.
     """
     from tqdm import tqdm
 
@@ -1507,7 +1575,7 @@ def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], c
         chunk = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in chunk], tokenizer.pad_id, model_device(model))
         hidden = model(ids, mask, return_logits=False).hidden[:, -1]  # left padding: last slot is real
-        scores[chunk] = model.logits(hidden)[:, letters].float().cpu()
+        scores[chunk] = model.logits(hidden, letters).float().cpu()
     return scores
 
 

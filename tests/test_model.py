@@ -91,3 +91,28 @@ def test_float16_is_refused():
 def test_unknown_config_key_is_an_error():
     with pytest.raises(sl.MedkoError, match="hiden_size"):
         sl.ModelConfig.from_dict({**sl.asdict(sl.PRESETS["tiny"]), "hiden_size": 3})
+
+
+def test_cpu_linear_takes_onednn_and_matches_f_linear_with_gradients():
+    """medko's float32 CPU matmul is oneDNN's, not F.linear's: same values and gradients to float32 rounding."""
+    assert sl._ONEDNN_LINEAR, "this torch build lacks oneDNN's linear; medko would fall back to F.linear"
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    w = torch.randn(96, 64, requires_grad=True)
+    out = sl.linear(x, w)
+    assert out.grad_fn is not None and "OneDNN" in type(out.grad_fn).__name__
+    grad = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    ref = torch.nn.functional.linear(x, w)
+    rx, rw = torch.autograd.grad(ref, (x, w), grad)
+    for mine, theirs in ((out, ref), (gx, rx), (gw, rw)):
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    frozen = sl.linear(x, w.detach())  # a frozen weight: only the input's gradient, no saved input
+    assert torch.autograd.grad(frozen.sum(), x)[0].shape == x.shape
+
+
+def test_head_over_a_vocab_subset_equals_those_columns(tiny_model):
+    hidden = torch.randn(4, tiny_model.config.hidden_size)
+    vocab = torch.tensor([7, 3, 50])
+    full = tiny_model.logits(hidden)
+    assert torch.allclose(tiny_model.logits(hidden, vocab), full[:, vocab], rtol=1e-6, atol=1e-6)
