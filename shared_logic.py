@@ -850,10 +850,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 vocab_slice: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows, vocab = hidden.shape[0], weight.shape[0]
-        peak = torch.full((rows, 1), float("-inf"), device=hidden.device)
-        sums = torch.zeros(rows, 1, device=hidden.device)
-        picked = torch.zeros(rows, device=hidden.device)
-        acc = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
+        f32 = {"dtype": torch.float32, "device": hidden.device}
+        peak = torch.full((rows, 1), float("-inf"), **f32)
+        sums = torch.zeros(rows, 1, **f32)
+        picked = torch.zeros(rows, **f32)
+        acc = torch.zeros(hidden.shape, **f32) if need_h else None
         for start in range(0, vocab, vocab_slice):
             w = weight[start:start + vocab_slice]
             logits = linear(hidden, w).float()

@@ -12,7 +12,7 @@ from torch import nn
 
 import shared_logic as sl
 from conftest import randomize, tiny_config
-from shared_logic import (LoRALinear, add_language_embeddings, add_lora, adapter_specs, additions_state_dict,
+from shared_logic import (ChunkedCrossEntropy, LoRALinear, add_language_embeddings, add_lora, adapter_specs, additions_state_dict,
                           apply_surgery, causal_lm_loss, duplicate_edge_layers, export_run, korean_token_table,
                           layer_loss, letter_loss, load_additions, merge_lora, quantize_base_4bit, snapshot_adapter,
                           teacher_layer_map, teacher_mode, unmerge_lora)
@@ -388,6 +388,22 @@ def test_chunked_lm_loss_equals_full_logits_loss(tiny_model, vocab_slice):
     assert rel_err(got[0], full.detach()) <= 1e-5
     assert rel_err(got[1], hidden.grad) <= 1e-5
     assert rel_err(got[2], weight.grad) <= 1e-5
+
+
+def test_chunked_cross_entropy_in_bfloat16_agrees_to_bfloat16_rounding():
+    """The GPU's dtype, run on CPU: bf16 slice matmuls, float32 running sums and gradient accumulator."""
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(1000, 64) * 0.3).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 1000, (50,))
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, 300)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    full = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    want = torch.autograd.grad(full, (hidden, weight))
+    assert rel_err(loss.detach(), full.detach()) <= 1e-5
+    for mine, theirs in zip(got, want):
+        assert mine.dtype == torch.bfloat16
+        assert rel_err(mine.float(), theirs.float()) <= 1e-2
 
 
 def test_chunked_lm_loss_keeps_no_logits_for_the_backward(tiny_model):
