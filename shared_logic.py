@@ -845,54 +845,68 @@ def teacher_layer_map(model: Gemma3) -> list[int]:
 
 # ───────────────────────────── losses ─────────────────────────────
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of hidden @ weight^T against targets, walking the head in vocabulary slices.
+def _head_walk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_slice: int,
+               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log-sum-exp [rows, 1] and target logit [rows] of hidden @ weight^T, and hidden's cross-entropy gradient.
 
-    Each slice's logits feed an online log-sum-exp (a running max and a rescaled sum, as flash attention
-    keeps its softmax) and, in the same pass, hidden's gradient sum_v softmax_v W_v - W_target, accumulated
-    with the same rescaling. So the head's weight is read once for the loss and its gradient together, and
-    no more than one slice of [rows x vocab] logits ever exists (no 1 GB buffer to allocate and fault in on
-    CPU). The gradient is made here and handed out in the backward: the head is never recomputed there.
-    A trainable head (weight's gradient) takes a second pass, as each slice's softmax is known only at the end.
+    One pass over the head in vocabulary slices: an online log-sum-exp (a running max and a rescaled sum, as
+    flash attention keeps its softmax) and, alongside, sum_v softmax_v W_v accumulated with the same rescaling.
+    """
+    rows = hidden.shape[0]
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    peak = torch.full((rows, 1), float("-inf"), **f32)
+    sums = torch.zeros(rows, 1, **f32)
+    picked = torch.zeros(rows, **f32)
+    acc = torch.zeros(hidden.shape, **f32) if need_grad else None
+    for start in range(0, weight.shape[0], vocab_slice):
+        w = weight[start:start + vocab_slice]
+        logits = linear(hidden, w).float()
+        inside = (targets >= start) & (targets < start + len(w))
+        column = (targets - start).clamp(0, len(w) - 1)[:, None]
+        picked += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
+        new_peak = torch.maximum(peak, logits.amax(-1, keepdim=True))
+        rescale = (peak - new_peak).exp_()
+        numerators = logits.sub_(new_peak).exp_()  # in place: no second slice-sized tensor
+        sums = sums * rescale + numerators.sum(-1, keepdim=True)
+        if need_grad:
+            acc.mul_(rescale).add_(numerators.to(w.dtype) @ w)
+        peak = new_peak
+    grad = (acc / sums - weight[targets].float()).to(hidden.dtype) if need_grad else None
+    return peak + sums.log(), picked, grad
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight^T against targets, in chunks of rows and slices of the vocabulary.
+
+    Each chunk of `row_chunk` rows walks the head once (_head_walk) for its loss and hidden's gradient together,
+    so no more than one [row_chunk x vocab_slice] block of logits ever exists (on CPU, no 1 GB buffer to fault
+    in) and the head is read once where loss-then-backward reads it twice. The gradient is made here and handed
+    out in the backward, so the head is never recomputed there. A trainable head (weight's gradient) takes a
+    second pass per chunk, as each slice's softmax is known only once the walk has seen every slice.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_chunk: int,
                 vocab_slice: int) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows, vocab = hidden.shape[0], weight.shape[0]
-        f32 = {"dtype": torch.float32, "device": hidden.device}
-        peak = torch.full((rows, 1), float("-inf"), **f32)
-        sums = torch.zeros(rows, 1, **f32)
-        picked = torch.zeros(rows, **f32)
-        acc = torch.zeros(hidden.shape, **f32) if need_h else None
-        for start in range(0, vocab, vocab_slice):
-            w = weight[start:start + vocab_slice]
-            logits = linear(hidden, w).float()
-            inside = (targets >= start) & (targets < start + len(w))
-            column = (targets - start).clamp(0, len(w) - 1)[:, None]
-            picked += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
-            new_peak = torch.maximum(peak, logits.amax(-1, keepdim=True))
-            rescale = (peak - new_peak).exp_()
-            numerators = logits.sub_(new_peak).exp_()  # in place: no second slice-sized tensor
-            sums = sums * rescale + numerators.sum(-1, keepdim=True)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for first in range(0, hidden.shape[0], row_chunk):
+            h, y = hidden[first:first + row_chunk], targets[first:first + row_chunk]
+            lse, picked, grad = _head_walk(h, weight, y, vocab_slice, need_h)
+            total += (lse.squeeze(1) - picked).sum()
             if need_h:
-                acc.mul_(rescale).add_(numerators.to(w.dtype) @ w)
-            peak = new_peak
-        lse = peak + sums.log()
-        grad_h = grad_w = None
-        if need_h:
-            grad_h = (acc / sums - weight[targets].float()).to(hidden.dtype)
-        if need_w:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            for start in range(0, vocab, vocab_slice):
-                probs = linear(hidden, weight[start:start + vocab_slice]).float().sub_(lse).exp_()
-                grad_w[start:start + vocab_slice] = probs.T @ hidden.float()
-            grad_w.index_add_(0, targets, -hidden.float())
+                grad_h[first:first + row_chunk] = grad
+            if need_w:
+                for start in range(0, weight.shape[0], vocab_slice):
+                    probs = linear(h, weight[start:start + vocab_slice]).float().sub_(lse).exp_()
+                    grad_w[start:start + vocab_slice] += probs.T @ h.float()
+                grad_w.index_add_(0, y, -h.float())
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.need = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
-        return (lse.squeeze(1) - picked).sum()
+        return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -903,7 +917,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_out).to(grad_h.dtype)
         if ctx.need[1]:
             grad_w = (next(saved) * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+HEAD_ROWS = 8192  # target rows per ChunkedCrossEntropy chunk
 
 
 def head_slice(rows: int, vocab: int, device: torch.device) -> int:
@@ -915,18 +932,18 @@ def head_slice(rows: int, vocab: int, device: torch.device) -> int:
 
 
 def causal_lm_loss(model: Gemma3, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
-                   vocab_slice: int | None = None) -> tuple[torch.Tensor, int]:
+                   row_chunk: int = HEAD_ROWS, vocab_slice: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens, and their count.
 
     target_mask marks tokens to predict (aligned with input_ids; prompt tokens are not targets). Only target
-    positions go through the head, in vocabulary slices (ChunkedCrossEntropy; `vocab_slice` overrides
-    head_slice), so the full [targets x vocab] float32 logits are never held.
+    positions go through the head, `row_chunk` rows by `vocab_slice` vocabulary rows at a time
+    (ChunkedCrossEntropy; head_slice picks the slice), so full [targets x vocab] logits are never held.
     """
     mask = target_mask[:, 1:].bool()
     h, y = hidden[:, :-1][mask], input_ids[:, 1:][mask]
     weight = model.embed_tokens.weight
-    vocab_slice = vocab_slice or head_slice(len(y), weight.shape[0], weight.device)
-    return ChunkedCrossEntropy.apply(h, weight, y, vocab_slice), int(mask.sum())
+    vocab_slice = vocab_slice or head_slice(min(len(y), row_chunk), weight.shape[0], weight.device)
+    return ChunkedCrossEntropy.apply(h, weight, y, row_chunk, vocab_slice), int(mask.sum())
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

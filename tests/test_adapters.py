@@ -372,11 +372,11 @@ def lm_batch(tiny_model):
     return ids, targets, hidden
 
 
-@pytest.mark.parametrize("vocab_slice", [1, 7, 100, 100_000])
-def test_chunked_lm_loss_equals_full_logits_loss(tiny_model, vocab_slice):
+@pytest.mark.parametrize("row_chunk, vocab_slice", [(1, 7), (5, 1), (5, 100), (1024, 100), (1024, 100_000)])
+def test_chunked_lm_loss_equals_full_logits_loss(tiny_model, row_chunk, vocab_slice):
     ids, targets, hidden = lm_batch(tiny_model)
     weight = tiny_model.embed_tokens.weight
-    loss, n = causal_lm_loss(tiny_model, hidden, ids, targets, vocab_slice=vocab_slice)
+    loss, n = causal_lm_loss(tiny_model, hidden, ids, targets, row_chunk=row_chunk, vocab_slice=vocab_slice)
     loss.backward()
     got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
     hidden.grad, weight.grad = None, None
@@ -396,7 +396,7 @@ def test_chunked_cross_entropy_in_bfloat16_agrees_to_bfloat16_rounding():
     hidden = torch.randn(50, 64, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(1000, 64) * 0.3).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 1000, (50,))
-    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, 300)
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, 16, 300)
     got = torch.autograd.grad(loss, (hidden, weight))
     full = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
     want = torch.autograd.grad(full, (hidden, weight))
