@@ -256,6 +256,7 @@ class KVCache:
 # On CPU, float32 linears go through oneDNN's matmul (the kernel torch.compile emits for CPU linears) rather
 # than F.linear's MKL sgemm: measured on a 2-core AMD EPYC, 7-20% faster for the decoder's projections, 25-35%
 # for the 262k-row head at training sizes and 3x for it at decode sizes. Other devices and dtypes use F.linear.
+# MEDKO_ONEDNN=0 turns it off, for logits that sum in transformers' order (its CPU matmul is F.linear's).
 def _onednn_linear_works() -> bool:
     """Whether this torch build has oneDNN's linear (a private op) and it gives F.linear's answer."""
     try:
@@ -265,7 +266,8 @@ def _onednn_linear_works() -> bool:
         return False
 
 
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+_ONEDNN_LINEAR = (os.environ.get("MEDKO_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+                  and _onednn_linear_works())
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -379,3 +379,25 @@ def test_270m_greedy_continuations_match_transformers(converted_270m, gguf_270m)
             theirs = theirs[:-1]
         assert mine == theirs, (tokenizer.decode(mine), tokenizer.decode(theirs))
         logging.getLogger("medko").info("greedy %d-token prompt -> %r", len(row), tokenizer.decode(mine))
+
+
+@pytest.mark.slow
+def test_270m_logits_match_transformers_with_and_without_onednn(converted_270m, monkeypatch):
+    """Full-sequence logits past the sliding window: oneDNN's matmul (the CPU default) and F.linear's."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = sl.Tokenizer(converted_270m / "tokenizer.json")
+    ids = torch.tensor([tokenizer.encode(mixed_long_prompt(600, tokenizer))])
+    model = sl.load_model(converted_270m)
+    hf = AutoModelForCausalLM.from_pretrained(converted_270m, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        theirs = hf(ids, use_cache=False).logits
+        errors = {}
+        for onednn in (True, False):
+            monkeypatch.setattr(sl, "_ONEDNN_LINEAR", onednn)
+            mine = model(ids).logits
+            errors[onednn] = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+            assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+    assert errors[True] <= 1e-4 and errors[False] <= 1e-6, errors
+    logging.getLogger("medko").info("270m logits vs transformers over %d tokens: %s", ids.shape[1], errors)
+

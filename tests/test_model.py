@@ -1,4 +1,9 @@
 """The hand-written Gemma 3 against transformers' Gemma3ForCausalLM on random tiny configs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,3 +121,11 @@ def test_head_over_a_vocab_subset_equals_those_columns(tiny_model):
     vocab = torch.tensor([7, 3, 50])
     full = tiny_model.logits(hidden)
     assert torch.allclose(tiny_model.logits(hidden, vocab), full[:, vocab], rtol=1e-6, atol=1e-6)
+
+
+def test_medko_onednn_0_turns_onednn_off():
+    probe = "import shared_logic; print(shared_logic._ONEDNN_LINEAR)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             cwd=Path(sl.__file__).parent, env={**os.environ, "MEDKO_ONEDNN": value})
+        assert out.stdout.strip() == expected
