@@ -6,47 +6,55 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import shared_logic as sl
+from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
+from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts
+from engine.evaluate import agreement, format_table, translate
+from engine.export import export_run
+from engine.files import read_json
+from engine.generate import generate
+from engine.hub import HUB_MODELS, hub_download
+from engine.tokenizer import chat_prompt
+
+MODEL_OPTIONS = ("size", "model", "device", "quantize")  # declared once, in shared_logic.StageOptions
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default="270m", choices=["270m", "4b", "27b"], help="model size (default: embedded 270m)")
-    p.add_argument("--model", default=None, help="local HF-layout checkpoint directory (overrides --size)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quantize", default=None, choices=["4bit"], help="NF4 frozen base weights (CUDA only)")
+    sl.add_options(p, MODEL_OPTIONS, size="270m")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    print(sl.hub_download(sl.HUB_MODELS[args.size]))
+    print(hub_download(HUB_MODELS[args.size]))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    print(sl.ensure_270m(args.cache_dir))
+    print(ensure_270m(args.cache_dir))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = sl.load_base(args.size, args.model, args.device, quantize=args.quantize)
-    prompt = sl.chat_prompt(args.prompt) if args.chat else args.prompt
-    print(sl.generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
+    model, tokenizer, _ = load_base(args.size, args.model, args.device, quantize=args.quantize)
+    prompt = chat_prompt(args.prompt) if args.chat else args.prompt
+    print(generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
 def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool) -> list:
     """--data: 'kormedmcqa' (the hub), a directory laid out like it, or one MCQ file."""
     names = subsets.split(",")
     if data == "kormedmcqa" or Path(data).is_dir():
-        return list(sl.load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
-    return list(sl.load_mcq_file(data, lang=lang, skip_bad=skip_bad))
+        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
+    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad))
 
 
 def model_for(args: argparse.Namespace):
     """(model, tokenizer, name): a run's model when --run is given, else the base of --size/--model."""
     if args.run:
         run_dir, stage = sl.run_and_stage(args.run)
-        model, tokenizer, _ = sl.load_run_model_after(run_dir, stage, args)
+        model, tokenizer, _ = sl.load_run_model_after(run_dir, stage, args.device, args.quantize)
         return model, tokenizer, f"{run_dir}:{stage}"
-    model, tokenizer, path = sl.load_base(args.size, args.model, args.device, quantize=args.quantize)
+    model, tokenizer, path = load_base(args.size, args.model, args.device, quantize=args.quantize)
     return model, tokenizer, str(args.model or args.size)
 
 
@@ -66,28 +74,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = reports[0]
     extra = {}
     if len(reports) == 2:
-        extra["mode_agreement"] = sl.agreement(reports[0], reports[1])
-        extra["generate"] = sl.asdict(reports[1])
+        extra["mode_agreement"] = agreement(reports[0], reports[1])
+        extra["generate"] = asdict(reports[1])
     if args.agree_with:
         extra["agreement_with"] = {"report": args.agree_with,
-                                   "agreement": sl.agreement(report, sl.read_json(Path(args.agree_with)))}
+                                   "agreement": agreement(report, read_json(args.agree_with))}
     for r in reports:
-        print(sl.format_table(r))
+        print(format_table(r))
     for key in ("mode_agreement",):
         if key in extra:
             print(f"agreement logits/generate: {extra[key]:.3f}")
     if "agreement_with" in extra:
         print(f"agreement with {args.agree_with}: {extra['agreement_with']['agreement']:.3f}")
     if args.out:
-        sl.write_json_atomic({**sl.asdict(report), **extra}, Path(args.out))
+        sl.write_json_atomic({**asdict(report), **extra}, Path(args.out))
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
     model, tokenizer, name = model_for(args)
     cache = Path(args.cache or f"{args.out}.cache.jsonl")
     if args.texts:
-        texts = list(sl.load_texts(args.data, args.field))
-        out = sl.translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
+        texts = list(load_texts(args.data, args.field))
+        out = translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
                            progress=True, model_id=name, chat=args.chat)
         records = [{"source": t, "translation": o} for t, o in zip(texts, out)]
     else:
@@ -101,13 +109,13 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     run_dir, stage = sl.run_and_stage(args.run_stage_dir)
-    model, _, base = sl.load_run_model_after(run_dir, stage, args)
-    tokenizer_path = sl.resolve_model_dir(base["size"], base["model"]) / "tokenizer.json"
-    print(sl.export_run(model, Path(args.out), tokenizer_path))
+    model, _, base = sl.load_run_model_after(run_dir, stage, args.device)
+    tokenizer_path = resolve_model_dir(base["size"], base["model"]) / "tokenizer.json"
+    print(export_run(model, Path(args.out), tokenizer_path))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    result = sl.test_stage(Path(args.run_dir), args)
+    result = sl.score_test_split(Path(args.run_dir), args.device)
     print(f"test accuracy after {result['stage']}: {result['accuracy']:.3f} on {result['n']} questions")
 
 
@@ -120,19 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("download", help="fetch a MedGemma checkpoint from the Hugging Face hub into its cache")
-    p.add_argument("--size", default="4b", choices=sorted(sl.HUB_MODELS))
-    p.set_defaults(run=cmd_download)
+    p.add_argument("--size", default="4b", choices=sorted(HUB_MODELS))
+    p.set_defaults(handler=cmd_download)
 
     p = sub.add_parser("convert", help="convert the embedded Gemma 3 270M GGUF into a cached HF-layout directory")
     p.add_argument("--cache-dir", default=None, help="where to put it (default: ~/.cache/medko/gemma3-270m)")
-    p.set_defaults(run=cmd_convert)
+    p.set_defaults(handler=cmd_convert)
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt; prints only the continuation")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn format")
-    p.set_defaults(run=cmd_generate)
+    p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("eval", help="score multiple-choice questions (KorMedMCQA or a file); prints a table")
     add_model_args(p)
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
     p.add_argument("--mode", default="logits", choices=["logits", "generate", "both"])
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
-    p.add_argument("--subsets", default=",".join(sl.KORMEDMCQA_SUBSETS))
+    p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
     p.add_argument("--fewshot", type=int, default=0, help="examples per subset from the fewshot split")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
@@ -150,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
     p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.set_defaults(run=cmd_eval)
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("translate", help="translate exam questions (or texts) with the model; cached and resumable")
     add_model_args(p)
@@ -159,33 +167,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", action="store_true", help="--data is a text file (JSONL with --field)")
     p.add_argument("--field", default="text")
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
-    p.add_argument("--subsets", default=",".join(sl.KORMEDMCQA_SUBSETS))
+    p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])
     p.add_argument("--chat", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--cache", default=None, help="translation cache (default: OUT.cache.jsonl)")
     p.add_argument("--out", required=True)
-    p.set_defaults(run=cmd_translate)
+    p.set_defaults(handler=cmd_translate)
 
     p = sub.add_parser("export", help="write a run stage as a standard Gemma 3 checkpoint (LoRA merged)")
     p.add_argument("run_stage_dir", help="e.g. runs/default/s5_reasoning")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--size", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.set_defaults(run=cmd_export)
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("test", help="score the test split once on a run's final model")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--device", default=None)
-    p.add_argument("--size", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    p.set_defaults(run=cmd_test)
+    p.set_defaults(handler=cmd_test)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
     p.add_argument("run_dir")
-    p.set_defaults(run=cmd_report)
+    p.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     sl.setup_logging()
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except sl.MedkoError as err:
         print(f"medko: {err}", file=sys.stderr)
         return 1

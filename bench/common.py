@@ -15,7 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import shared_logic as sl  # noqa: E402
+from engine.embedded_270m import ensure_270m
+from engine.model import Gemma3, PRESETS, config_to_hf
 
 
 def run_side(script: str, side: str, args: list[str]) -> dict:
@@ -77,12 +78,11 @@ def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = 
     Never holds the whole model anywhere, so the 27B shape needs only disk (about 55 GB). The tokenizer
     files of tokenizer_dir are copied in, so the directory loads like a real one.
     """
-    import shared_logic as sl
     from safetensors.torch import save_file
 
-    config = sl.PRESETS[shape]
+    config = PRESETS[shape]
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in sl.export_state_dict(sl.Gemma3(config)).items()}
+        shapes = {k: v.shape for k, v in {f"model.{k}": v for k, v in Gemma3(config).state_dict().items()}.items()}
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(0)
     weight_map: dict[str, str] = {}
@@ -103,7 +103,7 @@ def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = 
     if device == "cuda":
         torch.cuda.empty_cache()  # hand the generator's blocks back, so the sides have the whole GPU
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(sl.config_to_hf(config) | {"torch_dtype": "bfloat16"}))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config) | {"torch_dtype": "bfloat16"}))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if tokenizer_dir is not None and (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, directory / name)
@@ -114,7 +114,7 @@ def bench_model_dir(model_dir: str | None, shape: str, tmp: Path) -> str:
     """--model-dir, else the embedded 270M, or random weights of a bigger preset's shape (its tokenizer)."""
     if model_dir is not None:
         return model_dir
-    base = sl.ensure_270m()
+    base = ensure_270m()
     if shape != "270m":
         base = random_checkpoint(shape, tmp / "model", tokenizer_dir=base)
     return str(base)

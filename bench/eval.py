@@ -44,14 +44,18 @@ import torch.nn.functional as F
 
 from common import bench_model_dir, peak_memory_mb, print_table, reset_peak_memory, run_side, summary, timed
 
+from engine.checkpoints import load_model
+from engine.data import KORMEDMCQA_SUBSETS, MCQ, load_kormedmcqa
+from engine.evaluate import evaluate, mcq_prompt
+from engine.tokenizer import Tokenizer
 import shared_logic as sl
 
 GPU_QUESTIONS = 3009  # the size of the full KorMedMCQA test split, for the --shape 4b timing
 
 
-def exam(source: str, questions: int | None) -> list[sl.MCQ]:
+def exam(source: str, questions: int | None) -> list[MCQ]:
     """Dev then test of every subset; repeated (ids suffixed #k) up to `questions` when that is given."""
-    rows = [r for split in ("dev", "test") for r in sl.load_kormedmcqa(sl.KORMEDMCQA_SUBSETS, split, source)]
+    rows = [r for split in ("dev", "test") for r in load_kormedmcqa(KORMEDMCQA_SUBSETS, split, source)]
     if questions is None:
         return rows
     return [dataclasses.replace(rows[i % len(rows)], id=f"{rows[i % len(rows)].id}#{i // len(rows)}")
@@ -59,12 +63,12 @@ def exam(source: str, questions: int | None) -> list[sl.MCQ]:
 
 
 def medko_scorer(args: argparse.Namespace, device: str, dtype: torch.dtype
-                 ) -> Callable[[list[sl.MCQ]], list[dict]]:
-    model = sl.load_model(Path(args.model_dir), device, dtype)
-    tokenizer = sl.Tokenizer(Path(args.model_dir) / "tokenizer.json")
+                 ) -> Callable[[list[MCQ]], list[dict]]:
+    model = load_model(Path(args.model_dir), device, dtype)
+    tokenizer = Tokenizer(Path(args.model_dir) / "tokenizer.json")
 
-    def score(rows: list[sl.MCQ]) -> list[dict]:
-        report = sl.evaluate(model, tokenizer, rows, mode="logits", lang="ko", batch_size=args.batch_size,
+    def score(rows: list[MCQ]) -> list[dict]:
+        report = evaluate(model, tokenizer, rows, mode="logits", lang="ko", batch_size=args.batch_size,
                              progress=False)
         return [{"pred": p["pred"]} for p in report.predictions]
 
@@ -72,7 +76,7 @@ def medko_scorer(args: argparse.Namespace, device: str, dtype: torch.dtype
 
 
 def peer_scorer(args: argparse.Namespace, device: str, dtype: torch.dtype
-                ) -> Callable[[list[sl.MCQ]], list[dict]]:
+                ) -> Callable[[list[MCQ]], list[dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -100,10 +104,10 @@ def peer_scorer(args: argparse.Namespace, device: str, dtype: torch.dtype
         logits = model(torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits[0, -1]
         return [float(logits[t[0]]) for t in letter_ids]
 
-    def score(rows: list[sl.MCQ]) -> list[dict]:
+    def score(rows: list[MCQ]) -> list[dict]:
         out = []
         for row in rows:
-            context, letters = sl.mcq_prompt(row, "ko"), list(row.options)
+            context, letters = mcq_prompt(row, "ko"), list(row.options)
             if args.side == "peer":
                 scores = [loglikelihood(context, f" {letter}") for letter in letters]
             else:

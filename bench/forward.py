@@ -16,7 +16,7 @@ import torch
 
 from common import bench_model_dir, peak_memory_mb, print_table, run_side, summary, timed
 
-import shared_logic as sl
+from engine.checkpoints import load_model
 
 H100_BF16_DENSE_FLOPS = 989e12  # dense bf16 peak of an H100 SXM; MFU is relative to this
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(10, 200_000, (args.batch, args.seq), device=device)
     if args.side == "medko":
-        model = sl.load_model(Path(args.model_dir), device, dtype)
+        model = load_model(Path(args.model_dir), device, dtype)
         forward = lambda: model(ids).logits
     else:
         from transformers import AutoModelForCausalLM

@@ -41,13 +41,20 @@ import torch
 
 from common import bench_model_dir, peak_memory_mb, print_table, reset_peak_memory, run_side, summary, timed
 
+from engine.adapters import LORA_TARGETS, add_lora, quantize_base_4bit
+from engine.checkpoints import load_model, read_config
+from engine.data import load_texts
+from engine.losses import causal_lm_loss
+from engine.model import Gemma3
+from engine.tokenizer import Tokenizer
+from engine.trainer import TrainConfig, accumulate_gradients, make_optimizer, set_trainable
 import shared_logic as sl
 
 H100_BF16_DENSE_FLOPS = 989e12  # dense bf16 peak of an H100 SXM; MFU is relative to this
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 
 
-def packed_rows(tokenizer: sl.Tokenizer, texts: list[str], seq: int) -> torch.Tensor:
+def packed_rows(tokenizer: Tokenizer, texts: list[str], seq: int) -> torch.Tensor:
     """BOS + text + EOS of every text, concatenated and cut into [rows, seq]; the tail that fills no row is dropped."""
     stream = [t for ids in tokenizer.encode_batch(texts) for t in ids + [tokenizer.eos_id]]
     rows = len(stream) // seq
@@ -59,7 +66,7 @@ def packed_rows(tokenizer: sl.Tokenizer, texts: list[str], seq: int) -> torch.Te
 def forward_params(model_dir: Path) -> int:
     """Parameters a forward pass multiplies with (the tied head counted once), from config.json alone."""
     with torch.device("meta"):
-        return sum(p.numel() for p in sl.Gemma3(sl.read_config(model_dir)).parameters())
+        return sum(p.numel() for p in Gemma3(read_config(model_dir)).parameters())
 
 
 def same_adapter_init(model: torch.nn.Module) -> None:
@@ -72,7 +79,7 @@ def same_adapter_init(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         match = re.search(r"layers\.(\d+)\..*\.(\w+_proj)\.lora_A\.", name)
         if match:
-            seed = int(match[1]) * len(sl.LORA_TARGETS) + sl.LORA_TARGETS.index(match[2])
+            seed = int(match[1]) * len(LORA_TARGETS) + LORA_TARGETS.index(match[2])
             generator = torch.Generator().manual_seed(seed)
             bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on [rank, in]
             with torch.no_grad():
@@ -88,26 +95,26 @@ def autocast(device: str) -> contextlib.AbstractContextManager:
 
 def medko_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype
                   ) -> tuple[torch.nn.Module, Callable[[torch.Tensor], float]]:
-    model = sl.load_model(Path(args.model_dir), device, dtype)
+    model = load_model(Path(args.model_dir), device, dtype)
     if args.quantize:
-        sl.quantize_base_4bit(model)
-    sl.add_lora(model, "lora1", rank=RANK, alpha=ALPHA, dropout=0.0, targets=sl.LORA_TARGETS)
-    sl.set_trainable(model, sl.LORA_PATTERNS)
+        quantize_base_4bit(model)
+    add_lora(model, "lora1", rank=RANK, alpha=ALPHA, dropout=0.0, targets=LORA_TARGETS)
+    set_trainable(model, sl.LORA_PATTERNS)
     same_adapter_init(model)
-    optimizer = sl.make_optimizer(model, sl.TrainConfig(lr=LR, weight_decay=0.0))
+    optimizer = make_optimizer(model, TrainConfig(lr=LR, weight_decay=0.0))
     model.train()
     context = autocast(device)
 
-    def loss_fn(model: sl.Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+    def loss_fn(model: Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
         hidden = model(batch["input_ids"], batch["attention_mask"], return_logits=False).hidden
-        loss, count = sl.causal_lm_loss(model, hidden, batch["input_ids"], batch["target_mask"])
+        loss, count = causal_lm_loss(model, hidden, batch["input_ids"], batch["target_mask"])
         return loss, count, {}
 
     def step(ids: torch.Tensor) -> float:
         target_mask = torch.ones_like(ids, dtype=torch.bool)
         target_mask[:, 0] = False  # medko marks targets on the token itself; a row's first token has no prediction
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(target_mask), "target_mask": target_mask}
-        loss, targets, _ = sl.accumulate_gradients(model, loss_fn, [batch], context)
+        loss, targets, _ = accumulate_gradients(model, loss_fn, [batch], context)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss / targets
@@ -129,7 +136,7 @@ def peer_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype
     if not args.quantize:
         model.to(device)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                             target_modules=list(sl.LORA_TARGETS), task_type="CAUSAL_LM"))
+                                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     same_adapter_init(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -197,8 +204,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = bench_model_dir(args.model_dir, args.shape, Path(tmp))
-        tokenizer = sl.Tokenizer(Path(args.model_dir) / "tokenizer.json")
-        texts = list(sl.load_texts(args.texts))
+        tokenizer = Tokenizer(Path(args.model_dir) / "tokenizer.json")
+        texts = list(load_texts(args.texts))
         rows = packed_rows(tokenizer, texts, args.seq)
         torch.save(rows, Path(tmp) / "rows.pt")
         passed = ["--model-dir", args.model_dir, "--device", args.device, "--batch", str(args.batch),

@@ -9,17 +9,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = sl.stage_parser(__doc__)
-    p.add_argument("--data", default=None, help="'hub', or a directory laid out like data/ (default by --size)")
-    p.add_argument("--subsets", default="doctor,nurse,pharm,dentist", help="KorMedMCQA subsets")
-    p.add_argument("--en-mcq", default=None, help="English MCQ file (MedQA schema) instead of the default")
-    p.add_argument("--ko-text", default=None, help="Korean medical text file (JSONL with a text field)")
-    p.add_argument("--en-text", default=None, help="English medical text file (JSONL with a text field)")
-    p.add_argument("--pairs", default=None, help="Korean-English pair file (JSONL with ko and en fields)")
-    p.add_argument("--reasoning", default=None, help="Korean exam reasoning file")
-    p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
-    return sl.stage_main("s0", p, argv)
+@sl.stage_script("s0", __doc__)
+def main(run: sl.StageRun) -> None:
+    source, rows = sl.read_sources(run.opts)
+    exam = rows["exam"]
+    overlap = sl.split_overlap({s: exam[s] for s in ("train", "dev", "test")})
+    for pair_name, found in overlap.items():
+        if found:
+            sl.log.warning("question overlap %s: %d pairs, e.g. %s", pair_name, len(found), found[0])
+    ko_train, ko_heldout = sl.held_out(rows["ko_text"])
+    en_train, en_heldout = sl.held_out(rows["en_text"])
+    files = {f"exam_{split}.jsonl": [sl.mcq_record(r) for r in questions] for split, questions in exam.items()}
+    files.update({"en_mcq.jsonl": [sl.mcq_record(r) for r in rows["en_mcq"]],
+                  "ko_text.jsonl": [{"text": t} for t in ko_train],
+                  "ko_heldout.jsonl": [{"text": t} for t in ko_heldout],
+                  "en_text.jsonl": [{"text": t} for t in en_train],
+                  "en_heldout.jsonl": [{"text": t} for t in en_heldout],
+                  "pairs.jsonl": [{"ko": p.src, "en": p.tgt} for p in rows["pairs"]],
+                  "reasoning.jsonl": [sl.mcq_record(r) for r in rows["reasoning"]]})
+    for name, records in files.items():
+        sl.write_jsonl_atomic(records, run.out / name)
+    run.save(None, {"source": source, "counts": {name: len(records) for name, records in files.items()},
+                    "overlap": {k: len(v) for k, v in overlap.items()}, "overlap_pairs": overlap,
+                    "data": {name: sl.file_sha256(run.out / name) for name in files}})
 
 
 if __name__ == "__main__":

@@ -8,10 +8,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = sl.stage_parser(__doc__)
-    p.add_argument("--english-rounds", type=int, default=2, help="gate checks within the step budget")
-    return sl.stage_main("s1_1", p, argv)
+@sl.stage_script("s1_1", __doc__)
+def main(run: sl.StageRun) -> None:
+    opts, data = run.opts, run.data
+    model, tokenizer = run.load_previous()
+    sl.add_lora(model, "lora1", rank=opts.lora_rank, alpha=opts.lora_alpha)
+    examples = (sl.exam_examples(tokenizer, run.english_exam("train"), "en", opts.max_len)
+                + sl.exam_examples(tokenizer, data.en_mcq, "en", opts.max_len) + run.text(tokenizer, data.en_text))
+    before = run.measure(model, tokenizer)
+    budget = run.steps()
+    chunk = max(1, budget // opts.english_rounds)
+    # One training, extended round by round (resuming) until the gate passes or the budget is spent.
+    phase, checks, accuracy, steps = None, [], before["en_accuracy"], 0
+    while accuracy < opts.gate and steps < budget:
+        steps = min(budget, steps + chunk)
+        config = run.train_config(steps)
+        phase = run.train_phase("train", model, sl.LORA_PATTERNS, sl.stage_loss(opts.layer_loss, 0.0),
+                                sl.mixed_batches(examples, None, config), config, opts.resume or steps > chunk)
+        model.eval()
+        accuracy = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=False).accuracy
+        checks.append({"steps": steps, "en_accuracy": accuracy})
+        sl.log.info("s1.1: English dev accuracy %.3f after %d steps (gate %.2f)", accuracy, steps, opts.gate)
+    run.save(model, {"before": before, "after": run.measure(model, tokenizer), "phases": [phase] if phase else [],
+                     "gate_checks": checks, "gate_passed": accuracy >= opts.gate})
 
 
 if __name__ == "__main__":

@@ -9,15 +9,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = sl.stage_parser(__doc__)
-    p.add_argument("--candidates", default=None, help="sizes to score, smallest first, e.g. 4b,27b (default --size)")
-    p.add_argument("--subsets", default="doctor,nurse,pharm,dentist", help="KorMedMCQA subsets")
-    p.add_argument("--english-exam", default="auto",
-                   help="'model' (translate with the model), a directory of reference translations laid out like "
-                        "data/kormedmcqa_en, or 'auto': the bundled translations for the bundled data, else 'model'")
-    p.add_argument("--translate-tokens", type=int, default=96, help="most new tokens per translated line")
-    return sl.stage_main("s1", p, argv)
+@sl.stage_script("s1", __doc__)
+def main(run: sl.StageRun) -> None:
+    opts, candidates = run.opts, sl.gate_candidates(run.opts)
+    reference = sl.reference_translations(run.run_dir, opts)
+    scores, translated_with = {}, None
+    for name in reversed(candidates):  # the largest translates, as it translates best
+        model, tokenizer, path = sl.load_candidate(name, opts)
+        if translated_with is None:
+            translated_with = f"reference {reference}" if reference else name
+            for split in ("dev", "train"):
+                korean = run.data.exam[split]
+                english = (sl.reference_exam(reference, korean, split, opts.subsets) if reference else
+                           sl.translate_mcqs(korean, model, tokenizer, "en", cache_path=run.out / "translations.jsonl",
+                                             batch_size=16, max_new_tokens=opts.translate_tokens, progress=True,
+                                             model_id=str(path)))
+                sl.write_jsonl_atomic([sl.mcq_record(r) for r in english], run.out / f"en_exam_{split}.jsonl")
+        scores[name] = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=True).accuracy
+        sl.log.info("gate: %s scores %.3f on the English dev exam (gate %.2f)", name, scores[name], opts.gate)
+        del model
+    passing = [c for c in candidates if scores[c] >= opts.gate]
+    chosen = passing[0] if passing else max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
+    run.save(None, {"scores": scores, "gate": opts.gate, "chosen": chosen,
+                    "base": {"size": "270m" if opts.model else chosen, "model": opts.model},
+                    "needs_english": not passing, "translated_with": translated_with})
 
 
 if __name__ == "__main__":

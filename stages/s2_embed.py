@@ -8,10 +8,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = sl.stage_parser(__doc__)
-    p.add_argument("--korean-delta", action="store_true", help="also a zero-initialised delta per Korean token")
-    return sl.stage_main("s2", p, argv)
+@sl.stage_script("s2", __doc__)
+def main(run: sl.StageRun) -> None:
+    model, tokenizer = run.load_previous()
+    if "lora1" in sl.adapter_specs(model):
+        sl.snapshot_adapter(model, "lora1", "teacher")  # the teacher: lora1 as it enters, frozen
+    sl.add_language_embeddings(model, tokenizer, korean_delta=run.opts.korean_delta)
+    before = run.measure_entry(model, tokenizer)
+    # Zero-started vectors added to embeddings of size ~1 need a far larger step than LoRA does.
+    config = run.train_config(lr=1e-2)
+    korean = run.text(tokenizer, run.data.ko_text)
+    phase = run.train_phase("train", model, sl.LANGUAGE_PATTERNS, sl.stage_loss(run.opts.layer_loss, 0.0),
+                            sl.mixed_batches(korean, None, config), config)
+    run.save(model, {"before": before, "after": run.measure(model, tokenizer), "phases": [phase],
+                     "english_reference": before["en_accuracy"]})
 
 
 if __name__ == "__main__":

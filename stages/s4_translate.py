@@ -8,8 +8,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    return sl.stage_main("s4", sl.stage_parser(__doc__), argv)
+@sl.stage_script("s4", __doc__)
+def main(run: sl.StageRun) -> None:
+    opts, data = run.opts, run.data
+    model, tokenizer = run.load_previous()
+    sl.duplicate_edge_layers(model)
+    patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
+    before = run.measure_entry(model, tokenizer)
+    config = run.train_config()
+    english = run.text(tokenizer, data.en_text)
+    # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
+    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], run.english_exam("train"))
+                  for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
+    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
+    translation = sl.lm_examples(tokenizer, [sl.translation_prompt(k, "en") for k, _ in pairs],
+                                 [f" {e}" for _, e in pairs], opts.max_len)
+    phases = [run.train_phase(name, model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight),
+                              sl.mixed_batches(examples, english, config), config)
+              for name, examples in (("korean", run.text(tokenizer, data.ko_text)), ("translation", translation))]
+    after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
+    run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(pairs)})
 
 
 if __name__ == "__main__":

@@ -9,11 +9,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared_logic as sl  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = sl.stage_parser(__doc__)
-    p.add_argument("--reasoning-tokens", type=int, default=256,
-                   help="most new tokens when scoring reasoning (the reasoning must fit before its answer)")
-    return sl.stage_main("s5", p, argv)
+@sl.stage_script("s5", __doc__)
+def main(run: sl.StageRun) -> None:
+    opts = run.opts
+    model, tokenizer = run.load_previous()
+    patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
+
+    def reasoning_scores() -> dict:
+        scores = sl.reasoning_eval(model, tokenizer, run.dev("ko"), opts.reasoning_tokens)
+        return {f"reasoning_{k}": v for k, v in scores.items()}
+
+    before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}
+    config = run.train_config()
+    reasoning = sl.reasoning_examples(tokenizer, run.data.reasoning, opts.max_len)
+    letters = sl.letter_token_ids(tokenizer, chat=False)
+    phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight, letters),
+                            sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)
+    after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
+    after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery
+    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard})
 
 
 if __name__ == "__main__":

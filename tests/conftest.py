@@ -7,7 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import shared_logic as sl  # noqa: E402
+from dataclasses import asdict
+from engine.model import Gemma3, ModelConfig, PRESETS, config_to_hf
+from engine.tokenizer import Tokenizer
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -20,26 +22,31 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_config(**overrides) -> sl.ModelConfig:
-    values = sl.asdict(sl.PRESETS["tiny"])
+def tiny_config(**overrides) -> ModelConfig:
+    values = asdict(PRESETS["tiny"])
     values.update(overrides)
-    return sl.ModelConfig(**values)
+    return ModelConfig(**values)
 
 
 @pytest.fixture
-def tiny_model() -> sl.Gemma3:
+def tiny_model() -> Gemma3:
     torch.manual_seed(0)
-    return randomize(sl.Gemma3(tiny_config())).eval()
+    return randomize(Gemma3(tiny_config())).eval()
 
 
-def hf_twin(model: sl.Gemma3):
+def export_state_dict(model: Gemma3) -> dict[str, torch.Tensor]:
+    """Base weights under transformers' Gemma3ForCausalLM names."""
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+def hf_twin(model: Gemma3):
     """transformers' Gemma3ForCausalLM holding the same weights (test-only reference)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    hf_cfg = sl.config_to_hf(model.config)
+    hf_cfg = config_to_hf(model.config)
     hf_cfg.pop("architectures"), hf_cfg.pop("model_type")
     hf = Gemma3ForCausalLM(Gemma3TextConfig(**hf_cfg, attn_implementation="eager")).eval()
-    missing, unexpected = hf.load_state_dict(sl.export_state_dict(model), strict=False)
+    missing, unexpected = hf.load_state_dict(export_state_dict(model), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
     return hf
@@ -65,7 +72,7 @@ def tiny_tokenizer_json(path: Path) -> Path:
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    assert tok.get_vocab_size() <= sl.PRESETS["tiny"].vocab_size
+    assert tok.get_vocab_size() <= PRESETS["tiny"].vocab_size
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
@@ -78,10 +85,10 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = randomize(sl.Gemma3(tiny_config()), seed=seed)
+    model = randomize(Gemma3(tiny_config()), seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(sl.config_to_hf(model.config)))
-    save_file({k: v.contiguous() for k, v in sl.export_state_dict(model).items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config_to_hf(model.config)))
+    save_file({k: v.contiguous() for k, v in export_state_dict(model).items()}, str(directory / "model.safetensors"))
     tiny_tokenizer_json(directory / "tokenizer.json")
     return directory
 
@@ -92,5 +99,5 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_dir) -> sl.Tokenizer:
-    return sl.Tokenizer(tiny_dir / "tokenizer.json")
+def tiny_tokenizer(tiny_dir) -> Tokenizer:
+    return Tokenizer(tiny_dir / "tokenizer.json")

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import shared_logic as sl
+from engine.adapters import LoRALinear, adapter_specs, add_language_embeddings, add_lora, additions_state_dict, apply_surgery, duplicate_edge_layers, korean_token_table, load_additions, merge_lora, quantize_base_4bit, snapshot_adapter, teacher_layer_map, teacher_mode
+from engine.checkpoints import load_model, load_strict, read_checkpoint
+from engine.errors import MedkoError
+from engine.export import export_run
+from engine.losses import ChunkedCrossEntropy, causal_lm_loss, layer_loss, letter_loss
+from engine.model import FULL, Gemma3, SLIDING
 from conftest import randomize, tiny_config
-from shared_logic import (ChunkedCrossEntropy, LoRALinear, add_language_embeddings, add_lora, adapter_specs, additions_state_dict,
-                          apply_surgery, causal_lm_loss, duplicate_edge_layers, export_run, korean_token_table,
-                          layer_loss, letter_loss, load_additions, merge_lora, quantize_base_4bit, snapshot_adapter,
-                          teacher_layer_map, teacher_mode, unmerge_lora)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -73,11 +74,11 @@ def test_lora_keeps_base_keys_and_names_adapters(tiny_model):
 
 def test_add_lora_refuses_bad_names_and_targets(tiny_model):
     add_lora(tiny_model, "lora1", rank=2)
-    with pytest.raises(sl.MedkoError, match="already has an adapter 'lora1'"):
+    with pytest.raises(MedkoError, match="already has an adapter 'lora1'"):
         add_lora(tiny_model, "lora1")
-    with pytest.raises(sl.MedkoError, match="qproj"):
+    with pytest.raises(MedkoError, match="qproj"):
         add_lora(tiny_model, "lora2", targets=("qproj",))
-    with pytest.raises(sl.MedkoError, match="adapter name"):
+    with pytest.raises(MedkoError, match="adapter name"):
         add_lora(tiny_model, "lora.2")
 
 
@@ -97,6 +98,21 @@ def test_zero_initialised_additions_leave_logits_unchanged(tiny_model, tiny_toke
     assert rel_err(got, want) <= 1e-5
 
 
+def unmerge_lora(state: dict, adapter: dict, name: str, scaling: float) -> dict:
+    """The inverse of merge_lora, to check it: subtracts adapter `name` and puts its keys back (twice is a no-op)."""
+    out = dict(state)
+    suffix = f".lora_A.{name}"
+    for a_key in [k for k in adapter if k.endswith(suffix)]:
+        if a_key in out:
+            continue
+        prefix = a_key[:-len(suffix)]
+        b_key, w_key = f"{prefix}.lora_B.{name}", f"{prefix}.weight"
+        a, b, w = adapter[a_key], adapter[b_key], out[w_key]
+        out[w_key] = (w.float() - scaling * (b.float() @ a.float())).to(w.dtype)
+        out[a_key], out[b_key] = a, b
+    return out
+
+
 def test_merge_equals_unmerged_and_merging_twice_changes_nothing(tiny_model):
     add_lora(tiny_model, "lora1", rank=4, alpha=8)
     perturb(p for n, p in tiny_model.named_parameters() if ".lora_B." in n)
@@ -106,8 +122,8 @@ def test_merge_equals_unmerged_and_merging_twice_changes_nothing(tiny_model):
     state = tiny_model.state_dict()
     scaling = adapter_specs(tiny_model)["lora1"].scaling
     merged = merge_lora(state, "lora1", scaling)
-    plain = sl.Gemma3(tiny_model.config)
-    sl.load_strict(plain, merged, "merged weights")  # only base keys are left
+    plain = Gemma3(tiny_model.config)
+    load_strict(plain, merged, "merged weights")  # only base keys are left
     with torch.no_grad():
         assert rel_err(plain(ids).logits, want) <= 1e-5
     key = "layers.0.self_attn.q_proj.weight"
@@ -160,7 +176,7 @@ def test_duplicated_edges_copy_the_edge_layers_and_update_the_config(tiny_model)
     assert [layer.added for layer in layers] == [True, False, False, True]
     assert layers[1] is first and layers[2] is last
     assert tiny_model.config.num_layers == 4
-    assert tiny_model.config.layer_types == (sl.SLIDING, sl.SLIDING, sl.FULL, sl.FULL)
+    assert tiny_model.config.layer_types == (SLIDING, SLIDING, FULL, FULL)
     for copy_, source in ((layers[0], first), (layers[3], last)):
         assert copy_.layer_type == source.layer_type
         assert torch.equal(copy_.self_attn.q_proj.weight, source.self_attn.q_proj.weight)  # copied, not zeroed
@@ -168,7 +184,7 @@ def test_duplicated_edges_copy_the_edge_layers_and_update_the_config(tiny_model)
         assert (copy_.post_attention_layernorm.weight == -1).all()
         assert (copy_.post_feedforward_layernorm.weight == -1).all()
         assert all(p.requires_grad for p in copy_.parameters())
-    with pytest.raises(sl.MedkoError, match="already has duplicated edge layers"):
+    with pytest.raises(MedkoError, match="already has duplicated edge layers"):
         duplicate_edge_layers(tiny_model)
 
 
@@ -225,13 +241,13 @@ def test_identity_edges_train_but_zeroed_projections_stall(tiny_model):
 def test_surgery_record_and_additions_reload_to_identical_logits(tiny_dir, tiny_tokenizer, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = surgered(sl.load_model(tiny_dir), tiny_tokenizer)
+    model = surgered(load_model(tiny_dir), tiny_tokenizer)
     add_lora(model, "lora2", rank=2, alpha=2, dropout=0.1, targets=("q_proj", "v_proj"))
     perturb(additions_state_dict(model).values(), seed=7)
     save_file(additions_state_dict(model), str(tmp_path / "adapter.safetensors"))
     (tmp_path / "meta.json").write_text(json.dumps({"surgery": model.surgery}))
 
-    fresh = sl.load_model(tiny_dir)
+    fresh = load_model(tiny_dir)
     apply_surgery(fresh, json.loads((tmp_path / "meta.json").read_text())["surgery"], tiny_tokenizer)
     load_additions(fresh, load_file(str(tmp_path / "adapter.safetensors")))
     assert fresh.surgery == model.surgery
@@ -242,14 +258,14 @@ def test_surgery_record_and_additions_reload_to_identical_logits(tiny_dir, tiny_
 
 
 def test_additions_are_exactly_the_non_base_parameters(tiny_dir, tiny_tokenizer):
-    model = surgered(sl.load_model(tiny_dir), tiny_tokenizer)
+    model = surgered(load_model(tiny_dir), tiny_tokenizer)
     keys = set(additions_state_dict(model))
     assert "language_embedding.korean" in keys and "language_embedding.korean_delta" in keys
     assert "layers.1.self_attn.q_proj.lora_A.teacher" in keys and "layers.0.mlp.up_proj.weight" in keys
     assert "layers.3.post_feedforward_layernorm.weight" in keys
     # After the first layer was duplicated, original layer i is layers.(i + 1).
     base = set()
-    for key in sl.read_checkpoint(tiny_dir):
+    for key in read_checkpoint(tiny_dir):
         parts = key.split(".")
         if parts[0] == "layers":
             parts[1] = str(int(parts[1]) + 1)
@@ -258,21 +274,21 @@ def test_additions_are_exactly_the_non_base_parameters(tiny_dir, tiny_tokenizer)
 
 
 def test_load_additions_and_replay_are_strict(tiny_dir, tiny_tokenizer):
-    model = surgered(sl.load_model(tiny_dir), tiny_tokenizer)
+    model = surgered(load_model(tiny_dir), tiny_tokenizer)
     state = additions_state_dict(model)
     missing = {k: v for k, v in state.items() if k != "language_embedding.english"}
-    with pytest.raises(sl.MedkoError, match="missing keys \\['language_embedding.english'\\]"):
+    with pytest.raises(MedkoError, match="missing keys \\['language_embedding.english'\\]"):
         load_additions(model, missing)
-    with pytest.raises(sl.MedkoError, match="unexpected keys \\['extra.weight'\\]"):
+    with pytest.raises(MedkoError, match="unexpected keys \\['extra.weight'\\]"):
         load_additions(model, {**state, "extra.weight": torch.zeros(1)})
-    with pytest.raises(sl.MedkoError, match="language_embedding.korean has shape"):
+    with pytest.raises(MedkoError, match="language_embedding.korean has shape"):
         load_additions(model, {**state, "language_embedding.korean": torch.zeros(3)})
-    with pytest.raises(sl.MedkoError, match="unknown surgery op 'add_lorra'"):
-        apply_surgery(sl.load_model(tiny_dir), [{"op": "add_lorra", "name": "x"}])
-    with pytest.raises(sl.MedkoError, match="does not fit add_lora"):
-        apply_surgery(sl.load_model(tiny_dir), [{"op": "add_lora", "name": "x", "rnak": 4}])
-    with pytest.raises(sl.MedkoError, match="another tokenizer"):
-        apply_surgery(sl.load_model(tiny_dir), [{"op": "add_language_embeddings", "korean_delta": False,
+    with pytest.raises(MedkoError, match="unknown surgery op 'add_lorra'"):
+        apply_surgery(load_model(tiny_dir), [{"op": "add_lorra", "name": "x"}])
+    with pytest.raises(MedkoError, match="does not fit add_lora"):
+        apply_surgery(load_model(tiny_dir), [{"op": "add_lora", "name": "x", "rnak": 4}])
+    with pytest.raises(MedkoError, match="another tokenizer"):
+        apply_surgery(load_model(tiny_dir), [{"op": "add_language_embeddings", "korean_delta": False,
                                                  "tokenizer_sha256": "0" * 64}], tiny_tokenizer)
 
 
@@ -455,7 +471,7 @@ def test_layer_loss_mse_is_the_mean_over_layers_of_normalised_mse(tiny_model):
 
     want = sum(((norm(student[s][0, 1:]) - norm(teacher[t][0, 1:])) ** 2).mean() for t, s in enumerate([0, 2])) / 2
     assert torch.allclose(layer_loss(student, teacher, mask, [0, 2]), want)
-    with pytest.raises(sl.MedkoError, match="'cosine'"):
+    with pytest.raises(MedkoError, match="'cosine'"):
         layer_loss(student, teacher, mask, [0, 2], kind="cosine")
 
 
@@ -481,7 +497,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_dir, tiny_tokeni
 
     torch.manual_seed(0)
     # hidden 72: sqrt(72) is not exact, so the embedding fold must use Gemma's rounded scale
-    model = randomize(sl.Gemma3(tiny_config(hidden_size=72 if case == "all_h72" else 64))).eval()
+    model = randomize(Gemma3(tiny_config(hidden_size=72 if case == "all_h72" else 64))).eval()
     if case == "lora_only":
         add_lora(model, "lora1", rank=4, alpha=8)
     else:
@@ -503,7 +519,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_dir, tiny_tokeni
     else:
         assert not config["tie_word_embeddings"] and config["num_hidden_layers"] == 4
         assert torch.equal(weights["lm_head.weight"], model.embed_tokens.weight)
-    with pytest.raises(sl.MedkoError, match="already exists"):
+    with pytest.raises(MedkoError, match="already exists"):
         export_run(model, out, tiny_dir / "tokenizer.json")
 
 
@@ -512,7 +528,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_dir, tiny_tokeni
 def test_quantize_needs_a_gpu_with_bitsandbytes(tiny_model):
     if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
         pytest.skip("a GPU with bitsandbytes is here: the 4-bit test below runs instead")
-    with pytest.raises(sl.MedkoError, match="drop --quantize or run on a GPU"):
+    with pytest.raises(MedkoError, match="drop --quantize or run on a GPU"):
         quantize_base_4bit(tiny_model)
 
 

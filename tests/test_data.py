@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import shared_logic as sl
+from engine.data import Instruction, KORMEDMCQA_SPLITS, KORMEDMCQA_SUBSETS, MCQ, Pair, SOURCES, Source, load_instructions, load_kormedmcqa, load_mcq_file, load_pairs, load_reasoning, load_texts, split_overlap
+from engine.errors import MedkoError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOOD = {"question": "Q?", "A": "a", "B": "b", "C": "c", "D": "d", "E": "e", "answer": 3}
@@ -50,8 +51,8 @@ BAD_ROWS = [  # (row after a good one, expected message)
 @pytest.mark.parametrize("bad, message", BAD_ROWS)
 def test_bad_row_stops_with_file_line_and_reason(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "exam.jsonl", [GOOD, bad, GOOD])
-    with pytest.raises(sl.MedkoError) as err:
-        sl.load_mcq_file(path)
+    with pytest.raises(MedkoError) as err:
+        load_mcq_file(path)
     text = str(err.value)
     assert text.startswith(f"{path}:2: {message}"), text
     assert "--skip-bad" in text and "\n" not in text
@@ -60,7 +61,7 @@ def test_bad_row_stops_with_file_line_and_reason(tmp_path, bad, message):
 def test_skip_bad_counts_and_keeps_stable_ids(tmp_path):
     bad = [row for row, _ in BAD_ROWS]
     path = write_jsonl(tmp_path / "exam.jsonl", [GOOD, *bad, {**GOOD, "answer": "B"}])
-    rows = sl.load_mcq_file(path, skip_bad=True)
+    rows = load_mcq_file(path, skip_bad=True)
     assert rows.skipped == len(bad)
     assert [r.id for r in rows] == ["exam/0000", f"exam/{len(bad) + 1:04d}"]
     assert [r.answer for r in rows] == ["C", "B"]
@@ -71,36 +72,36 @@ def test_mapping_csv_parquet_dict_and_list_options(tmp_path):
     csv_path.write_text("q,A,B,C,D,E,label,year\n"
                         "Four options?,a,b,c,d,,D,2020\n"
                         "Five options?,a,b,c,d,e,5,2021\n", encoding="utf-8")
-    rows = sl.load_mcq_file(csv_path, {"question": "q", "answer": "label"}, lang="en")
+    rows = load_mcq_file(csv_path, {"question": "q", "answer": "label"}, lang="en")
     assert [list(r.options) for r in rows] == [list("ABCD"), list("ABCDE")]
     assert [r.answer for r in rows] == ["D", "E"]
     assert rows[0].meta == {"year": "2020"} and rows[0].subset == "mine" and rows[0].lang == "en"
 
-    with pytest.raises(sl.MedkoError, match=rf"^{csv_path}:2: field 'qq' \(medko's 'question'\) is missing"):
-        sl.load_mcq_file(csv_path, {"question": "qq", "answer": "label"})
+    with pytest.raises(MedkoError, match=rf"^{csv_path}:2: field 'qq' \(medko's 'question'\) is missing"):
+        load_mcq_file(csv_path, {"question": "qq", "answer": "label"})
 
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("question,A,B,C,D,answer\nok?,a,b,c,d,1\nno?,a,,c,d,1\n", encoding="utf-8")
-    with pytest.raises(sl.MedkoError, match=rf"^{bad_csv}:3: option B is missing or empty"):
-        sl.load_mcq_file(bad_csv)
+    with pytest.raises(MedkoError, match=rf"^{bad_csv}:3: option B is missing or empty"):
+        load_mcq_file(bad_csv)
 
     table = pa.table({"question": ["P?"], "options": [["w", "x", "y", "z"]], "answer": [2], "id": ["p-1"]})
     pq.write_table(table, tmp_path / "mine.parquet")
-    (row,) = sl.load_mcq_file(tmp_path / "mine.parquet")
+    (row,) = load_mcq_file(tmp_path / "mine.parquet")
     assert row.options == {"A": "w", "B": "x", "C": "y", "D": "z"} and row.answer == "B" and row.id == "p-1"
 
     options = {"B": "b", "A": "a", "C": "c", "D": "d"}
     medqa = write_jsonl(tmp_path / "medqa.jsonl", [{"question": "M?", "options": options, "answer_idx": "C", "answer": "c"}])
-    (row,) = sl.load_mcq_file(medqa, sl.SOURCES["medqa"].mapping)
+    (row,) = load_mcq_file(medqa, SOURCES["medqa"].mapping)
     assert list(row.options) == list("ABCD") and row.answer == "C" and row.meta == {"answer": "c"}
 
 
 def test_unknown_mapping_key_and_missing_file_are_refused(tmp_path):
     path = write_jsonl(tmp_path / "exam.jsonl", [GOOD])
-    with pytest.raises(sl.MedkoError, match="unknown field mapping keys \\['questoin'\\]"):
-        sl.load_mcq_file(path, {"questoin": "q"})
-    with pytest.raises(sl.MedkoError, match="does not exist"):
-        sl.load_mcq_file(tmp_path / "nope.jsonl")
+    with pytest.raises(MedkoError, match="unknown field mapping keys \\['questoin'\\]"):
+        load_mcq_file(path, {"questoin": "q"})
+    with pytest.raises(MedkoError, match="does not exist"):
+        load_mcq_file(tmp_path / "nope.jsonl")
 
 
 # ── bundled sample data ──
@@ -114,30 +115,30 @@ def bundled(*parts: str) -> Path:
 
 def test_bundled_kormedmcqa_loads_every_subset_and_split():
     root = bundled("kormedmcqa")
-    for split in sl.KORMEDMCQA_SPLITS:
-        rows = sl.load_kormedmcqa(split=split, source=root)
-        assert {r.subset for r in rows} == set(sl.KORMEDMCQA_SUBSETS)
+    for split in KORMEDMCQA_SPLITS:
+        rows = load_kormedmcqa(split=split, source=root)
+        assert {r.subset for r in rows} == set(KORMEDMCQA_SUBSETS)
         for r in rows:
             subset, row_split, index = r.id.split("/")
             assert (subset, row_split, len(index)) == (r.subset, split, 4)
             assert r.answer in r.options and len(r.options) == 5 and {"year", "period", "q_number"} <= set(r.meta)
-    english = sl.load_kormedmcqa(split="dev", source=bundled("kormedmcqa_en"), lang="en")
-    korean = sl.load_kormedmcqa(split="dev", source=root)
+    english = load_kormedmcqa(split="dev", source=bundled("kormedmcqa_en"), lang="en")
+    korean = load_kormedmcqa(split="dev", source=root)
     assert [(r.id, r.answer) for r in english] == [(r.id, r.answer) for r in korean]
 
 
 def test_bundled_side_files_load():
-    assert len(sl.load_mcq_file(bundled("medqa_en.jsonl"), sl.SOURCES["medqa"].mapping)) > 0
-    reasoning = sl.load_reasoning(bundled("reasoning_ko.jsonl"))
+    assert len(load_mcq_file(bundled("medqa_en.jsonl"), SOURCES["medqa"].mapping)) > 0
+    reasoning = load_reasoning(bundled("reasoning_ko.jsonl"))
     assert reasoning and all(r.reasoning and r.answer in r.options for r in reasoning)
-    assert all(sl.load_texts(bundled(name)) for name in ("ko_medical_text.jsonl", "en_medical_text.jsonl"))
-    pairs = sl.load_pairs(bundled("ko_en_pairs.jsonl"))
+    assert all(load_texts(bundled(name)) for name in ("ko_medical_text.jsonl", "en_medical_text.jsonl"))
+    pairs = load_pairs(bundled("ko_en_pairs.jsonl"))
     assert pairs and all(p.src and p.tgt for p in pairs)
 
 
 def test_bundled_splits_do_not_overlap():
     root = bundled("kormedmcqa")
-    overlap = sl.split_overlap({s: sl.load_kormedmcqa(split=s, source=root) for s in sl.KORMEDMCQA_SPLITS})
+    overlap = split_overlap({s: load_kormedmcqa(split=s, source=root) for s in KORMEDMCQA_SPLITS})
     assert len(overlap) == 6 and not any(overlap.values()), overlap
 
 
@@ -146,22 +147,22 @@ def test_bundled_splits_do_not_overlap():
 def test_texts_pairs_and_instructions(tmp_path):
     txt = tmp_path / "notes.txt"
     txt.write_text("first text\nstill first\n\n\nsecond text\n", encoding="utf-8")
-    assert sl.load_texts(txt) == ["first text\nstill first", "second text"]
+    assert load_texts(txt) == ["first text\nstill first", "second text"]
     body = write_jsonl(tmp_path / "docs.jsonl", [{"body": "one"}, {"body": ""}, {"body": "two"}])
-    with pytest.raises(sl.MedkoError, match=rf"^{body}:2: field 'body' \(medko's 'text'\) is missing or empty"):
-        sl.load_texts(body, field="body")
-    texts = sl.load_texts(body, field="body", skip_bad=True)
+    with pytest.raises(MedkoError, match=rf"^{body}:2: field 'body' \(medko's 'text'\) is missing or empty"):
+        load_texts(body, field="body")
+    texts = load_texts(body, field="body", skip_bad=True)
     assert texts == ["one", "two"] and texts.skipped == 1
-    assert sl.load_texts(sl.Source(str(body), {"text": "body"}), skip_bad=True) == ["one", "two"]
+    assert load_texts(Source(str(body), {"text": "body"}), skip_bad=True) == ["one", "two"]
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"korean": "가", "english": "a"}])
-    assert sl.load_pairs(pairs, src="korean", tgt="english") == [sl.Pair("가", "a")]
-    assert sl.load_pairs(pairs, src="english", tgt="korean") == [sl.Pair("a", "가")]
+    assert load_pairs(pairs, src="korean", tgt="english") == [Pair("가", "a")]
+    assert load_pairs(pairs, src="english", tgt="korean") == [Pair("a", "가")]
 
     inst = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "Explain.", "input": "x", "output": "y"},
                                                  {"prompt": "Only.", "output": "z"}])
-    assert sl.load_instructions(inst, skip_bad=True) == [sl.Instruction("Explain.\n\nx", "y")]
-    assert sl.load_instructions(inst, {"instruction": "prompt"}, skip_bad=True) == [sl.Instruction("Only.", "z")]
+    assert load_instructions(inst, skip_bad=True) == [Instruction("Explain.\n\nx", "y")]
+    assert load_instructions(inst, {"instruction": "prompt"}, skip_bad=True) == [Instruction("Only.", "z")]
 
 
 # ── hub loading from local snapshots ──
@@ -187,7 +188,7 @@ def test_kormedmcqa_hub_reads_snapshot_parquet(tmp_path, monkeypatch):
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    rows = sl.load_kormedmcqa(["doctor", "nurse"], "dev")
+    rows = load_kormedmcqa(["doctor", "nurse"], "dev")
     assert calls == [("sean0042/KorMedMCQA", {"repo_type": "dataset",
                                               "allow_patterns": ["doctor/dev-*.parquet", "nurse/dev-*.parquet"]})]
     assert [r.id for r in rows] == ["doctor/dev/0000", "doctor/dev/0001", "doctor/dev/0002", "nurse/dev/0000"]
@@ -204,7 +205,7 @@ def test_generic_hub_source_picks_the_split(tmp_path, monkeypatch):
                       [{"q": question, "options": list("abcd"), "label": 1}])
     write_jsonl(snapshot / "data" / "train.jsonl", [{"q": "T?", "options": list("abcd"), "label": 1}])  # same split
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
-    rows = sl.load_mcq_file(sl.Source("someone/exam", {"question": "q", "answer": "label"}, split="train"))
+    rows = load_mcq_file(Source("someone/exam", {"question": "q", "answer": "label"}, split="train"))
     assert [(r.question, r.answer) for r in rows] == [("T?", "A")]
 
 
@@ -217,9 +218,9 @@ def offline_hub(monkeypatch, cache: Path) -> None:
 
 def test_hub_offline_without_cache_is_one_clear_sentence(tmp_path, monkeypatch):
     offline_hub(monkeypatch, tmp_path / "empty-cache")
-    with pytest.raises(sl.MedkoError, match="sean0042/KorMedMCQA is not in the local cache and the hub cannot "
+    with pytest.raises(MedkoError, match="sean0042/KorMedMCQA is not in the local cache and the hub cannot "
                                             "be reached \\(offline\\?\\).*data/kormedmcqa is one") as err:
-        sl.load_kormedmcqa("doctor", "dev")
+        load_kormedmcqa("doctor", "dev")
     assert err.value.__cause__ is None and "\n" not in str(err.value)
 
 
@@ -230,7 +231,7 @@ def test_hub_offline_reads_the_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     write_parquet(repo / "snapshots" / commit / "pharm" / "test-00000-of-00001.parquet", [kormedmcqa_row(1, "pharm")])
     offline_hub(monkeypatch, tmp_path / "cache")
-    rows = sl.load_kormedmcqa("pharm", "test")
+    rows = load_kormedmcqa("pharm", "test")
     assert [(r.id, r.answer) for r in rows] == [("pharm/test/0000", "B")]
 
 
@@ -245,22 +246,22 @@ def test_hub_gated_and_missing_are_one_clear_sentence(monkeypatch, error, messag
         raise cls.__new__(cls)  # the real constructors want an HTTP response
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
-    with pytest.raises(sl.MedkoError, match=f"^sean0042/KorMedMCQA {message}"):
-        sl.load_kormedmcqa("doctor", "test")
+    with pytest.raises(MedkoError, match=f"^sean0042/KorMedMCQA {message}"):
+        load_kormedmcqa("doctor", "test")
 
 
 def test_unknown_subset_or_split_is_refused():
-    with pytest.raises(sl.MedkoError, match="unknown KorMedMCQA subset \\['surgeon'\\]"):
-        sl.load_kormedmcqa("surgeon", "test")
-    with pytest.raises(sl.MedkoError, match="split 'validation'"):
-        sl.load_kormedmcqa("doctor", "validation")
+    with pytest.raises(MedkoError, match="unknown KorMedMCQA subset \\['surgeon'\\]"):
+        load_kormedmcqa("surgeon", "test")
+    with pytest.raises(MedkoError, match="split 'validation'"):
+        load_kormedmcqa("doctor", "validation")
 
 
 # ── split hygiene ──
 
 def test_split_overlap_finds_a_duplicate_despite_spacing_and_punctuation():
-    def mcq(i: str, question: str) -> sl.MCQ:
-        return sl.MCQ(i, "doctor", question, dict(zip("ABCDE", "abcde")), "A")
+    def mcq(i: str, question: str) -> MCQ:
+        return MCQ(i, "doctor", question, dict(zip("ABCDE", "abcde")), "A")
 
     splits = {
         "train": [mcq("t0", "고혈압의 1차 치료제는 무엇인가?"), mcq("t1", "Which drug, given IV, treats shock?")],
@@ -268,4 +269,4 @@ def test_split_overlap_finds_a_duplicate_despite_spacing_and_punctuation():
         "test": [mcq("x0", "  고혈압의  1차 치료제는   무엇인가 ？ "), mcq("x1", "which drug given iv treats SHOCK"),
                  mcq("x2", "고혈압의 2차 치료제는 무엇인가?")],
     }
-    assert sl.split_overlap(splits) == {"train/dev": [], "train/test": [("t0", "x0"), ("t1", "x1")], "dev/test": []}
+    assert split_overlap(splits) == {"train/dev": [], "train/test": [("t0", "x0"), ("t1", "x1")], "dev/test": []}

@@ -4,16 +4,21 @@ import json
 import pytest
 import torch
 
-import shared_logic as sl
+import engine.evaluate
+from engine.checkpoints import load_model
+from engine.data import MCQ
+from engine.errors import MedkoError
+from engine.evaluate import STOP_STRINGS, agreement, evaluate, extract_answer, format_table, letter_scores, letter_token_ids, macro_f1, mcq_prompt, translate, translate_mcqs, translation_prompt, write_report
+from engine.generate import generate
 
 
 @pytest.fixture(scope="module")
 def model(tiny_dir):
-    return sl.load_model(tiny_dir)
+    return load_model(tiny_dir)
 
 
-def mcq(i: str, question: str, answer: str = "A", letters: str = "ABCDE", subset: str = "doctor") -> sl.MCQ:
-    return sl.MCQ(i, subset, question, {letter: f"option {letter.lower()}{i}" for letter in letters}, answer)
+def mcq(i: str, question: str, answer: str = "A", letters: str = "ABCDE", subset: str = "doctor") -> MCQ:
+    return MCQ(i, subset, question, {letter: f"option {letter.lower()}{i}" for letter in letters}, answer)
 
 
 ROWS = [
@@ -28,21 +33,21 @@ ROWS = [
 # ── prompt ──
 
 def test_prompt_is_the_harness_format():
-    row = sl.MCQ("d/0", "doctor", "  가장 적절한 약물은?\n", dict(zip("ABCDE", ["아스피린", "와파린", "헤파린", "디곡신", "없음"])), "B")
-    assert sl.mcq_prompt(row) == "가장 적절한 약물은?\nA. 아스피린\nB. 와파린\nC. 헤파린\nD. 디곡신\nE. 없음\n정답："
-    assert sl.mcq_prompt(row).endswith("\uff1a")
-    four = sl.MCQ("m/0", "medqa", "Best drug?", dict(zip("ABCD", "wxyz")), "C", lang="en")
-    assert sl.mcq_prompt(four, "en") == "Best drug?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
-    shots = [sl.MCQ("f/0", "doctor", "첫째?", dict(zip("ABCDE", "12345")), "E"),
-             sl.MCQ("f/1", "doctor", "둘째?", dict(zip("ABCDE", "12345")), "A")]
-    assert sl.mcq_prompt(four, "ko", fewshot=shots) == (
+    row = MCQ("d/0", "doctor", "  가장 적절한 약물은?\n", dict(zip("ABCDE", ["아스피린", "와파린", "헤파린", "디곡신", "없음"])), "B")
+    assert mcq_prompt(row) == "가장 적절한 약물은?\nA. 아스피린\nB. 와파린\nC. 헤파린\nD. 디곡신\nE. 없음\n정답："
+    assert mcq_prompt(row).endswith("\uff1a")
+    four = MCQ("m/0", "medqa", "Best drug?", dict(zip("ABCD", "wxyz")), "C", lang="en")
+    assert mcq_prompt(four, "en") == "Best drug?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
+    shots = [MCQ("f/0", "doctor", "첫째?", dict(zip("ABCDE", "12345")), "E"),
+             MCQ("f/1", "doctor", "둘째?", dict(zip("ABCDE", "12345")), "A")]
+    assert mcq_prompt(four, "ko", fewshot=shots) == (
         "첫째?\nA. 1\nB. 2\nC. 3\nD. 4\nE. 5\n정답： E\n\n"
         "둘째?\nA. 1\nB. 2\nC. 3\nD. 4\nE. 5\n정답： A\n\n"
         "Best drug?\nA. w\nB. x\nC. y\nD. z\n정답：")
-    assert sl.mcq_prompt(four, "en", chat=True) == (
+    assert mcq_prompt(four, "en", chat=True) == (
         "<start_of_turn>user\nBest drug?\nA. w\nB. x\nC. y\nD. z\nAnswer:<end_of_turn>\n<start_of_turn>model\n")
-    with pytest.raises(sl.MedkoError, match="unknown language 'kr'"):
-        sl.mcq_prompt(four, "kr")
+    with pytest.raises(MedkoError, match="unknown language 'kr'"):
+        mcq_prompt(four, "kr")
 
 
 # ── extraction ──
@@ -71,27 +76,27 @@ def test_prompt_is_the_harness_format():
     ("", None),
 ])
 def test_extraction_cascade(output, expected):
-    assert sl.extract_answer(output) == expected
+    assert extract_answer(output) == expected
 
 
 # ── letter tokens ──
 
 def test_letter_tokens_are_single_and_spaced_after_a_raw_prompt(tiny_tokenizer):
-    assert sl.letter_token_ids(tiny_tokenizer, chat=False) == [tiny_tokenizer.token_id(f"▁{x}") for x in "ABCDE"]
-    assert sl.letter_token_ids(tiny_tokenizer, chat=True) == [tiny_tokenizer.token_id(x) for x in "ABCDE"]
+    assert letter_token_ids(tiny_tokenizer, chat=False) == [tiny_tokenizer.token_id(f"▁{x}") for x in "ABCDE"]
+    assert letter_token_ids(tiny_tokenizer, chat=True) == [tiny_tokenizer.token_id(x) for x in "ABCDE"]
 
     class SplitsE:
         def encode(self, text, bos=True):
             return [7, 8] if "E" in text else [7]
 
-    with pytest.raises(sl.MedkoError, match="answer letter 'E' is 2 tokens"):
-        sl.letter_token_ids(SplitsE(), chat=False)
+    with pytest.raises(MedkoError, match="answer letter 'E' is 2 tokens"):
+        letter_token_ids(SplitsE(), chat=False)
 
 
 # ── logits mode ──
 
 def naive_scores(model, tokenizer, prompts, chat):
-    letters = sl.letter_token_ids(tokenizer, chat)
+    letters = letter_token_ids(tokenizer, chat)
     with torch.no_grad():
         return torch.stack([model(torch.tensor([tokenizer.encode(p)])).logits[0, -1, letters] for p in prompts])
 
@@ -99,11 +104,11 @@ def naive_scores(model, tokenizer, prompts, chat):
 @pytest.mark.parametrize("chat, shots", [(False, 0), (True, 2)])
 def test_batched_logits_equal_a_naive_loop(model, tiny_tokenizer, chat, shots):
     fewshot = [mcq("f0", "Shot one?", "D"), mcq("f1", "Shot two?", "B", subset="nurse")][:shots]
-    report = sl.evaluate(model, tiny_tokenizer, ROWS, "logits", "en", chat, fewshot, batch_size=2, progress=False)
-    prompts = [sl.mcq_prompt(r, "en", chat, [f for f in fewshot if f.subset == r.subset]) for r in ROWS]
+    report = evaluate(model, tiny_tokenizer, ROWS, "logits", "en", chat, fewshot, batch_size=2, progress=False)
+    prompts = [mcq_prompt(r, "en", chat, [f for f in fewshot if f.subset == r.subset]) for r in ROWS]
     assert len({len(tiny_tokenizer.encode(p)) for p in prompts}) == len(ROWS)  # every batch is padded
     expected = naive_scores(model, tiny_tokenizer, prompts, chat)
-    got = sl.letter_scores(model, tiny_tokenizer, prompts, chat, batch_size=2)
+    got = letter_scores(model, tiny_tokenizer, prompts, chat, batch_size=2)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     naive_preds = ["ABCDE"[s[:len(r.options)].argmax()] for s, r in zip(expected, ROWS)]
     assert [p["pred"] for p in report.predictions] == naive_preds
@@ -111,22 +116,22 @@ def test_batched_logits_equal_a_naive_loop(model, tiny_tokenizer, chat, shots):
 
 
 def test_four_option_rows_never_predict_e(model, tiny_tokenizer, monkeypatch):
-    monkeypatch.setattr(sl, "letter_scores", lambda *a, **k: torch.tensor([[0.0, 1, 2, 3, 9]] * len(ROWS)))
-    report = sl.evaluate(model, tiny_tokenizer, ROWS, progress=False)
+    monkeypatch.setattr(engine.evaluate, "letter_scores", lambda *a, **k: torch.tensor([[0.0, 1, 2, 3, 9]] * len(ROWS)))
+    report = evaluate(model, tiny_tokenizer, ROWS, progress=False)
     assert [p["pred"] for p in report.predictions] == ["E", "E", "D", "E", "E"]
 
 
 # ── generate mode ──
 
 def test_generate_batched_equals_unbatched(model, tiny_tokenizer):
-    together = sl.evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", batch_size=4, max_new_tokens=6,
+    together = evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", batch_size=4, max_new_tokens=6,
                            progress=False)
-    alone = sl.evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", batch_size=1, max_new_tokens=6,
+    alone = evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", batch_size=1, max_new_tokens=6,
                         progress=False)
     assert together.predictions == alone.predictions
     for p in together.predictions:
-        assert p["pred"] == sl.extract_answer(p["output"])
-        assert not any(stop in p["output"] for stop in sl.STOP_STRINGS)
+        assert p["pred"] == extract_answer(p["output"])
+        assert not any(stop in p["output"] for stop in STOP_STRINGS)
     found = sum(p["pred"] is not None for p in together.predictions)
     assert together.format_compliance == found / len(ROWS)
 
@@ -138,10 +143,10 @@ def test_generate_mode_extracts_from_each_output(model, tiny_tokenizer, monkeypa
         seen.update(prompts=prompts, stop=stop, max_new_tokens=max_new_tokens)
         return [" B", "E", "모르겠다", "정답은 C입니다", "a"]
 
-    monkeypatch.setattr(sl, "generate", canned)
-    report = sl.evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", max_new_tokens=9, progress=False)
+    monkeypatch.setattr(engine.evaluate, "generate", canned)
+    report = evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", max_new_tokens=9, progress=False)
     assert seen["stop"] == ("Q:", "</s>", "<|im_end|>", ".", "\n\n") and seen["max_new_tokens"] == 9
-    assert seen["prompts"] == [sl.mcq_prompt(r, "ko") for r in ROWS]
+    assert seen["prompts"] == [mcq_prompt(r, "ko") for r in ROWS]
     assert [p["pred"] for p in report.predictions] == ["B", "E", None, "C", None]
     assert [p["correct"] for p in report.predictions] == [True, True, False, True, False]
     assert report.format_compliance == 3 / 5 and report.accuracy == 3 / 5
@@ -151,10 +156,10 @@ def test_generate_mode_extracts_from_each_output(model, tiny_tokenizer, monkeypa
 
 def test_report_fields_order_and_atomic_json(model, tiny_tokenizer, tmp_path, monkeypatch):
     preds = torch.tensor([[9.0, 0, 0, 0, 0], [0, 0, 0, 0, 9], [0, 0, 0, 9, 0], [9, 0, 0, 0, 0], [9, 0, 0, 0, 0]])
-    monkeypatch.setattr(sl, "letter_scores", lambda *a, **k: preds)
-    report = sl.evaluate(model, tiny_tokenizer, ROWS, progress=False, model_name="tiny")
+    monkeypatch.setattr(engine.evaluate, "letter_scores", lambda *a, **k: preds)
+    report = evaluate(model, tiny_tokenizer, ROWS, progress=False, model_name="tiny")
     path = tmp_path / "reports" / "dev.json"
-    sl.write_report(report, path)
+    write_report(report, path)
     assert [p.name for p in path.parent.iterdir()] == ["dev.json"]  # no temporary file left behind
     data = json.loads(path.read_text(encoding="utf-8"))
     assert list(data) == ["model", "mode", "lang", "chat", "fewshot", "n", "accuracy", "subsets", "macro_f1",
@@ -171,42 +176,42 @@ def test_report_fields_order_and_atomic_json(model, tiny_tokenizer, tmp_path, mo
     # F1 per letter: A 2/4, B 0, C 0, D 1, E 1.
     assert data["macro_f1"] == pytest.approx((0.5 + 0 + 0 + 1 + 1) / 5)
     assert data["questions_per_second"] > 0
-    assert sl.format_table(report).splitlines() == [
+    assert format_table(report).splitlines() == [
         "subset           n  accuracy", "doctor           3    0.6667", "nurse            2    0.5000",
         "all              5    0.6000"]
-    assert sl.agreement(report, data) == 1.0
+    assert agreement(report, data) == 1.0
     other = json.loads(json.dumps(data))
     other["predictions"][0]["pred"] = None
     other["predictions"] = other["predictions"][:4] + [{"id": "extra", "pred": "A"}]
-    assert sl.agreement(report, other) == 3 / 4
+    assert agreement(report, other) == 3 / 4
 
 
 def test_macro_f1_and_unanswered_questions():
-    assert sl.macro_f1(["A", "B"], ["A", "B"]) == 1.0
-    assert sl.macro_f1(["A", "B"], [None, None]) == 0.0
-    assert sl.macro_f1(["A", "A"], ["A", "B"]) == pytest.approx((2 / 3 + 0) / 2)
+    assert macro_f1(["A", "B"], ["A", "B"]) == 1.0
+    assert macro_f1(["A", "B"], [None, None]) == 0.0
+    assert macro_f1(["A", "A"], ["A", "B"]) == pytest.approx((2 / 3 + 0) / 2)
 
 
 # ── translation ──
 
 def test_translation_prompt_is_fixed():
-    assert sl.translation_prompt("두통", "en") == (
+    assert translation_prompt("두통", "en") == (
         "Korean: 만성 신장병 환자에서는 칼륨 섭취를 제한해야 한다.\n"
         "English: Patients with chronic kidney disease should limit their potassium intake.\n\n"
         "Korean: 다음 중 가장 적절한 초기 치료는?\n"
         "English: Which of the following is the most appropriate initial treatment?\n\n"
         "Korean: 두통\nEnglish:")
-    assert sl.translation_prompt("headache", "ko").endswith("\n\nEnglish: headache\nKorean:")
-    assert sl.translation_prompt("두통", "en", chat=True).startswith("<start_of_turn>user\nTranslate this Korean")
+    assert translation_prompt("headache", "ko").endswith("\n\nEnglish: headache\nKorean:")
+    assert translation_prompt("두통", "en", chat=True).startswith("<start_of_turn>user\nTranslate this Korean")
 
 
 def test_translation_cache_resumes_after_an_interruption(model, tiny_tokenizer, tmp_path, monkeypatch):
     texts = ["첫 줄\n둘째 줄", "셋째", "넷째 문장", "첫 줄", "", "다섯\n\n여섯"]
-    plain = sl.translate(model, tiny_tokenizer, texts, "en", batch_size=2, max_new_tokens=4, model_id="tiny")
+    plain = translate(model, tiny_tokenizer, texts, "en", batch_size=2, max_new_tokens=4, model_id="tiny")
     assert [t.count("\n") for t in plain] == [1, 0, 0, 0, 0, 2] and plain[4] == ""
     assert plain[3] == plain[0].split("\n")[0]  # a repeated line is translated once
 
-    real_generate, calls = sl.generate, []
+    real_generate, calls = generate, []
 
     def counted(*args, **kwargs):
         calls.append(len(args[2]))
@@ -214,24 +219,24 @@ def test_translation_cache_resumes_after_an_interruption(model, tiny_tokenizer, 
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sl, "generate", counted)
+    monkeypatch.setattr(engine.evaluate, "generate", counted)
     cache = tmp_path / "cache.jsonl"
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
-        sl.translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny")
+        translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny")
     assert len(cache.read_text(encoding="utf-8").splitlines()) == 2  # the first batch was kept
     interrupt, calls[:] = False, []
-    assert sl.translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny") == plain
+    assert translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny") == plain
     assert sum(calls) == 6 - 2  # six distinct lines, two were cached
     calls[:] = []
-    assert sl.translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny") == plain
+    assert translate(model, tiny_tokenizer, texts, "en", cache, 2, 4, model_id="tiny") == plain
     assert calls == []
-    sl.translate(model, tiny_tokenizer, texts[:1], "en", cache, 2, 4, model_id="other model")
+    translate(model, tiny_tokenizer, texts[:1], "en", cache, 2, 4, model_id="other model")
     assert sum(calls) == 2  # another model id misses the cache
 
 
 def test_translate_mcqs_keeps_ids_and_answers(model, tiny_tokenizer):
     rows = ROWS[2:4]
-    out = sl.translate_mcqs(rows, model, tiny_tokenizer, "ko", max_new_tokens=3, model_id="tiny")
+    out = translate_mcqs(rows, model, tiny_tokenizer, "ko", max_new_tokens=3, model_id="tiny")
     assert [(r.id, r.subset, r.answer, list(r.options), r.lang) for r in out] == \
         [(r.id, r.subset, r.answer, list(r.options), "ko") for r in rows]

@@ -13,10 +13,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer as HFTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shared_logic as sl  # noqa: E402
+import engine.model
+from engine.checkpoints import load_model
+from engine.data import load_texts
+from engine.errors import MedkoError
+from engine.embedded_270m import HF_FILES, default_270m_dir, ensure_270m, ensure_converted, gguf_name_to_hf, gguf_to_hf, gguf_tokenizer, manifest_problem, write_gguf_safetensors
+from engine.generate import generate_ids
+from engine.model import PRESETS
+from engine.tokenizer import Tokenizer
 
 
 
@@ -107,7 +114,7 @@ def write_tiny_gguf(path: Path, extra: tuple[str, ...] = (), drop: tuple[str, ..
         else:
             writer.add_tensor(name, weight)
         if name not in extra:
-            hf[sl.gguf_name_to_hf(name)] = weight
+            hf[gguf_name_to_hf(name)] = weight
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -133,20 +140,20 @@ def tiny_gguf(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def test_name_mapping():
-    assert sl.gguf_name_to_hf("token_embd.weight") == "model.embed_tokens.weight"
-    assert sl.gguf_name_to_hf("output_norm.weight") == "model.norm.weight"
-    assert sl.gguf_name_to_hf("blk.11.attn_output.weight") == "model.layers.11.self_attn.o_proj.weight"
-    assert sl.gguf_name_to_hf("blk.0.ffn_norm.weight") == "model.layers.0.pre_feedforward_layernorm.weight"
-    assert sl.gguf_name_to_hf("blk.3.post_ffw_norm.weight") == "model.layers.3.post_feedforward_layernorm.weight"
+    assert gguf_name_to_hf("token_embd.weight") == "model.embed_tokens.weight"
+    assert gguf_name_to_hf("output_norm.weight") == "model.norm.weight"
+    assert gguf_name_to_hf("blk.11.attn_output.weight") == "model.layers.11.self_attn.o_proj.weight"
+    assert gguf_name_to_hf("blk.0.ffn_norm.weight") == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert gguf_name_to_hf("blk.3.post_ffw_norm.weight") == "model.layers.3.post_feedforward_layernorm.weight"
     for name in ["blk.0.attn_qkv.weight", "rope_freqs.weight", "blk.x.attn_q.weight", "blk.0.attn_q.bias"]:
-        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-            sl.gguf_name_to_hf(name)
+        with pytest.raises(MedkoError, match=name.replace(".", r"\.")):
+            gguf_name_to_hf(name)
 
 
 def test_tiny_conversion_undoes_llama_cpp_conventions(tiny_gguf, tmp_path):
     path, expected = tiny_gguf
     out = tmp_path / "hf"
-    sl.gguf_to_hf(path, out)
+    gguf_to_hf(path, out)
     state = load_file(out / "model.safetensors")
     assert state.keys() == expected.keys()
     for name, weight in expected.items():
@@ -169,22 +176,22 @@ def test_tiny_conversion_undoes_llama_cpp_conventions(tiny_gguf, tmp_path):
 
 def test_chunked_dequantization_is_identical(tiny_gguf, tmp_path):
     reader = gguf.GGUFReader(tiny_gguf[0])
-    sl.write_gguf_safetensors(reader, tmp_path / "whole.safetensors")
-    sl.write_gguf_safetensors(reader, tmp_path / "chunked.safetensors", rows_per_chunk=3)
+    write_gguf_safetensors(reader, tmp_path / "whole.safetensors")
+    write_gguf_safetensors(reader, tmp_path / "chunked.safetensors", rows_per_chunk=3)
     assert (tmp_path / "whole.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
 
 
 def test_unknown_or_missing_tensor_is_an_error(tmp_path):
     write_tiny_gguf(tmp_path / "extra.gguf", extra=("blk.0.attn_sinks.weight",))
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_sinks\.weight"):
-        sl.gguf_to_hf(tmp_path / "extra.gguf", tmp_path / "a")
+    with pytest.raises(MedkoError, match=r"blk\.0\.attn_sinks\.weight"):
+        gguf_to_hf(tmp_path / "extra.gguf", tmp_path / "a")
     write_tiny_gguf(tmp_path / "short.gguf", drop=("blk.1.ffn_up.weight",))
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
-        sl.gguf_to_hf(tmp_path / "short.gguf", tmp_path / "b")
+    with pytest.raises(MedkoError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        gguf_to_hf(tmp_path / "short.gguf", tmp_path / "b")
 
 
 def test_tiny_tokenizer(tiny_gguf, tmp_path):
-    tok = sl.gguf_tokenizer(gguf.GGUFReader(tiny_gguf[0]))
+    tok = gguf_tokenizer(gguf.GGUFReader(tiny_gguf[0]))
     vocab = {t: i for i, (t, _) in enumerate(TINY_VOCAB)}
     assert tok.encode("hello world").ids == [vocab["<bos>"], vocab["hello"], vocab["▁world"]]
     assert tok.encode("hello", add_special_tokens=False).ids == [vocab["hello"]]
@@ -202,7 +209,7 @@ def test_tiny_matches_transformers_gguf_loader(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, _ = tiny_gguf
-    sl.gguf_to_hf(path, tmp_path / "hf")
+    gguf_to_hf(path, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     ref = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     state = load_file(tmp_path / "hf" / "model.safetensors")
@@ -210,16 +217,16 @@ def test_tiny_matches_transformers_gguf_loader(tiny_gguf, tmp_path):
     for name, weight in ref.items():
         torch.testing.assert_close(state[name], weight, rtol=0, atol=1e-6, msg=name)
     hf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    tok = HFTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
     for text in TRICKY:
         assert tok.encode(text).ids == hf_tok(text).input_ids, text
 
 
 def test_default_dir_follows_medko_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MEDKO_CACHE", str(tmp_path))
-    assert sl.default_270m_dir() == tmp_path / "gemma3-270m"
+    assert default_270m_dir() == tmp_path / "gemma3-270m"
     monkeypatch.delenv("MEDKO_CACHE")
-    assert sl.default_270m_dir() == Path.home() / ".cache" / "medko" / "gemma3-270m"
+    assert default_270m_dir() == Path.home() / ".cache" / "medko" / "gemma3-270m"
 
 
 def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path, caplog):
@@ -230,10 +237,10 @@ def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path, caplog):
         write_tiny_gguf(path)
 
     target = tmp_path / "cache" / "tiny"
-    assert sl.ensure_converted(target, write_gguf, "tiny") == target
-    assert sorted(p.name for p in target.iterdir()) == sorted([*sl.HF_FILES, "manifest.json"])
+    assert ensure_converted(target, write_gguf, "tiny") == target
+    assert sorted(p.name for p in target.iterdir()) == sorted([*HF_FILES, "manifest.json"])
     assert [p.name for p in target.parent.iterdir()] == ["tiny"]  # work dir and GGUF are gone
-    sl.ensure_converted(target, write_gguf, "tiny")
+    ensure_converted(target, write_gguf, "tiny")
     assert len(builds) == 1
     good = (target / "model.safetensors").read_bytes()
 
@@ -241,10 +248,10 @@ def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path, caplog):
         damage()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="medko"):
-            sl.ensure_converted(target, write_gguf, "tiny")
+            ensure_converted(target, write_gguf, "tiny")
         assert reason in caplog.text
         assert (target / "model.safetensors").read_bytes() == good
-        assert sl.manifest_problem(target, "tiny", full_hash=True) is None
+        assert manifest_problem(target, "tiny", full_hash=True) is None
 
     weights = target / "model.safetensors"
     damage_and_rebuild(lambda: os.truncate(weights, weights.stat().st_size // 2), "bytes, the manifest says")
@@ -253,14 +260,14 @@ def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path, caplog):
     damage_and_rebuild(lambda: (target / "manifest.json").write_text('{"files": '), "unreadable manifest")
     damage_and_rebuild(lambda: (target / "tokenizer.json").unlink(), "tokenizer.json is missing")
     assert len(builds) == 5
-    assert sl.manifest_problem(target, "another source") is not None
+    assert manifest_problem(target, "another source") is not None
 
     # a flipped byte with the mtime put back (bit rot) passes the quick check, not the full one
     stat = weights.stat()
     flip_byte(weights, 1000)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert sl.manifest_problem(target, "tiny") is None
-    assert "sha256" in sl.manifest_problem(target, "tiny", full_hash=True)
+    assert manifest_problem(target, "tiny") is None
+    assert "sha256" in manifest_problem(target, "tiny", full_hash=True)
 
 
 # ---------------------------------------------------------------- slow: the real 270m
@@ -276,7 +283,7 @@ def gguf_270m(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def converted_270m(tmp_path_factory) -> Path:
     start = time.perf_counter()
-    path = sl.ensure_270m(tmp_path_factory.mktemp("medko") / "gemma3-270m")
+    path = ensure_270m(tmp_path_factory.mktemp("medko") / "gemma3-270m")
     logging.getLogger("medko").info("270m conversion took %.1f s", time.perf_counter() - start)
     return path
 
@@ -308,7 +315,7 @@ def test_270m_tokenizer_matches_transformers_gguf_tokenizer(converted_270m, gguf
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name)
-    tok = Tokenizer.from_file(str(converted_270m / "tokenizer.json"))
+    tok = HFTokenizer.from_file(str(converted_270m / "tokenizer.json"))
     ours, theirs = json.loads(tok.to_str()), json.loads(hf.backend_tokenizer.to_str())
     assert ours["model"]["vocab"] == theirs["model"]["vocab"]
     assert ours["model"]["merges"] == theirs["model"]["merges"]
@@ -334,19 +341,19 @@ def test_270m_damaged_cache_is_detected(converted_270m, tmp_path):
     clone = tmp_path / "gemma3-270m"
     # plain copies carry new mtimes, so every file gets hashed
     shutil.copytree(converted_270m, clone, copy_function=shutil.copyfile)
-    assert sl.manifest_problem(clone, source) is None
+    assert manifest_problem(clone, source) is None
     weights = clone / "model.safetensors"
     flip_byte(weights, weights.stat().st_size // 2)
-    assert "sha256" in sl.manifest_problem(clone, source)
+    assert "sha256" in manifest_problem(clone, source)
     os.truncate(weights, weights.stat().st_size - 4096)
-    assert "bytes, the manifest says" in sl.manifest_problem(clone, source)
+    assert "bytes, the manifest says" in manifest_problem(clone, source)
 
 
-def mixed_long_prompt(min_tokens: int, tokenizer: sl.Tokenizer) -> str:
+def mixed_long_prompt(min_tokens: int, tokenizer: Tokenizer) -> str:
     """Korean and English medical passages from the bundled data, alternated past min_tokens."""
     root = Path(__file__).resolve().parents[1] / "data"
-    ko = [t for t in sl.load_texts(root / "ko_medical_text.jsonl")]
-    en = [t for t in sl.load_texts(root / "en_medical_text.jsonl")]
+    ko = [t for t in load_texts(root / "ko_medical_text.jsonl")]
+    en = [t for t in load_texts(root / "en_medical_text.jsonl")]
     parts: list[str] = []
     for k, e in zip(ko, en):
         parts += [k, e]
@@ -360,14 +367,14 @@ def test_270m_greedy_continuations_match_transformers(converted_270m, gguf_270m)
     """medko's greedy decoding (KV cache, sliding window) against transformers' on the real 270M."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = sl.Tokenizer(converted_270m / "tokenizer.json")
+    tokenizer = Tokenizer(converted_270m / "tokenizer.json")
     prompts = ["The first-line treatment for uncomplicated hypertension in adults is",
                "당뇨병 환자에서 저혈당이 생기면 가장 먼저 해야 할 처치는",
                mixed_long_prompt(600, tokenizer)]
     rows = [tokenizer.encode(p) for p in prompts]
-    assert len(rows[2]) > 600 > sl.PRESETS["270m"].sliding_window
-    model = sl.load_model(converted_270m)
-    ours = sl.generate_ids(model, rows, 24, {tokenizer.eos_id}, tokenizer.pad_id, tokenizer.vocab_size)
+    assert len(rows[2]) > 600 > PRESETS["270m"].sliding_window
+    model = load_model(converted_270m)
+    ours = generate_ids(model, rows, 24, {tokenizer.eos_id}, tokenizer.pad_id, tokenizer.vocab_size)
     del model
     hf = AutoModelForCausalLM.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32)
     for row, mine in zip(rows, ours):
@@ -386,15 +393,15 @@ def test_270m_logits_match_transformers_with_and_without_onednn(converted_270m, 
     """Full-sequence logits past the sliding window: oneDNN's matmul (the CPU default) and F.linear's."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = sl.Tokenizer(converted_270m / "tokenizer.json")
+    tokenizer = Tokenizer(converted_270m / "tokenizer.json")
     ids = torch.tensor([tokenizer.encode(mixed_long_prompt(600, tokenizer))])
-    model = sl.load_model(converted_270m)
+    model = load_model(converted_270m)
     hf = AutoModelForCausalLM.from_pretrained(converted_270m, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
         theirs = hf(ids, use_cache=False).logits
         errors = {}
         for onednn in (True, False):
-            monkeypatch.setattr(sl, "_ONEDNN_LINEAR", onednn)
+            monkeypatch.setattr(engine.model, "_ONEDNN_LINEAR", onednn)
             mine = model(ids).logits
             errors[onednn] = ((mine - theirs).abs().max() / theirs.abs().max()).item()
             assert torch.equal(mine.argmax(-1), theirs.argmax(-1))

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import shared_logic as sl
+from engine.checkpoints import load_model, resolve_model_dir
+from engine.errors import MedkoError
+from engine.generate import generate, generate_ids
+from engine.model import PRESETS, config_from_hf
 from conftest import make_tiny_checkpoint, tiny_tokenizer_json
 
 
@@ -28,7 +31,7 @@ def rewrite(src: Path, dst: Path, rename, extra: dict | None = None, config=None
 def reference_logits(tiny_dir: Path) -> torch.Tensor:
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
-        return sl.load_model(tiny_dir)(ids).logits
+        return load_model(tiny_dir)(ids).logits
 
 
 VARIANTS = {
@@ -47,13 +50,13 @@ def test_key_name_variants_load_to_the_same_model(tiny_dir, tmp_path, variant):
     path = rewrite(tiny_dir, tmp_path / variant, VARIANTS[variant], vision, nest)
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
-        assert torch.equal(sl.load_model(path)(ids).logits, reference_logits(tiny_dir))
+        assert torch.equal(load_model(path)(ids).logits, reference_logits(tiny_dir))
 
 
 def test_unexpected_key_is_refused_by_name(tiny_dir, tmp_path):
     path = rewrite(tiny_dir, tmp_path / "bad", lambda k: k, {"model.layers.0.mystery.weight": torch.zeros(2)})
-    with pytest.raises(sl.MedkoError, match=r"unexpected keys \['layers.0.mystery.weight'\]"):
-        sl.load_model(path)
+    with pytest.raises(MedkoError, match=r"unexpected keys \['layers.0.mystery.weight'\]"):
+        load_model(path)
 
 
 def test_missing_key_is_refused_by_name(tiny_dir, tmp_path):
@@ -63,8 +66,8 @@ def test_missing_key_is_refused_by_name(tiny_dir, tmp_path):
     state = load_file(str(path / "model.safetensors"))
     del state["model.norm.weight"]
     save_file(state, str(path / "model.safetensors"))
-    with pytest.raises(sl.MedkoError, match=r"missing keys \['norm.weight'\]"):
-        sl.load_model(path)
+    with pytest.raises(MedkoError, match=r"missing keys \['norm.weight'\]"):
+        load_model(path)
 
 
 def test_sharded_checkpoint_with_index(tiny_dir, tmp_path):
@@ -83,27 +86,27 @@ def test_sharded_checkpoint_with_index(tiny_dir, tmp_path):
         (path / name).write_text((tiny_dir / name).read_text())
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
-        assert torch.equal(sl.load_model(path)(ids).logits, reference_logits(tiny_dir))
+        assert torch.equal(load_model(path)(ids).logits, reference_logits(tiny_dir))
     (path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(sl.MedkoError, match="model-00002-of-00002.safetensors.*missing"):
-        sl.load_model(path)
+    with pytest.raises(MedkoError, match="model-00002-of-00002.safetensors.*missing"):
+        load_model(path)
 
 
 def test_truncated_shard_is_refused(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "trunc")
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(sl.MedkoError, match=r"model.safetensors is corrupt or truncated"):
-        sl.load_model(path)
+    with pytest.raises(MedkoError, match=r"model.safetensors is corrupt or truncated"):
+        load_model(path)
 
 
 def test_embedding_rows_beyond_the_tokenizer_are_never_generated(tmp_path, tiny_tokenizer):
     path = make_tiny_checkpoint(tmp_path / "rows")
-    model = sl.load_model(path)
+    model = load_model(path)
     assert model.config.vocab_size > tiny_tokenizer.vocab_size
     with torch.no_grad():  # make the padding rows the most likely next token everywhere
         model.embed_tokens.weight[tiny_tokenizer.vocab_size:] *= 1000
-    out = sl.generate_ids(model, [tiny_tokenizer.encode("abc")], 10, set(), tiny_tokenizer.pad_id,
+    out = generate_ids(model, [tiny_tokenizer.encode("abc")], 10, set(), tiny_tokenizer.pad_id,
                           tiny_tokenizer.vocab_size)
     assert out[0] and max(out[0]) < tiny_tokenizer.vocab_size
 
@@ -113,14 +116,14 @@ def test_nested_multimodal_config_and_rope_parameters():
         "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8,
         "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
         "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "vocab_size": 262208}}
-    assert sl.config_from_hf(nested) == sl.PRESETS["4b"]
+    assert config_from_hf(nested) == PRESETS["4b"]
     v5 = {**nested["text_config"], "rope_parameters": {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
     del v5["rope_scaling"]
-    assert sl.config_from_hf(v5) == sl.PRESETS["4b"]
-    with pytest.raises(sl.MedkoError, match="linear"):
-        sl.config_from_hf({**nested["text_config"], "rope_scaling": {"rope_type": "yarn", "factor": 2}})
+    assert config_from_hf(v5) == PRESETS["4b"]
+    with pytest.raises(MedkoError, match="linear"):
+        config_from_hf({**nested["text_config"], "rope_scaling": {"rope_type": "yarn", "factor": 2}})
 
 
 def _http_error(cls):
@@ -145,8 +148,8 @@ def test_hub_failures_end_in_one_sentence(monkeypatch, error, sentence):
         raise raised()
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    with pytest.raises(sl.MedkoError, match=sentence) as info:
-        sl.resolve_model_dir("27b")
+    with pytest.raises(MedkoError, match=sentence) as info:
+        resolve_model_dir("27b")
     assert "google/medgemma-27b-text-it" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -161,8 +164,8 @@ def test_cli_reports_errors_in_one_line(capsys):
 def test_cli_generate_prints_only_the_continuation(tiny_dir, tiny_tokenizer, capsys):
     import medko
 
-    model = sl.load_model(tiny_dir)
-    expected = sl.generate(model, tiny_tokenizer, ["abc"], max_new_tokens=5)[0]
+    model = load_model(tiny_dir)
+    expected = generate(model, tiny_tokenizer, ["abc"], max_new_tokens=5)[0]
     assert medko.main(["generate", "--model", str(tiny_dir), "--prompt", "abc", "--max-new-tokens", "5",
                        "--device", "cpu"]) == 0
     assert capsys.readouterr().out == expected + "\n"

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import shared_logic as sl
+from dataclasses import asdict
+from engine.errors import MedkoError
+from engine.model import FULL, Gemma3, KVCache, ModelConfig, PRESETS, SLIDING, _ONEDNN_LINEAR, compute_dtype, linear
 from conftest import hf_twin, randomize, tiny_config
 
 
@@ -25,8 +27,8 @@ CONFIGS = {
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_hidden_states_match_transformers(name):
     torch.manual_seed(1)
-    model = randomize(sl.Gemma3(tiny_config(**CONFIGS[name])), seed=3).eval()
-    assert {l.layer_type for l in model.layers} == {sl.SLIDING, sl.FULL}
+    model = randomize(Gemma3(tiny_config(**CONFIGS[name])), seed=3).eval()
+    assert {l.layer_type for l in model.layers} == {SLIDING, FULL}
     hf = hf_twin(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.sliding_window + 5))
     with torch.no_grad():
@@ -77,7 +79,7 @@ def test_cached_decoding_equals_full_forward(tiny_model):
     mask[1, :5] = False  # left padding in row 1
     with torch.no_grad():
         full = tiny_model(ids, mask).logits
-        cache = sl.KVCache(tiny_model.config, 2, 40, torch.float32, torch.device("cpu"))
+        cache = KVCache(tiny_model.config, 2, 40, torch.float32, torch.device("cpu"))
         steps = [tiny_model(ids[:, :12], mask[:, :12], cache=cache).logits]
         for t in range(12, 30):
             steps.append(tiny_model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache).logits)
@@ -87,24 +89,24 @@ def test_cached_decoding_equals_full_forward(tiny_model):
 
 
 def test_float16_is_refused():
-    with pytest.raises(sl.MedkoError, match="float16"):
-        sl.compute_dtype("cpu", torch.float16)
-    assert sl.compute_dtype("cpu") == torch.float32
-    assert sl.compute_dtype("cuda") == torch.bfloat16
+    with pytest.raises(MedkoError, match="float16"):
+        compute_dtype("cpu", torch.float16)
+    assert compute_dtype("cpu") == torch.float32
+    assert compute_dtype("cuda") == torch.bfloat16
 
 
 def test_unknown_config_key_is_an_error():
-    with pytest.raises(sl.MedkoError, match="hiden_size"):
-        sl.ModelConfig.from_dict({**sl.asdict(sl.PRESETS["tiny"]), "hiden_size": 3})
+    with pytest.raises(MedkoError, match="hiden_size"):
+        ModelConfig.from_dict({**asdict(PRESETS["tiny"]), "hiden_size": 3})
 
 
 def test_cpu_linear_takes_onednn_and_matches_f_linear_with_gradients():
     """medko's float32 CPU matmul is oneDNN's, not F.linear's: same values and gradients to float32 rounding."""
-    assert sl._ONEDNN_LINEAR, "this torch build lacks oneDNN's linear; medko would fall back to F.linear"
+    assert _ONEDNN_LINEAR, "this torch build lacks oneDNN's linear; medko would fall back to F.linear"
     torch.manual_seed(0)
     x = torch.randn(3, 5, 64, requires_grad=True)
     w = torch.randn(96, 64, requires_grad=True)
-    out = sl.linear(x, w)
+    out = linear(x, w)
     assert out.grad_fn is not None and "OneDNN" in type(out.grad_fn).__name__
     grad = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, w), grad)
@@ -112,7 +114,7 @@ def test_cpu_linear_takes_onednn_and_matches_f_linear_with_gradients():
     rx, rw = torch.autograd.grad(ref, (x, w), grad)
     for mine, theirs in ((out, ref), (gx, rx), (gw, rw)):
         assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
-    frozen = sl.linear(x, w.detach())  # a frozen weight: only the input's gradient, no saved input
+    frozen = linear(x, w.detach())  # a frozen weight: only the input's gradient, no saved input
     assert torch.autograd.grad(frozen.sum(), x)[0].shape == x.shape
 
 
@@ -124,8 +126,8 @@ def test_head_over_a_vocab_subset_equals_those_columns(tiny_model):
 
 
 def test_medko_onednn_0_turns_onednn_off():
-    probe = "import shared_logic; print(shared_logic._ONEDNN_LINEAR)"
+    probe = "import engine.model; print(engine.model._ONEDNN_LINEAR)"
     for value, expected in (("0", "False"), ("1", "True")):
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             cwd=Path(sl.__file__).parent, env={**os.environ, "MEDKO_ONEDNN": value})
+                             cwd=Path(__file__).resolve().parents[1], env={**os.environ, "MEDKO_ONEDNN": value})
         assert out.stdout.strip() == expected

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.trainer import accumulate_gradients
+import engine.trainer
 import shared_logic as sl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def stage(name: str, run_dir: Path, model_dir: Path, *args: str) -> int:
 
 
 def meta(run_dir: Path, name: str) -> dict:
-    return json.loads((run_dir / sl.STAGES[name] / "meta.json").read_text())
+    return json.loads((run_dir / sl.STAGES[name].directory / "meta.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
         assert m["status"] == "done"
         assert set(m["before"]) >= {"ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift"}
         assert all(ph["steps"] == 2 for ph in m["phases"])
-        saved = load_file(str(run_dir / sl.STAGES[name] / "adapter.safetensors"))
+        saved = load_file(str(run_dir / sl.STAGES[name].directory / "adapter.safetensors"))
         added_layers = ("layers.0.", "layers.3.") if name in ("s4", "s5") else ()  # the duplicated edges
         base_weights = [k for k in saved if ".lora_" not in k and not k.startswith("language_embedding.")
                         and not k.startswith(added_layers)]
@@ -71,8 +73,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert [ph["phase"] for ph in s4["phases"]] == ["korean", "translation"]
     assert "reasoning_compliance" in meta(run_dir, "s5")["after"]
     # A stage's saved state reloads to the same architecture and weights.
-    model, _, _ = sl.load_run_model_after(run_dir, "s5", sl.argparse.Namespace(size=None, model=str(tiny_dir),
-                                                                                    device="cpu"))
+    model, _, _ = sl.load_run_model_after(run_dir, "s5", "cpu", model=str(tiny_dir))
     assert model.config.num_layers == 4 and model.language_embedding is not None
 
     import medko
@@ -110,8 +111,10 @@ def test_guard_failure_runs_recovery_then_stops_with_the_best_state(gated_run, t
     run_dir = copy_run(gated_run, tmp_path / "failing")
     for name in ("s1_1", "s2"):
         assert stage(name, run_dir, tiny_dir) == 0
-    # A negative tolerance puts the threshold above any accuracy: the guard must fail.
-    assert stage("s3", run_dir, tiny_dir, "--tolerance", "-1", "--guard-rounds", "2") == 1
+    # A reference of 1.0 with --gate 1 and no tolerance puts the threshold above any accuracy: the guard must fail.
+    s2_meta = run_dir / "s2_embed" / "meta.json"
+    s2_meta.write_text(json.dumps({**json.loads(s2_meta.read_text()), "english_reference": 1.0}))
+    assert stage("s3", run_dir, tiny_dir, "--gate", "1", "--tolerance", "0", "--guard-rounds", "2") == 1
     err = capsys.readouterr().err
     assert "English guard failed after s3" in err and "best state" in err
     m = meta(run_dir, "s3")
@@ -130,7 +133,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
         assert stage("s1_1", run_dir, tiny_dir, "--max-steps", "4", "--english-rounds", "1") == 0
     assert stage("s2", straight, tiny_dir, "--max-steps", "4") == 0
 
-    real, calls = sl.accumulate_gradients, {"n": 0}
+    real, calls = accumulate_gradients, {"n": 0}
 
     def dies_at_step_three(*args, **kwargs):
         calls["n"] += 1
@@ -138,10 +141,10 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sl, "accumulate_gradients", dies_at_step_three)
+    monkeypatch.setattr(engine.trainer, "accumulate_gradients", dies_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         stage("s2", killed, tiny_dir, "--max-steps", "4")
-    monkeypatch.setattr(sl, "accumulate_gradients", real)
+    monkeypatch.setattr(engine.trainer, "accumulate_gradients", real)
     assert not (killed / "s2_embed" / "meta.json").exists()
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
     assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0

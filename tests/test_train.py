@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import shared_logic as sl
+from engine.errors import MedkoError
+from engine.model import Gemma3
+from engine.train_checkpoints import CHECKPOINTS, OPTIMIZER, STATE, WEIGHTS, latest_checkpoint, trainable_state
+from engine.trainer import Example, METRICS, TrainConfig, batch_at, collate, lm_examples, lr_at, set_trainable, train
 from conftest import randomize, tiny_config
 
 # A decayed matrix, a whole MLP and an undecayed norm, so both optimizer groups are exercised.
@@ -26,10 +29,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def fresh_model(patterns=PATTERNS) -> sl.Gemma3:
+def fresh_model(patterns=PATTERNS) -> Gemma3:
     torch.manual_seed(0)
-    model = randomize(sl.Gemma3(tiny_config()))
-    sl.set_trainable(model, patterns)
+    model = randomize(Gemma3(tiny_config()))
+    set_trainable(model, patterns)
     return model
 
 
@@ -49,34 +52,34 @@ def noisy_loss(model, batch):
 def examples(tiny_tokenizer):
     prompts = [f"Question {i}: what is {'x' * (i % 4)}?\nAnswer:" for i in range(10)]
     targets = [" " + "medical text " * (1 + i % 3) for i in range(10)]
-    return sl.lm_examples(tiny_tokenizer, prompts, targets, max_len=64)
+    return lm_examples(tiny_tokenizer, prompts, targets, max_len=64)
 
 
-def config(**overrides) -> sl.TrainConfig:
+def config(**overrides) -> TrainConfig:
     values = dict(max_steps=6, batch_size=2, grad_accum=2, lr=1e-2, weight_decay=0.1, warmup_steps=3,
                   min_lr_ratio=0.1, clip_norm=1.0, max_len=64, seed=5, log_every=1, save_every=2, device="cpu")
     values.update(overrides)
-    return sl.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 def only_checkpoint(out_dir: Path) -> Path:
-    entries = list((out_dir / sl.CHECKPOINTS).iterdir())
+    entries = list((out_dir / CHECKPOINTS).iterdir())
     assert len(entries) == 1, entries
     return entries[0]
 
 
 def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / sl.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines()]
 
 
 def assert_same_run(model_a, dir_a: Path, model_b, dir_b: Path) -> None:
     """Bit-identical trainable weights, optimizer state and per-step training metrics."""
-    a, b = sl.trainable_state(model_a), sl.trainable_state(model_b)
+    a, b = trainable_state(model_a), trainable_state(model_b)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    opt_a = torch.load(only_checkpoint(dir_a) / sl.OPTIMIZER, weights_only=True)
-    opt_b = torch.load(only_checkpoint(dir_b) / sl.OPTIMIZER, weights_only=True)
+    opt_a = torch.load(only_checkpoint(dir_a) / OPTIMIZER, weights_only=True)
+    opt_b = torch.load(only_checkpoint(dir_b) / OPTIMIZER, weights_only=True)
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys()
     for index, tensors in opt_a["state"].items():
@@ -93,12 +96,12 @@ def test_resume_is_bit_identical(tmp_path, examples):
     # warm-up lets the first run stop by max_steps while its warm-up still runs.
     cfg = config(min_lr_ratio=1.0)
     straight = fresh_model()
-    sl.train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
+    train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
 
-    sl.train(fresh_model(), noisy_loss, examples, replace(cfg, max_steps=2), tmp_path / "resumed")
+    train(fresh_model(), noisy_loss, examples, replace(cfg, max_steps=2), tmp_path / "resumed")
     assert only_checkpoint(tmp_path / "resumed").name == "step-00000002"
     resumed = fresh_model()
-    summary = sl.train(resumed, noisy_loss, examples, cfg, tmp_path / "resumed", resume=True)
+    summary = train(resumed, noisy_loss, examples, cfg, tmp_path / "resumed", resume=True)
     assert summary["steps"] == 6
     assert_same_run(straight, tmp_path / "straight", resumed, tmp_path / "resumed")
 
@@ -106,7 +109,7 @@ def test_resume_is_bit_identical(tmp_path, examples):
 def test_interrupt_saves_last_step_and_resumes_identically(tmp_path, examples):
     cfg = config(save_every=2)
     straight = fresh_model()
-    sl.train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
+    train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
 
     calls = 0
 
@@ -118,19 +121,19 @@ def test_interrupt_saves_last_step_and_resumes_identically(tmp_path, examples):
         return noisy_loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        sl.train(fresh_model(), interrupted_loss, examples, cfg, tmp_path / "resumed")
+        train(fresh_model(), interrupted_loss, examples, cfg, tmp_path / "resumed")
     checkpoint = only_checkpoint(tmp_path / "resumed")
     assert checkpoint.name == "step-00000003"  # step 2's periodic checkpoint was replaced
-    assert json.loads((checkpoint / sl.STATE).read_text())["step"] == 3
+    assert json.loads((checkpoint / STATE).read_text())["step"] == 3
     resumed = fresh_model()
-    sl.train(resumed, noisy_loss, examples, cfg, tmp_path / "resumed", resume=True)
+    train(resumed, noisy_loss, examples, cfg, tmp_path / "resumed", resume=True)
     assert_same_run(straight, tmp_path / "straight", resumed, tmp_path / "resumed")
 
 
 def test_accumulation_weights_every_target_token_alike(tmp_path, tiny_tokenizer):
     # Two short-target and two long-target examples: a mean per micro-batch would weight the two
     # short targets' tokens far more than the long ones'.
-    rows = sl.lm_examples(tiny_tokenizer, ["Q: a?\nA:", "Q: b?\nA:", "Q: c?\nA:", "Q: d?\nA:"],
+    rows = lm_examples(tiny_tokenizer, ["Q: a?\nA:", "Q: b?\nA:", "Q: c?\nA:", "Q: d?\nA:"],
                           [" B", " C", " long answer " * 4, " other answer " * 4], max_len=128)
     counts = [sum(e.target_mask) for e in rows]
     assert counts[0] < counts[2] // 10
@@ -140,9 +143,9 @@ def test_accumulation_weights_every_target_token_alike(tmp_path, tiny_tokenizer)
         cfg = config(max_steps=1, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0, max_len=128,
                      **overrides)
         model = fresh_model(["layers.1.mlp.*"])
-        sl.train(model, loss_fn, lambda step, micro: sl.collate(rows[micro * batch_size:(micro + 1) * batch_size]),
+        train(model, loss_fn, lambda step, micro: collate(rows[micro * batch_size:(micro + 1) * batch_size]),
                  cfg, tmp_path / name)
-        return sl.trainable_state(model)
+        return trainable_state(model)
 
     def mean_per_micro_batch(model, batch):
         loss_sum, n, extras = ce_loss(model, batch)
@@ -166,46 +169,42 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, examples, caplog):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 1 + 3 + 2
     with caplog.at_level(logging.INFO, logger="medko"):
-        summary = sl.train(model, ce_loss, examples, config(max_steps=3), tmp_path)
+        summary = train(model, ce_loss, examples, config(max_steps=3), tmp_path)
     assert "frozen" in caplog.text
     assert summary["trainable"] == sum(before[n].numel() for n in trainable)
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) != (name in trainable), name
     checkpoint = only_checkpoint(tmp_path)
-    assert sorted(load_file(str(checkpoint / sl.WEIGHTS))) == sorted(trainable)
-    optimizer = torch.load(checkpoint / sl.OPTIMIZER, weights_only=True)
+    assert sorted(load_file(str(checkpoint / WEIGHTS))) == sorted(trainable)
+    optimizer = torch.load(checkpoint / OPTIMIZER, weights_only=True)
     assert len(optimizer["state"]) == len(trainable)
     decay = {g["weight_decay"]: len(g["params"]) for g in optimizer["param_groups"]}
     assert decay == {0.1: 4, 0.0: 2}  # norm weights are never decayed
 
-    with pytest.raises(sl.MedkoError, match="no_such"):
-        sl.set_trainable(model, ["layers.*.no_such.weight"])
+    with pytest.raises(MedkoError, match="no_such"):
+        set_trainable(model, ["layers.*.no_such.weight"])
 
 
 def test_cosine_schedule_with_warmup():
-    cfg = sl.TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
-    assert [sl.lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert sl.lr_at(4, cfg) == pytest.approx(1.0)
-    assert sl.lr_at(9, cfg) == pytest.approx(0.55)
-    assert sl.lr_at(13, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
-    assert sl.lr_at(14, cfg) == pytest.approx(0.1)
-    assert sl.lr_at(7, replace(cfg, min_lr_ratio=1.0)) == 1.0
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg) == pytest.approx(1.0)
+    assert lr_at(9, cfg) == pytest.approx(0.55)
+    assert lr_at(13, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))
+    assert lr_at(14, cfg) == pytest.approx(0.1)
+    assert lr_at(7, replace(cfg, min_lr_ratio=1.0)) == 1.0
 
 
 def test_metrics_and_checkpoint_crash_safety(tmp_path, examples, monkeypatch):
     cfg = config(max_steps=4, log_every=2, save_every=2)
-    evals = iter(range(10))
     reference = fresh_model()
-    summary = sl.train(reference, ce_loss, examples, cfg, tmp_path / "reference",
-                       eval_fn=lambda model: {"score": next(evals)})
+    summary = train(reference, ce_loss, examples, cfg, tmp_path / "reference")
     lines = metrics(tmp_path / "reference")
-    assert [line["step"] for line in lines] == [0, 2, 4, 4]
-    assert lines[0] == {"step": 0, "eval_before": {"score": 0}} and lines[-1] == {"step": 4, "eval_after": {"score": 1}}
-    for line in lines[1:3]:
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
         assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "targets_per_row"} <= line.keys()
-        assert line["lr"] == sl.lr_at(line["step"] - 1, cfg)
-    assert summary["eval_before"] == {"score": 0} and summary["eval_after"] == {"score": 1}
-    assert summary["steps"] == 4 and summary["loss"] > 0 and summary["tokens"] == lines[2]["tokens"]
+        assert line["lr"] == lr_at(line["step"] - 1, cfg)
+    assert summary["steps"] == 4 and summary["loss"] > 0 and summary["tokens"] == lines[1]["tokens"]
 
     # A crash while step 4's checkpoint is half written leaves step 2's, and nothing else.
     save = torch.save
@@ -217,55 +216,55 @@ def test_metrics_and_checkpoint_crash_safety(tmp_path, examples, monkeypatch):
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
-        sl.train(fresh_model(), ce_loss, examples, cfg, tmp_path / "crashed")
+        train(fresh_model(), ce_loss, examples, cfg, tmp_path / "crashed")
     monkeypatch.setattr(torch, "save", save)
     assert only_checkpoint(tmp_path / "crashed").name == "step-00000002"
 
     # A temporary directory left by a killed save is never resumed from, however new its step.
-    leftover = tmp_path / "crashed" / sl.CHECKPOINTS / ".tmp-step-00000009-abc"
+    leftover = tmp_path / "crashed" / CHECKPOINTS / ".tmp-step-00000009-abc"
     leftover.mkdir()
-    (leftover / sl.STATE).write_text("{half")
-    assert sl.latest_checkpoint(tmp_path / "crashed").name == "step-00000002"
+    (leftover / STATE).write_text("{half")
+    assert latest_checkpoint(tmp_path / "crashed").name == "step-00000002"
     resumed = fresh_model()
-    sl.train(resumed, ce_loss, examples, cfg, tmp_path / "crashed", resume=True)
+    train(resumed, ce_loss, examples, cfg, tmp_path / "crashed", resume=True)
     assert not leftover.exists()
-    for name, tensor in sl.trainable_state(reference).items():
-        assert torch.equal(tensor, sl.trainable_state(resumed)[name]), name
+    for name, tensor in trainable_state(reference).items():
+        assert torch.equal(tensor, trainable_state(resumed)[name]), name
     # Step 4's line, logged before the crash, is dropped on resume and written once more.
     fields = ("step", "loss", "lr", "grad_norm", "tokens")
     assert [{k: m[k] for k in fields} for m in metrics(tmp_path / "crashed")] == \
-        [{k: m[k] for k in fields} for m in lines[1:3]]
+        [{k: m[k] for k in fields} for m in lines]
 
 
 def test_resume_refusals(tmp_path, examples):
-    with pytest.raises(sl.MedkoError, match="no checkpoint"):
-        sl.train(fresh_model(), ce_loss, examples, config(), tmp_path, resume=True)
-    sl.train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
-    with pytest.raises(sl.MedkoError, match="already holds"):
-        sl.train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
-    with pytest.raises(sl.MedkoError, match="'lr'.*'seed'"):
-        sl.train(fresh_model(), ce_loss, examples, config(lr=1e-3, seed=6), tmp_path, resume=True)
-    with pytest.raises(sl.MedkoError, match="lr_max"):
-        sl.TrainConfig.from_dict({"lr_max": 1.0})
+    with pytest.raises(MedkoError, match="no checkpoint"):
+        train(fresh_model(), ce_loss, examples, config(), tmp_path, resume=True)
+    train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
+    with pytest.raises(MedkoError, match="already holds"):
+        train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
+    with pytest.raises(MedkoError, match="'lr'.*'seed'"):
+        train(fresh_model(), ce_loss, examples, config(lr=1e-3, seed=6), tmp_path, resume=True)
+    with pytest.raises(MedkoError, match="lr_max"):
+        TrainConfig.from_dict({"lr_max": 1.0})
 
 
 def test_lm_examples_mask_prompts_and_truncate(tiny_tokenizer, caplog):
     tok = tiny_tokenizer
-    (qa, text), = [sl.lm_examples(tok, ["Q: 1+1?\nA:", ""], [" 2", "plain text"], max_len=64)]
+    (qa, text), = [lm_examples(tok, ["Q: 1+1?\nA:", ""], [" 2", "plain text"], max_len=64)]
     prompt = tok.encode("Q: 1+1?\nA:")
     assert qa.ids == prompt + tok.encode(" 2", bos=False) + [tok.eos_id]
     assert qa.target_mask == [False] * len(prompt) + [True] * (len(qa.ids) - len(prompt))
     assert text.ids[0] == tok.bos_id and text.target_mask == [False] + [True] * (len(text.ids) - 1)
 
     with caplog.at_level(logging.INFO, logger="medko"):
-        short = sl.lm_examples(tok, ["Q: 1+1?\nA:", "a much longer prompt that fills the window"], [" 2", " x"],
+        short = lm_examples(tok, ["Q: 1+1?\nA:", "a much longer prompt that fills the window"], [" 2", " x"],
                                max_len=len(prompt) + 1)
     assert len(short) == 1 and len(short[0].ids) == len(prompt) + 1 and sum(short[0].target_mask) == 1
     assert "truncated 2 of 2" in caplog.text and "dropped 1" in caplog.text
-    with pytest.raises(sl.MedkoError, match="max_len"):
-        sl.lm_examples(tok, ["a long prompt"], ["x"], max_len=3)
+    with pytest.raises(MedkoError, match="max_len"):
+        lm_examples(tok, ["a long prompt"], ["x"], max_len=3)
 
-    batch = sl.collate([qa, text])
+    batch = collate([qa, text])
     assert batch["input_ids"].shape == (2, max(len(qa.ids), len(text.ids)))
     assert batch["attention_mask"].sum().item() == len(qa.ids) + len(text.ids)
     assert batch["target_mask"][0].tolist()[:len(qa.ids)] == qa.target_mask
@@ -273,11 +272,11 @@ def test_lm_examples_mask_prompts_and_truncate(tiny_tokenizer, caplog):
 
 
 def test_batches_are_a_pure_function_of_seed_step_micro():
-    rows = [sl.Example([2, 100 + i], [False, True]) for i in range(6)]
-    cfg = sl.TrainConfig(batch_size=2, grad_accum=3, seed=1)
+    rows = [Example([2, 100 + i], [False, True]) for i in range(6)]
+    cfg = TrainConfig(batch_size=2, grad_accum=3, seed=1)
 
     def drawn(step, micro, c=cfg):
-        return sl.batch_at(rows, step, micro, c)["input_ids"][:, 1].tolist()
+        return batch_at(rows, step, micro, c)["input_ids"][:, 1].tolist()
 
     epoch = [i for micro in range(3) for i in drawn(0, micro)]
     assert sorted(epoch) == list(range(100, 106))  # one update here is exactly one epoch

@@ -1,0 +1,375 @@
+"""Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
+texts, pairs and instructions; KorMedMCQA; split overlap.
+
+Imports engine.errors, engine.files and engine.hub.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from engine.errors import MedkoError, log
+from engine.hub import hub_snapshot
+
+LETTERS = "ABCDE"
+KORMEDMCQA = "sean0042/KorMedMCQA"
+KORMEDMCQA_SUBSETS = ("doctor", "nurse", "pharm", "dentist")
+KORMEDMCQA_SPLITS = ("train", "dev", "test", "fewshot")
+DATA_SUFFIXES_BY_PREFERENCE = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+
+
+@dataclass
+class MCQ:
+    id: str  # stable: subset/split/row for KorMedMCQA, file stem/row otherwise, or the source's own id
+    subset: str  # doctor, nurse, pharm, dentist; the row's subject or the file's stem for other sources
+    question: str
+    options: dict[str, str]  # letter -> text, A-D or A-E in order
+    answer: str  # gold letter, one of the options
+    lang: str = "ko"  # language of question and options
+    reasoning: str = ""  # worked explanation (reasoning sources only)
+    meta: dict[str, Any] = field(default_factory=dict)  # the source's other fields: year, period, q_number, cot
+
+
+@dataclass
+class Pair:
+    src: str
+    tgt: str
+
+
+@dataclass
+class Instruction:
+    prompt: str  # instruction, then the input (if any) after a blank line
+    output: str
+
+
+class Rows(list):
+    """A loader's rows; `skipped` counts bad rows left out under skip_bad."""
+
+    skipped: int = 0
+
+
+@dataclass
+class Source:
+    """A data set on the hub or in a local file or directory, read through a field mapping.
+
+    Hub schemas change, so every field can be renamed: mapping is medko's field name -> the source's.
+    """
+
+    location: str  # hub id "owner/name", or a local file or directory
+    mapping: dict[str, str] = field(default_factory=dict)  # e.g. {"question": "q", "answer": "label"}
+    split: str = "train"  # hub split, matched against file names ({split}-*.parquet, {split}.jsonl)
+    subset: str = ""  # hub sub-directory (a config such as "doctor"); empty for none
+
+
+# Default hub sources by role (DESIGN "Data"); a local file with a mapping replaces any of them.
+SOURCES: Mapping[str, Source] = MappingProxyType({
+    "medqa": Source("GBaker/MedQA-USMLE-4-options", {"answer": "answer_idx"}),  # "answer" holds the text
+    "ko_text": Source("ChuGyouk/Asan-AMC-Healthinfo"),  # instruction/output rows: load_instructions
+    "reasoning": Source("ChuGyouk/medical-reasoning-train-kormedmcqa"),  # field names unverified: map them
+})
+
+
+def _hub_files(repo_id: str, patterns: list[str], local_hint: str) -> list[Path]:
+    root = hub_snapshot(repo_id, patterns, local_hint=local_hint)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns))
+    if not files:
+        raise MedkoError(f"{repo_id} has no files matching {patterns} in the cache or on the hub; check the "
+                         f"split and subset names, {local_hint}")
+    return files
+
+
+def source_files(source: str | Path | Source) -> list[Path]:
+    """The data files behind a source: a local file, a local directory's {split}* files, or a hub split."""
+    if not isinstance(source, Source):
+        source = Source(str(source))
+    path = Path(source.location)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = _one_format(sorted(p for p in path.rglob("*") if p.name.startswith(source.split)))
+        if not files:
+            raise MedkoError(f"{path} holds no {source.split}*.jsonl/.parquet/.csv files; check the split name")
+        return files
+    if path.suffix in DATA_SUFFIXES_BY_PREFERENCE:
+        raise MedkoError(f"{path} does not exist; check the path")
+    prefix = f"{source.subset}/" if source.subset else ""
+    patterns = [f"{prefix}*{source.split}{tail}" for tail in ("-*.parquet", ".parquet", "-*.jsonl", ".jsonl", ".csv")]
+    return _one_format(_hub_files(source.location, patterns, "or give a local file with a field mapping"))
+
+
+def _one_format(files: Sequence[Path]) -> list[Path]:
+    # A repository may hold the same split in two formats (parquet beside jsonl); read only one.
+    for suffix in DATA_SUFFIXES_BY_PREFERENCE:
+        chosen = [f for f in files if f.suffix == suffix]
+        if chosen:
+            return chosen
+    return []
+
+
+class BadRow(Exception):
+    """One unusable row; the message says what is wrong with it."""
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """(line, record) of a JSONL, parquet or CSV file; line is the row number for parquet."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield line, BadRow(f"not valid JSON ({err.msg})")
+                    continue
+                yield line, record if isinstance(record, dict) else BadRow("is not a JSON object")
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise MedkoError(f"{path} is not a readable parquet file ({err}); download or write it again") from None
+        yield from enumerate(table.to_pylist(), 1)
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for record in reader:
+                # An empty CSV cell is a missing value, so a 4-option row may leave column E empty.
+                yield reader.line_num, {k: (v if v != "" else None) for k, v in record.items()}
+    else:
+        raise MedkoError(f"{path} has an unknown file type {suffix!r}; use .jsonl, .parquet or .csv")
+
+
+def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool) -> Rows:
+    """parse(path, row index, record) over every record; a bad row stops the load, or is counted under skip_bad."""
+    rows = Rows()
+    for path in files:
+        for index, (line, record) in enumerate(read_records(path)):
+            try:
+                if isinstance(record, BadRow):
+                    raise record
+                rows.append(parse(path, index, record))
+            except BadRow as err:
+                if not skip_bad:
+                    raise MedkoError(f"{path}:{line}: {err}; fix the row, or skip bad rows with --skip-bad") from None
+                log.warning("%s:%d: %s; skipped", path, line, err)
+                rows.skipped += 1
+    if rows.skipped:
+        log.warning("skipped %d bad rows in %s", rows.skipped, ", ".join(map(str, files)))
+    return rows
+
+
+def _mapping(source: str | Path | Source, mapping: Mapping[str, str] | None, known: set[str]) -> dict[str, str]:
+    merged = {**(source.mapping if isinstance(source, Source) else {}), **(mapping or {})}
+    unknown = set(merged) - known
+    if unknown:
+        raise MedkoError(f"unknown field mapping keys {sorted(unknown)} for {source}; known keys are {sorted(known)}")
+    return merged
+
+
+def _field(record: dict[str, Any], name: str, mapping: Mapping[str, str], required: bool = True) -> Any:
+    key = mapping.get(name, name)
+    value = record.get(key)
+    if required and (value is None or str(value).strip() == ""):
+        what = f"field {key!r}" + (f" (medko's {name!r})" if key != name else "")
+        raise BadRow(f"{what} is missing or empty")
+    return value
+
+
+def _options(record: dict[str, Any], mapping: Mapping[str, str]) -> dict[str, str]:
+    raw = record.get(mapping.get("options", "options"))
+    if isinstance(raw, dict):
+        items = sorted((str(k), v) for k, v in raw.items())
+    elif isinstance(raw, list):
+        if len(raw) not in (4, 5):
+            raise BadRow(f"{len(raw)} options; a question needs 4 or 5")
+        items = list(zip(LETTERS, raw))
+    else:
+        # Columns A..E; E absent (or null) makes a four-option row.
+        items = [(letter, record.get(mapping.get(letter, letter))) for letter in LETTERS]
+        if items[-1][1] is None:
+            items.pop()
+    letters = "".join(k for k, _ in items)
+    if letters not in ("ABCD", "ABCDE"):
+        raise BadRow(f"options must be A-D or A-E, got {', '.join(k for k, _ in items) or 'none'}")
+    options = {}
+    for letter, text in items:
+        if text is None or not str(text).strip():
+            raise BadRow(f"option {letter} is missing or empty")
+        options[letter] = str(text)  # as written: the harness prompt does not strip options
+    return options
+
+
+def _answer(value: Any, letters: str) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        value = value.strip()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        # Numeric answers are 1-based, as in KorMedMCQA.
+        if not 1 <= value <= len(letters):
+            raise BadRow(f"answer {value} is out of range 1-{len(letters)}")
+        return letters[value - 1]
+    if isinstance(value, str) and len(value) == 1 and value in LETTERS:
+        if value not in letters:
+            raise BadRow(f"answer {value} is not among the options {letters[0]}-{letters[-1]}")
+        return value
+    raise BadRow(f"answer {value!r} is neither a letter A-E nor a number 1-5")
+
+
+MCQ_FIELDS = {"id", "subset", "question", "options", "answer", "reasoning", *LETTERS}
+
+
+def _mcq_parser(mapping: Mapping[str, str], lang: str, need_reasoning: bool, id_prefix: str | None = None,
+                subset: str | None = None) -> Callable[[Path, int, dict[str, Any]], MCQ]:
+    used = {mapping.get(name, name) for name in MCQ_FIELDS} | {"subject"}
+
+    def parse(path: Path, index: int, record: dict[str, Any]) -> MCQ:
+        question = _field(record, "question", mapping)
+        options = _options(record, mapping)
+        answer = _answer(_field(record, "answer", mapping), "".join(options))
+        reasoning = _field(record, "reasoning", mapping, required=need_reasoning) or ""
+        row_subset = subset or _field(record, "subset", mapping, required=False) or record.get("subject") or path.stem
+        row_id = _field(record, "id", mapping, required=False)
+        if row_id is None:
+            row_id = f"{id_prefix or path.stem}/{index:04d}"
+        meta = {k: v for k, v in record.items() if k not in used}
+        return MCQ(str(row_id), str(row_subset), str(question), options, answer, lang, str(reasoning), meta)
+
+    return parse
+
+
+def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
+                  skip_bad: bool = False) -> Rows:
+    """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source).
+
+    Options are columns A..E or an `options` dict/list (MedQA); the answer is a letter or a 1-based number.
+    """
+    mapping = _mapping(source, mapping, MCQ_FIELDS)
+    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=False), skip_bad)
+
+
+def load_reasoning(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "ko",
+                   skip_bad: bool = False) -> Rows:
+    """Multiple-choice rows that carry a worked `reasoning` text (s5)."""
+    mapping = _mapping(source, mapping, MCQ_FIELDS)
+    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=True), skip_bad)
+
+
+def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
+                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False) -> Rows:
+    """KorMedMCQA rows with ids subset/split/row, from the hub or a local directory.
+
+    A local directory is laid out like the hub: {subset}/{split}*.parquet or {subset}/{split}*.jsonl.
+    """
+    subsets = [subsets] if isinstance(subsets, str) else list(subsets)
+    unknown = [s for s in subsets if s not in KORMEDMCQA_SUBSETS]
+    if unknown or split not in KORMEDMCQA_SPLITS:
+        raise MedkoError(f"unknown KorMedMCQA subset {unknown} or split {split!r}; subsets are "
+                         f"{list(KORMEDMCQA_SUBSETS)} and splits {list(KORMEDMCQA_SPLITS)}")
+    hint = "or pass a local directory laid out {subset}/{split}.jsonl (data/kormedmcqa is one)"
+    if source == "hub":
+        files = _hub_files(KORMEDMCQA, [f"{s}/{split}-*.parquet" for s in subsets], hint)
+        root = files[0].parents[1]
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise MedkoError(f"KorMedMCQA source {root} is not a directory; {hint}")
+    rows = Rows()
+    for subset in subsets:
+        files = _one_format(sorted((root / subset).glob(f"{split}*")))
+        if not files:
+            raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
+        parser = _mcq_parser({}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
+        part = _parse_files(files, parser, skip_bad)
+        rows.extend(_drop_repeats(part, f"{subset}/{split}"))
+        rows.skipped += part.skipped
+    return rows
+
+
+def _drop_repeats(rows: list[MCQ], where: str) -> list[MCQ]:
+    # The hub has held one split twice (a re-upload beside the original shard); keep the first copy.
+    seen, kept = set(), []
+    for row in rows:
+        key = (row.question, tuple(row.options.items()), row.answer)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    if len(kept) < len(rows):
+        log.warning("%s: dropped %d repeated rows", where, len(rows) - len(kept))
+    return kept
+
+
+def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False) -> Rows:
+    """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block."""
+    if isinstance(source, Source):
+        field = source.mapping.get("text", field)
+    rows = Rows()
+    for path in source_files(source):
+        if path.suffix == ".txt":
+            rows.extend(block.strip() for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+                        if block.strip())
+        else:
+            part = _parse_files([path], lambda p, i, r: str(_field(r, "text", {"text": field})), skip_bad)
+            rows.extend(part)
+            rows.skipped += part.skipped
+    return rows
+
+
+def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False) -> Rows:
+    """Parallel text pairs from the fields src and tgt of each row."""
+    mapping = source.mapping if isinstance(source, Source) else {}
+    return _parse_files(source_files(source), lambda p, i, r: Pair(str(_field(r, src, mapping)),
+                                                                    str(_field(r, tgt, mapping))), skip_bad)
+
+
+def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | None = None,
+                      skip_bad: bool = False) -> Rows:
+    """Instruction rows: instruction, optional input, output."""
+    mapping = _mapping(source, mapping, {"instruction", "input", "output"})
+
+    def parse(path: Path, index: int, record: dict[str, Any]) -> Instruction:
+        prompt = str(_field(record, "instruction", mapping))
+        extra = _field(record, "input", mapping, required=False)
+        return Instruction(f"{prompt}\n\n{extra}" if extra else prompt, str(_field(record, "output", mapping)))
+
+    return _parse_files(source_files(source), parse, skip_bad)
+
+
+def normalize_question(text: str) -> str:
+    """Question text for overlap checks: NFKC, lower case, punctuation as spaces, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    return " ".join(text.split())
+
+
+def split_overlap(splits: Mapping[str, Sequence[MCQ]]) -> dict[str, list[tuple[str, str]]]:
+    """For every pair of splits ("train/test", ...), the (id, id) pairs whose normalised questions are equal."""
+    index = {name: {} for name in splits}
+    for name, rows in splits.items():
+        for row in rows:
+            index[name].setdefault(normalize_question(row.question), []).append(row.id)
+    names = list(splits)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"{a}/{b}"] = [(x, y) for key, ids in index[a].items() for x in ids for y in index[b].get(key, ())]
+    return out
+
+
+def mcq_record(row: MCQ) -> dict[str, Any]:
+    return {"id": row.id, "subset": row.subset, "question": row.question, **row.options, "answer": row.answer,
+            **({"reasoning": row.reasoning} if row.reasoning else {})}

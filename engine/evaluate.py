@@ -1,0 +1,275 @@
+"""The multiple-choice evaluator (lm-evaluation-harness kormedmcqa prompt and extraction) and translation.
+
+Imports engine.errors, engine.files, engine.model, engine.tokenizer, engine.data and engine.generate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from engine.data import LETTERS, MCQ
+from engine.errors import MedkoError
+from engine.files import write_json_atomic
+from engine.generate import generate, left_pad
+from engine.model import Gemma3, model_device
+from engine.tokenizer import Tokenizer, chat_prompt
+
+ANSWER_CUE = {"ko": "정답：", "en": "Answer:"}  # lm-eval's Korean cue ends in a full-width colon, U+FF1A
+# lm-eval kormedmcqa generation_kwargs.until; Gemma's <eos> and <end_of_turn> also end generation.
+STOP_STRINGS = ("Q:", "</s>", "<|im_end|>", ".", "\n\n")
+# The KorMedMCQA paper's extraction cascade: first pattern that matches, last match wins. Two choices
+# of ours: the first class also takes the full-width colon of our prompt (so "정답：C, A는..." gives C),
+# and no IGNORECASE (lm-eval's copy has it), so the article "a" is never read as an answer.
+# Python's \b is Unicode-aware: Hangul is a word character, so "C입니다" and "정답은C" give no match.
+ANSWER_PATTERNS = [re.compile(p) for p in (r"정답[:：\s]*([ABCDE])", r"정답은\s*([ABCDE])\s*입니다",
+                                           r"\b([ABCDE])\.", r"\b([ABCDE])\b")]
+
+
+def _check_lang(lang: str) -> None:
+    if lang not in ANSWER_CUE:
+        raise MedkoError(f"unknown language {lang!r}; use 'ko' or 'en'")
+
+
+def question_block(row: MCQ, lang: str) -> str:
+    """lm-eval's kormedmcqa doc_to_text: question, one line per option, then the answer cue."""
+    lines = [row.question.strip()] + [f"{letter}. {text}" for letter, text in row.options.items()]
+    return "\n".join(lines) + "\n" + ANSWER_CUE[lang]
+
+
+def mcq_prompt(row: MCQ, lang: str = "ko", chat: bool = False, fewshot: Sequence[MCQ] = ()) -> str:
+    """The harness prompt; few-shot examples come first as complete blocks "...정답： C\\n\\n"."""
+    _check_lang(lang)
+    # lm-eval's kormedmcqa fewshot_config puts the answer and "\n\n" into doc_to_text with an empty
+    # doc_to_target, so its sampler adds neither target_delimiter nor fewshot_delimiter.
+    shots = "".join(f"{question_block(ex, lang)} {ex.answer}\n\n" for ex in fewshot)
+    text = shots + question_block(row, lang)
+    return chat_prompt(text) if chat else text
+
+
+def letter_token_ids(tokenizer: Tokenizer, chat: bool) -> list[int]:
+    """The token of each answer letter as the model would write it next.
+
+    After a raw prompt the answer follows a space ("정답： C", as in the few-shot blocks and lm-eval's
+    target_delimiter " "), so "▁C"; at the start of a chat model turn there is no space, so "C".
+    """
+    ids = []
+    for letter in LETTERS:
+        pieces = tokenizer.encode(letter if chat else f" {letter}", bos=False)
+        if len(pieces) != 1:
+            raise MedkoError(f"answer letter {letter!r} is {len(pieces)} tokens in this tokenizer, not one; "
+                             f"use --mode generate")
+        ids.append(pieces[0])
+    return ids
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer letter in a generation, or None (counted wrong, never guessed)."""
+    for pattern in ANSWER_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1]
+    return None
+
+
+@torch.no_grad()
+def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], chat: bool = False,
+                  batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """Next-token logits of A..E after each prompt [N, 5]: one forward per prompt, in length-sorted batches.
+
+    Only the last position's five letter logits are computed, so no [T x vocab] or [N x vocab] logits are built.
+    """
+    from tqdm import tqdm
+
+    letters = torch.tensor(letter_token_ids(tokenizer, chat), device=model_device(model))
+    encoded = tokenizer.encode_batch(prompts)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    scores = torch.empty(len(encoded), len(LETTERS))
+    for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch", disable=not progress,
+                      file=sys.stderr):
+        chunk = order[start:start + batch_size]
+        ids, mask = left_pad([encoded[i] for i in chunk], tokenizer.pad_id, model_device(model))
+        hidden = model(ids, mask, return_logits=False).hidden[:, -1]  # left padding: last slot is real
+        scores[chunk] = model.logits(hidden, letters).float().cpu()
+    return scores
+
+
+@dataclass
+class Report:
+    model: str  # name or path of the model scored
+    mode: str  # logits or generate
+    lang: str  # prompt language
+    chat: bool  # prompts wrapped in Gemma's chat turns
+    fewshot: list[str]  # ids of the few-shot examples available (each question uses its subset's)
+    n: int
+    accuracy: float  # micro-average over all questions
+    subsets: dict[str, dict[str, float]]  # subset -> {"n", "accuracy"}
+    macro_f1: float  # mean F1 over the letters that occur as gold or prediction
+    format_compliance: float | None  # generate: fraction with an extracted letter; None in logits mode
+    seconds: float
+    questions_per_second: float
+    predictions: list[dict[str, Any]]  # input order: id, subset, gold, pred (letter or None), correct[, output]
+
+
+def macro_f1(gold: Sequence[str], pred: Sequence[str | None]) -> float:
+    labels = sorted(set(gold) | {p for p in pred if p})
+    scores = []
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(gold, pred))
+        fp = sum(g != label and p == label for g, p in zip(gold, pred))
+        fn = sum(g == label and p != label for g, p in zip(gold, pred))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str = "logits", lang: str = "ko",
+             chat: bool = False, fewshot: Sequence[MCQ] = (), batch_size: int = 16, max_new_tokens: int = 32,
+             progress: bool = True, model_name: str = "") -> Report:
+    """Scores multiple-choice rows with the harness prompt.
+
+    logits: the highest next-token logit among the row's letters. generate: greedy decoding cut at
+    lm-eval's stop strings, then the extraction cascade. A question gets the few-shot examples of its own
+    subset when there are any, else all of them.
+    """
+    _check_lang(lang)
+    if mode not in ("logits", "generate"):
+        raise MedkoError(f"unknown evaluation mode {mode!r}; use 'logits' or 'generate'")
+    if not rows:
+        raise MedkoError("no questions to evaluate; check the data source and split")
+    start = time.perf_counter()
+    prompts = [mcq_prompt(r, lang, chat, [f for f in fewshot if f.subset == r.subset] or fewshot) for r in rows]
+    outputs: list[str] | None = None
+    if mode == "logits":
+        scores = letter_scores(model, tokenizer, prompts, chat, batch_size, progress)
+        present = torch.tensor([[letter in r.options for letter in LETTERS] for r in rows])
+        best = scores.masked_fill(~present, float("-inf")).argmax(-1).tolist()
+        preds: list[str | None] = [LETTERS[i] for i in best]
+    else:
+        outputs = generate(model, tokenizer, prompts, max_new_tokens, STOP_STRINGS, batch_size, progress)
+        preds = [extract_answer(o) for o in outputs]
+    seconds = time.perf_counter() - start
+    predictions = [{"id": r.id, "subset": r.subset, "gold": r.answer, "pred": p, "correct": p == r.answer}
+                   for r, p in zip(rows, preds)]
+    if outputs is not None:
+        for entry, output in zip(predictions, outputs):
+            entry["output"] = output
+    subsets: dict[str, dict[str, float]] = {}
+    for entry in predictions:
+        stats = subsets.setdefault(entry["subset"], {"n": 0, "correct": 0})
+        stats["n"] += 1
+        stats["correct"] += entry["correct"]
+    subsets = {name: {"n": s["n"], "accuracy": s["correct"] / s["n"]} for name, s in sorted(subsets.items())}
+    n = len(rows)
+    return Report(
+        model=model_name, mode=mode, lang=lang, chat=chat, fewshot=[f.id for f in fewshot], n=n,
+        accuracy=sum(e["correct"] for e in predictions) / n, subsets=subsets,
+        macro_f1=macro_f1([r.answer for r in rows], preds),
+        format_compliance=sum(p is not None for p in preds) / n if mode == "generate" else None,
+        seconds=seconds, questions_per_second=n / seconds if seconds > 0 else float("inf"), predictions=predictions)
+
+
+def agreement(a: Report | Mapping[str, Any], b: Report | Mapping[str, Any]) -> float:
+    """Fraction of the shared ids whose predictions are equal (logits vs generate, Korean vs English)."""
+    preds_a, preds_b = ({e["id"]: e["pred"] for e in (r.predictions if isinstance(r, Report) else r["predictions"])}
+                        for r in (a, b))
+    shared = preds_a.keys() & preds_b.keys()
+    if not shared:
+        raise MedkoError("the two reports share no question ids; compare reports of the same (parallel) rows")
+    return sum(preds_a[i] == preds_b[i] for i in shared) / len(shared)
+
+
+def write_report(report: Report, path: str | Path) -> None:
+    write_json_atomic(asdict(report), path)
+
+
+def format_table(report: Report) -> str:
+    """Subset, n and accuracy, one line each, then the micro-average."""
+    lines = [f"{'subset':<12}{'n':>6}{'accuracy':>10}"]
+    lines += [f"{name:<12}{s['n']:>6}{s['accuracy']:>10.4f}" for name, s in report.subsets.items()]
+    lines.append(f"{'all':<12}{report.n:>6}{report.accuracy:>10.4f}")
+    return "\n".join(lines)
+
+
+LANG_NAMES = {"ko": "Korean", "en": "English"}
+# Two fixed examples show a base model the format; generation stops at the end of the line.
+TRANSLATION_EXAMPLES = [
+    {"ko": "만성 신장병 환자에서는 칼륨 섭취를 제한해야 한다.",
+     "en": "Patients with chronic kidney disease should limit their potassium intake."},
+    {"ko": "다음 중 가장 적절한 초기 치료는?", "en": "Which of the following is the most appropriate initial treatment?"},
+]
+
+
+def translation_prompt(text: str, to: str, chat: bool = False) -> str:
+    if to not in LANG_NAMES:
+        raise MedkoError(f"unknown target language {to!r}; use 'en' or 'ko'")
+    src = "ko" if to == "en" else "en"
+    if chat:
+        return chat_prompt(f"Translate this {LANG_NAMES[src]} medical text into {LANG_NAMES[to]}. "
+                           f"Reply with the translation only.\n\n{text}")
+    shots = "".join(f"{LANG_NAMES[src]}: {ex[src]}\n{LANG_NAMES[to]}: {ex[to]}\n\n" for ex in TRANSLATION_EXAMPLES)
+    return f"{shots}{LANG_NAMES[src]}: {text}\n{LANG_NAMES[to]}:"
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    cache: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                cache[entry["key"]] = entry["out"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # the last line of an interrupted write; that text is translated again
+    return cache
+
+
+def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str = "en",
+              cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 256,
+              progress: bool = False, *, model_id: str, chat: bool = False) -> list[str]:
+    """Greedy translations, line by line (so a line break stops a base model without losing text).
+
+    Each line is cached under sha256(prompt + model_id) in a JSONL file appended after every batch, so
+    an interrupted run resumes where it stopped. model_id must change whenever the weights do.
+    """
+    from tqdm import tqdm
+
+    cache_path = Path(cache_path) if cache_path else None
+    cache = _read_cache(cache_path) if cache_path else {}
+    split = [text.split("\n") for text in texts]
+    prompts = {line.strip(): translation_prompt(line.strip(), to, chat) for lines in split for line in lines
+               if line.strip()}
+    keys = {line: hashlib.sha256(f"{p}\0{model_id}".encode()).hexdigest() for line, p in prompts.items()}
+    # Longest first, so each batch holds lines of similar length.
+    todo = sorted((line for line in prompts if keys[line] not in cache), key=lambda s: -len(s))
+    bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not progress, file=sys.stderr)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        outs = generate(model, tokenizer, [prompts[line] for line in chunk], max_new_tokens, ["\n"], batch_size)
+        entries = [{"key": keys[line], "src": line, "out": out.strip()} for line, out in zip(chunk, outs)]
+        cache.update((e["key"], e["out"]) for e in entries)
+        if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with cache_path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+        bar.update(len(chunk))
+    bar.close()
+    return ["\n".join(cache[keys[line.strip()]] if line.strip() else line for line in lines) for lines in split]
+
+
+def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to: str = "en",
+                   **kwargs: Any) -> list[MCQ]:
+    """The rows with question and options translated; ids, answers and meta unchanged."""
+    texts = [t for r in rows for t in (r.question, *r.options.values())]
+    done = iter(translate(model, tokenizer, texts, to, **kwargs))
+    out = []
+    for row in rows:
+        question = next(done)
+        options = {letter: next(done) for letter in row.options}
+        out.append(replace(row, question=question, options=options, lang=to))
+    return out

@@ -1,0 +1,363 @@
+"""The training loop: TrainConfig, LM examples and batches, trainable parameters, the optimizer, and train().
+
+Imports engine.errors, engine.model, engine.tokenizer and engine.train_checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from engine.errors import MedkoError, log
+from engine.files import write_text_atomic
+from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
+from engine.tokenizer import Tokenizer
+from engine.train_checkpoints import (
+    CHECKPOINTS,
+    _rng_state,
+    _set_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer updates; the only field that may change on resume
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer update
+    lr: float = 1e-4  # peak learning rate, reached at the end of warm-up
+    weight_decay: float = 0.0  # AdamW decay of matrices; vectors, norms and embeddings are never decayed
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio; 1.0 keeps lr constant
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 turns clipping off
+    max_len: int = 512  # tokens per example; longer batches are refused
+    seed: int = 0  # data order and torch RNG (dropout) of a fresh run
+    log_every: int = 10  # steps between metrics.jsonl lines
+    save_every: int = 100  # steps between checkpoints; one is also written at the end
+    gradient_checkpointing: bool = False  # recompute each layer in backward to save activation memory
+    device: str = "auto"  # "auto" is cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every")
+        bad = [name for name in positive if getattr(self, name) < 1]
+        if bad:
+            raise MedkoError(f"train config fields {bad} must be at least 1; fix them")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise MedkoError(f"train config min_lr_ratio is {self.min_lr_ratio}; give a value in [0, 1]")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return strict_config(cls, values, "train config")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of update `step` (0-based): linear warm-up, then cosine down to lr * min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Example:
+    ids: list[int]  # BOS, prompt tokens, target tokens, EOS
+    target_mask: list[bool]  # True where the token itself is a target; BOS and prompt tokens are not
+
+
+def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                max_len: int) -> list[Example]:
+    """Language-modelling examples: the targets, and EOS after them, are learned; the prompts are context.
+
+    Plain text is a target with prompt "". An example longer than max_len loses its end; one left with
+    no target token is dropped. Both are counted and logged.
+    """
+    if len(prompts) != len(targets):
+        raise MedkoError(f"lm_examples got {len(prompts)} prompts but {len(targets)} targets; "
+                         f"pass one of each per example")
+    # Prompt and target are encoded apart, as at inference, where the prompt is encoded alone.
+    prompt_ids = tokenizer.encode_batch(prompts)
+    target_ids = tokenizer.encode_batch(targets, bos=False)
+    examples, truncated, dropped = [], 0, 0
+    for prompt, target in zip(prompt_ids, target_ids):
+        ids = prompt + target + [tokenizer.eos_id]
+        mask = [False] * len(prompt) + [True] * (len(target) + 1)
+        if len(ids) > max_len:
+            truncated += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask):
+            dropped += 1
+            continue
+        examples.append(Example(ids, mask))
+    if truncated:
+        log.info("lm_examples: truncated %d of %d examples to max_len %d tokens; dropped %d left with no target",
+                 truncated, len(prompt_ids), max_len, dropped)
+    if not examples:
+        raise MedkoError(f"every example's prompt fills max_len {max_len}; raise max_len or shorten the prompts")
+    return examples
+
+
+def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Right-padded {input_ids, attention_mask, target_mask}; target_mask[b, t] marks token t as a target.
+
+    A loss therefore compares logits[:, :-1] with input_ids[:, 1:] where target_mask[:, 1:] is set.
+    """
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)  # pad slots are masked, so any id works
+    attention = torch.zeros(len(examples), width, dtype=torch.bool)
+    targets = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        attention[i, :len(e.ids)] = True
+        targets[i, :len(e.ids)] = torch.tensor(e.target_mask, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": attention, "target_mask": targets}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Micro-batch `micro` of update `step`: a pure function of (seed, step, micro), so resume repeats it.
+
+    The examples are read as one endless stream, each epoch a fresh permutation seeded by (seed, epoch).
+    """
+    n = len(examples)
+    first = (step * config.grad_accum + micro) * config.batch_size
+    positions = range(first, first + config.batch_size)
+    return collate([examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions])
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Trains exactly the parameters whose names match a pattern (fnmatch, e.g. "layers.*.lora_*"); freezes the rest."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise MedkoError(f"trainable patterns {unmatched} match no parameter; names look like {names[:3]}")
+    chosen = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        if param.requires_grad:
+            chosen.append(name)
+    return chosen
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Shrinking gains, biases or (language) embeddings toward zero changes what they mean, not their size.
+    return param.ndim < 2 or "norm" in name or "embed" in name
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only, matrices decayed, everything else not."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise MedkoError("the model has no trainable parameters; call set_trainable(model, patterns) first")
+    groups = [{"params": [p for n, p in params if not _no_decay(n, p)], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in params if _no_decay(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+# loss_fn(model, batch) -> (sum of the loss over target tokens, number of target tokens, extra metrics)
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, Any]]]
+BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
+METRICS = "metrics.jsonl"
+
+
+def _append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(out_dir: Path, step: int) -> None:
+    """Drops lines logged after the checkpoint being resumed, and a line cut off by a crash."""
+    path = out_dir / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    write_text_atomic("".join(kept), path)
+
+
+def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[dict[str, torch.Tensor]],
+                         autocast: contextlib.AbstractContextManager) -> tuple[float, int, dict[str, list[float]]]:
+    """Backward over the micro-batches of one update; returns (loss sum, target tokens, extras per micro-batch).
+
+    Every micro-batch's loss sum is divided by the target tokens of all of them, counted before any
+    forward pass, so an update weights each target token alike however the tokens fall into micro-batches.
+    """
+    counts = [int(b["target_mask"].sum()) for b in batches]
+    total = sum(counts)
+    if total == 0:
+        raise MedkoError("an accumulated batch has no target tokens; check the target masks of the training data")
+    loss, extras = 0.0, {}
+    for batch, count in zip(batches, counts):
+        with autocast:
+            loss_sum, n_targets, metrics = loss_fn(model, batch)
+        if int(n_targets) != count:
+            raise MedkoError(f"loss_fn counted {int(n_targets)} targets where the batch's target_mask holds "
+                             f"{count}; a loss must sum over the target_mask tokens")
+        (loss_sum / total).backward()
+        loss += float(loss_sum.detach())
+        for key, value in metrics.items():
+            extras.setdefault(key, []).append(float(value))
+    return loss, total, extras
+
+
+def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Example] | BatchFn,
+          config: TrainConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Trains the model's trainable parameters for config.max_steps updates and returns a summary.
+
+    Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
+    then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
+    divided by the target tokens of the whole accumulated batch. Ctrl-C saves a checkpoint at the last
+    completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
+    targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    compute_dtype(device, model_dtype(model))  # refuses fp16 weights
+    model.to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    optimizer = make_optimizer(model, config)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable, frozen = parameter_counts(model)
+    log.info("training %s parameters in %d tensors; %s frozen", f"{trainable:,}", len(trainable_names), f"{frozen:,}")
+    if callable(examples_or_batch_fn):
+        next_batch = examples_or_batch_fn
+    else:
+        examples = list(examples_or_batch_fn)
+        if not examples:
+            raise MedkoError("train got no examples; check the data files of this stage")
+        next_batch = functools.partial(batch_at, examples, config=config)
+
+    for leftover in (out_dir / CHECKPOINTS).glob(".tmp-*"):
+        log.info("removing %s, left by an interrupted checkpoint save", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = latest_checkpoint(out_dir)
+    if resume:
+        if found is None:
+            raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
+        state = load_checkpoint(found, model, optimizer, asdict(config))
+        _set_rng_state(state["rng"])
+        _trim_metrics(out_dir, state["step"])
+        log.info("resumed from %s at step %d", found, state["step"])
+    else:
+        if found is not None:
+            raise MedkoError(f"{out_dir} already holds checkpoint {found.name}; "
+                             f"pass --resume or choose a new directory")
+        torch.manual_seed(config.seed)
+        (out_dir / METRICS).write_text("")
+        state = {"step": 0, "tokens": 0, "targets": 0, "elapsed": 0.0, "loss": None, "metrics": {}}
+
+    from tqdm import tqdm
+
+    step = saved_step = state["step"]
+    run_start, run_tokens, earlier_seconds = time.perf_counter(), 0, state["elapsed"]
+    window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": run_start, "extras": {}}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def save(at: int) -> None:
+        nonlocal saved_step
+        state.update(step=at, config=asdict(config), trainable=trainable_names,
+                     elapsed=earlier_seconds + time.perf_counter() - run_start)
+        path = save_checkpoint(out_dir, at, model, optimizer, state)
+        saved_step = at
+        log.info("saved %s", path)
+
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr)
+    updating = False
+    try:
+        while step < config.max_steps:
+            batches = [{k: v.to(device) for k, v in next_batch(step, m).items()} for m in range(config.grad_accum)]
+            width = max(b["input_ids"].shape[1] for b in batches)
+            if width > config.max_len:
+                raise MedkoError(f"a batch of step {step} is {width} tokens long but max_len is {config.max_len}; "
+                                 f"build the examples with the same max_len")
+            step_loss, total, extras = accumulate_gradients(model, loss_fn, batches, autocast)
+            for key, values in extras.items():
+                window["extras"].setdefault(key, []).extend(values)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+            updating = True  # an interrupt from here to the end of the update leaves no consistent state
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.clip_norm or math.inf))
+            if not math.isfinite(grad_norm):
+                raise MedkoError(f"the gradient norm at step {step} is {grad_norm}; lower lr or check the data, "
+                                 f"then resume from the last checkpoint")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["tokens"] += tokens
+            state["targets"] += total
+            state["loss"] = step_loss / total
+            state["rng"] = _rng_state()
+            updating = False
+
+            run_tokens += tokens
+            window["loss"] += step_loss
+            window["targets"] += total
+            window["tokens"] += tokens
+            now = time.perf_counter()
+            speed = window["tokens"] / max(now - window["start"], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['loss']:.4f}", tok_s=f"{speed:.0f}")
+            if step % config.log_every == 0 or step == config.max_steps:
+                record = {"step": step, "loss": window["loss"] / window["targets"], "lr": lr, "grad_norm": grad_norm,
+                          "tokens": state["tokens"], "tokens_per_s": speed,
+                          "elapsed": earlier_seconds + now - run_start}
+                record.update({k: sum(v) / len(v) for k, v in window["extras"].items()})
+                _append_metrics(out_dir, record)
+                state["metrics"] = record
+                window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
+            if step % config.save_every == 0 or step == config.max_steps:
+                save(step)
+    except KeyboardInterrupt:
+        if updating:
+            log.info("interrupted inside the update of step %d, which is not saved", step)
+        elif step > saved_step:
+            save(step)
+        log.info("interrupted after step %d; resume to continue", step)
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    seconds = time.perf_counter() - run_start
+    return {"steps": step, "loss": state["loss"], "tokens": state["tokens"], "targets": state["targets"],
+            "seconds": seconds, "tokens_per_s": run_tokens / max(seconds, 1e-9), "trainable": trainable}
+
+
+def text_examples(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[Example]:
+    return lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)

@@ -1,0 +1,79 @@
+"""The layout DESIGN.md fixes: engine/ imports point one way without cycles, stage scripts are short recipes that
+import only shared_logic, run.sh follows the one stage table, and no module grows into two concerns."""
+import ast
+import re
+from pathlib import Path
+
+import shared_logic as sl
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = sorted(p for p in (ROOT / "engine").glob("*.py") if p.name != "__init__.py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth of the file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A chain of imports that returns to its start, or None."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return path[path.index(name):] + [name]
+        if name in done:
+            return None
+        for dep in sorted(graph.get(name, ())):
+            found = visit(dep, path + [name])
+            if found:
+                return found
+        done.add(name)
+        return None
+
+    return next((c for c in (visit(n, []) for n in sorted(graph)) if c), None)
+
+
+def test_engine_imports_nothing_above_it_and_has_no_cycles():
+    graph = {}
+    for path in ENGINE:
+        modules = imported_modules(path)
+        above = sorted(m for m in modules if m.split(".")[0] in ("shared_logic", "stages", "medko"))
+        assert not above, f"{path.name} imports {above}"
+        graph[path.stem] = {m.split(".")[1] for m in modules if m.startswith("engine.")}
+    assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_stage_scripts_are_short_recipes_that_import_only_shared_logic():
+    for stage in sl.STAGE_TABLE:
+        path = ROOT / "stages" / f"{stage.directory}.py"
+        text = path.read_text()
+        assert len(text.splitlines()) <= 60, f"{path.name} has {len(text.splitlines())} lines"
+        ours = {m for m in imported_modules(path) if m.split(".")[0] in ("engine", "medko")}
+        assert not ours, f"{path.name} imports {ours}; stages import only shared_logic"
+        assert f'@sl.stage_script("{stage.name}"' in text, path.name
+    assert sorted(p.stem for p in (ROOT / "stages").glob("s*.py")) == sorted(s.directory for s in sl.STAGE_TABLE)
+
+
+def test_run_sh_runs_the_stage_table_in_order():
+    run_sh = (ROOT / "run.sh").read_text()
+    order = re.findall(r"^\s*stage (s\w+) (S\w+_ARGS)", run_sh, re.M)
+    assert [d for d, _ in order] == [s.directory for s in sl.STAGE_TABLE]
+    assert [a for _, a in order] == [f"{s.name.upper()}_ARGS" for s in sl.STAGE_TABLE]
+
+
+def test_no_module_is_two_concerns():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in ENGINE}
+    assert all(n <= 450 for n in sizes.values()), sizes
+    assert len((ROOT / "shared_logic.py").read_text().splitlines()) <= 850
