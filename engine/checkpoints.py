@@ -1,6 +1,6 @@
 """Base checkpoints in Hugging Face layout: key names, strict loading, and the model named by --size/--model.
 
-Imports engine.errors, engine.model, engine.adapters, engine.tokenizer, engine.hub and engine.embedded_270m.
+Imports engine.errors, engine.model, engine.hub, engine.tokenizer, engine.adapters and engine.embedded_270m.
 """
 from __future__ import annotations
 

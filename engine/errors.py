@@ -1,6 +1,6 @@
 """medko's one error type and its logger.
 
-Imports nothing of medko's; every other module may import it.
+Imports nothing of medko's.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Export of a run's model as a plain Gemma 3 checkpoint.
 
-Imports engine.errors, engine.model and engine.adapters.
+Imports engine.errors, engine.files, engine.model and engine.adapters.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Files and directories written whole or not at all (one helper, atomic_write, and its JSON/JSONL/text uses),
 JSON reading and sha256.
 
-Imports only engine.errors.
+Imports nothing of medko's.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The training loop: TrainConfig, LM examples and batches, trainable parameters, the optimizer, and train().
 
-Imports engine.errors, engine.model, engine.tokenizer and engine.train_checkpoints.
+Imports engine.errors, engine.files, engine.model, engine.tokenizer and engine.train_checkpoints.
 """
 from __future__ import annotations
 
