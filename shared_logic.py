@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,7 @@ from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, load_instruction
                          load_pairs, load_reasoning, load_texts)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, write_report
-from engine.files import atomic_write, read_json, write_json_atomic, write_text_atomic
+from engine.files import atomic_write, hold_lock, read_json, write_json_atomic, write_text_atomic
 from engine.generate import generate
 from engine.losses import causal_lm_loss, layer_loss, letter_loss
 from engine.model import Gemma3, model_device
@@ -437,14 +438,37 @@ class StageRun:
         self._data: RunData | None = None
         self._base: dict[str, Any] | None = None
         self._start = time.perf_counter()
+        self._lock, self._made = None, []  # the stage's lock file; the directories this process made
 
     def start(self) -> None:
-        """Checks the stage order and makes the stage directory; seeds surgery (LoRA's A) so a run starts alike."""
+        """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
+        directory; seeds surgery (LoRA's A) so a run starts alike."""
+        made_run = not self.run_dir.exists()
+        self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
+        self._made = [self.run_dir] if made_run else []
         require_previous(self.run_dir, self.stage)
+        meta = stage_meta(self.run_dir, self.stage)
+        if self.opts.resume and meta is not None:
+            raise MedkoError(f"{self.stage} already ended in {self.out} with status {meta.get('status')!r}; --resume "
+                             f"continues only an interrupted stage: delete {self.out} and the stages after it to "
+                             f"train it again")
         if self.out.exists() and not self.opts.resume:
             raise MedkoError(f"{self.out} exists; pass --resume to continue it or delete it to start the stage over")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.out.exists():
+            self._made.append(self.out)
+            self.out.mkdir()
         torch.manual_seed(self.opts.seed)
+
+    def discard(self) -> bool:
+        """After a refusal or failure: removes the directories this process made when they hold nothing to
+        resume (no checkpoint, meta.json or translation cache), so the next command starts clean."""
+        if self.out not in self._made or any(self.out.glob("*/checkpoints/step-*")) or any(
+                (self.out / name).exists() for name in ("meta.json", "translations.jsonl")):
+            return False
+        shutil.rmtree(self.out, ignore_errors=True)
+        if self.run_dir in self._made and list(self.run_dir.iterdir()) == [Path(self._lock.name)]:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return True
 
     @property
     def data(self) -> RunData:
@@ -599,8 +623,19 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 run.start()
                 recipe(run)
             except MedkoError as err:
+                run.discard()
                 print(f"medko: {err}", file=sys.stderr)
                 return 1
+            except KeyboardInterrupt:
+                kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
+                print(f"medko: {stage} interrupted; {kept}", file=sys.stderr)
+                return 130
+            except BaseException:
+                run.discard()
+                raise
+            finally:
+                if run._lock is not None:
+                    run._lock.close()
             log.info("%s done in %.0f s: %s", stage, time.perf_counter() - run._start, run.out)
             return 0
         return main
