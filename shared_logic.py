@@ -150,6 +150,7 @@ def _number(kind: type, low: float, high: float = float("inf"), low_open: bool =
 
 
 POSITIVE, COUNT, FRACTION = _number(float, 0, low_open=True), _number(int, 1), _number(float, 0, 1)
+ZERO_OR_MORE = _number(int, 0)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class StageOptions:
     seed: int = _option(0, "seed of data order, surgery and dropout", int)
     gate: float = _option(0.97, "English validation accuracy the gate asks for", FRACTION)
     tolerance: float = _option(0.02, "English guard: allowed drop below its reference", FRACTION)
-    guard_rounds: int = _option(2, "English guard: recovery rounds before stopping", _number(int, 0))
+    guard_rounds: int = _option(2, "English guard: recovery rounds before stopping", ZERO_OR_MORE)
     layer_loss: str = _option("mse", "per-layer English loss", choices=["mse", "kl"])
     layer_weight: float = _option(1.0, "weight of the per-layer English loss", _number(float, 0))
     eval_limit: int | None = _option(None, "score at most this many questions per exam", COUNT)
