@@ -219,3 +219,25 @@ def test_resume_does_not_retrain_a_finished_stage(gated_run, tiny_dir, tmp_path,
         f"medko: s1 already ended in {run_dir / 's1_gate'} with status 'done'; --resume continues only an "
         f"interrupted stage: delete {run_dir / 's1_gate'} and the stages after it to train it again")
     assert (run_dir / "s1_gate" / "meta.json").read_text() == before
+
+
+def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys):
+    files = {}
+    for flag, fields in (("--ko-text", ("text",)), ("--en-text", ("text",)), ("--pairs", ("ko", "en"))):
+        rows = [json.dumps({f: f"{flag} {f} {i}" for f in fields}) for i in range(20)]
+        files[flag] = tmp_path / f"{flag[2:]}.jsonl"
+        files[flag].write_text("\n".join(rows[:7] + ['{"wrong": 1}'] + rows[7:]) + "\n")
+    args = [a for flag, path in files.items() for a in (flag, str(path))]
+    assert stage("s0", tmp_path / "strict", tiny_dir, *args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("fix the row, or skip bad rows with --skip-bad")
+
+    run_dir = tmp_path / "skipping"
+    assert stage("s0", run_dir, tiny_dir, *args, "--skip-bad") == 0
+    left_out = meta(run_dir, "s0")["left_out"]
+    assert {k: v["skipped"] for k, v in left_out.items() if v["skipped"]} == {"ko_text": 1, "en_text": 1, "pairs": 1}
+    assert meta(run_dir, "s0")["counts"]["pairs.jsonl"] == 20
+    assert sl.write_run_report(run_dir).read_text().count(" 1 bad, 0 repeated") == 3
+
+    assert stage("s0", tmp_path / "too_bad", tiny_dir, *args, "--skip-bad", "--max-bad", "0.01") == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")
