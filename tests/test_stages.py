@@ -203,6 +203,14 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gate
     assert refused.returncode == 1 and f"{bad}:2: field 'text' is missing or empty" in refused.stderr.splitlines()[-1]
     assert not fresh.exists()  # nor the run directory it made
 
+    offline = tmp_path / "offline"
+    assert stage("s0", offline, tiny_dir) == 0
+    hub = subprocess.run([sys.executable, str(ROOT / "stages" / "s1_gate.py"), "--run-dir", str(offline), "--size",
+                          "4b"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert hub.returncode == 1 and "is not in the local cache" in hub.stderr.splitlines()[-1]
+    assert not (offline / "s1_gate").exists() and (offline / "s0_data" / "meta.json").is_file()
+
     run_dir = copy_run(gated_run, tmp_path / "clash")
     assert stage("s1_1", run_dir, tiny_dir) == 0
     clash = run_script("s2", "--run-dir", str(run_dir), "--size", "4b", "--max-steps", "1")
