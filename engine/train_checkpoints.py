@@ -94,8 +94,6 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     files = _serialized(model, optimizer, step, state)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(".tmp-*"):  # an interrupted save's files would count against the space
-            shutil.rmtree(leftover, ignore_errors=True)
         require_space(root, sum(map(len, files.values())) + SLACK, f"checkpoint {final.name}")
         with atomic_write(final, directory=True) as tmp:
             for name, data in files.items():
