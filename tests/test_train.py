@@ -346,3 +346,48 @@ def test_checkpoints_record_threads_and_digests_and_resume_checks_them(tmp_path,
     (path / OPTIMIZER).write_bytes(bytes(damaged))
     with pytest.raises(MedkoError, match="optimizer.pt differs from the sha256 its checkpoint recorded"):
         train(fresh_model(), ce_loss, examples, config(max_steps=4), tmp_path, resume=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a directory on a tmpfs of that many bytes (root only; skipped elsewhere)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if out.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_real_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, examples, small_disk, monkeypatch):
+    cfg = config(max_steps=4, save_every=2)
+    train(fresh_model(), ce_loss, examples, replace(cfg, max_steps=2), tmp_path / "measure")
+    size = sum(f.stat().st_size for f in only_checkpoint(tmp_path / "measure").iterdir())
+
+    # Room for one checkpoint and the check's slack, not for two: step 2 is written, step 4 refused before
+    # a byte of it is, and a resume on the same disk is refused at once.
+    disk = small_disk((size + engine.train_checkpoints.SLACK + size // 2 + 4095) // 4096 * 4096)
+    with pytest.raises(MedkoError, match=f"{disk / CHECKPOINTS} has .* bytes free but checkpoint step-00000004 needs"):
+        train(fresh_model(), ce_loss, examples, cfg, disk)
+    assert only_checkpoint(disk).name == "step-00000002"
+    assert not list((disk / CHECKPOINTS).glob(".tmp-*"))
+    with pytest.raises(MedkoError, match="bytes free but the next checkpoint needs"):
+        train(fresh_model(), ce_loss, examples, cfg, disk, resume=True)
+
+    # When the space runs out during the write itself, the kernel's ENOSPC is named with the file.
+    tight = small_disk((size // 2 + 4095) // 4096 * 4096)
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: 1 << 40)
+    monkeypatch.setattr(engine.trainer, "require_space", lambda *a: None)
+    with pytest.raises(MedkoError, match=r"could not write checkpoint .*step-00000002: No space left on device"):
+        train(fresh_model(), ce_loss, examples, cfg, tight)
+    assert not list((tight / CHECKPOINTS).glob("*"))
