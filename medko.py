@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy continuation of a prompt; prints only the continuation")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=sl.COUNT, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn format")
     p.set_defaults(handler=cmd_generate)
 
@@ -151,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
-    p.add_argument("--fewshot", type=int, default=0, help="examples per subset from the fewshot split")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode")
+    p.add_argument("--fewshot", type=sl.ZERO_OR_MORE, default=0, help="examples per subset from the fewshot split")
+    p.add_argument("--limit", type=sl.COUNT, default=None, help="score only the first N questions")
+    p.add_argument("--batch-size", type=sl.COUNT, default=16)
+    p.add_argument("--max-new-tokens", type=sl.COUNT, default=32, help="generate mode")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
     p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])
     p.add_argument("--chat", action="store_true")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=sl.COUNT, default=16)
+    p.add_argument("--max-new-tokens", type=sl.COUNT, default=128)
     p.add_argument("--cache", default=None, help="translation cache (default: OUT.cache.jsonl)")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_translate)
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except sl.MedkoError as err:
         print(f"medko: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"medko: {args.command} interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

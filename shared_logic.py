@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -20,11 +21,11 @@ import torch
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_mode)
 from engine.checkpoints import SIZES, load_base
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, load_instructions, load_kormedmcqa, load_mcq_file,
-                         load_pairs, load_reasoning, load_texts)
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, load_instructions, load_kormedmcqa,
+                         load_mcq_file, load_pairs, load_reasoning, load_texts)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, write_report
-from engine.files import atomic_write, read_json, write_json_atomic, write_text_atomic
+from engine.files import atomic_write, hold_lock, read_json, write_json_atomic, write_text_atomic
 from engine.generate import generate
 from engine.losses import causal_lm_loss, layer_loss, letter_loss
 from engine.model import Gemma3, model_device
@@ -149,6 +150,7 @@ def _number(kind: type, low: float, high: float = float("inf"), low_open: bool =
 
 
 POSITIVE, COUNT, FRACTION = _number(float, 0, low_open=True), _number(int, 1), _number(float, 0, 1)
+ZERO_OR_MORE = _number(int, 0)
 
 
 @dataclass
@@ -170,7 +172,7 @@ class StageOptions:
     seed: int = _option(0, "seed of data order, surgery and dropout", int)
     gate: float = _option(0.97, "English validation accuracy the gate asks for", FRACTION)
     tolerance: float = _option(0.02, "English guard: allowed drop below its reference", FRACTION)
-    guard_rounds: int = _option(2, "English guard: recovery rounds before stopping", _number(int, 0))
+    guard_rounds: int = _option(2, "English guard: recovery rounds before stopping", ZERO_OR_MORE)
     layer_loss: str = _option("mse", "per-layer English loss", choices=["mse", "kl"])
     layer_weight: float = _option(1.0, "weight of the per-layer English loss", _number(float, 0))
     eval_limit: int | None = _option(None, "score at most this many questions per exam", COUNT)
@@ -185,6 +187,8 @@ class StageOptions:
     pairs: str | None = _option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = _option(None, "Korean exam reasoning file", stages=["s0"])
     skip_bad: bool = _option(False, "count and skip bad rows instead of stopping", stages=["s0"])
+    max_bad: float = _option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
+                             stages=["s0"])
     candidates: str | None = _option(None, "sizes to score, smallest first, e.g. 4b,27b (default --size)",
                                      stages=["s1"])
     english_exam: str = _option("auto", "'model' (translate with the model), a directory of reference translations "
@@ -437,14 +441,37 @@ class StageRun:
         self._data: RunData | None = None
         self._base: dict[str, Any] | None = None
         self._start = time.perf_counter()
+        self._lock, self._made = None, []  # the stage's lock file; the directories this process made
 
     def start(self) -> None:
-        """Checks the stage order and makes the stage directory; seeds surgery (LoRA's A) so a run starts alike."""
+        """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
+        directory; seeds surgery (LoRA's A) so a run starts alike."""
+        made_run = not self.run_dir.exists()
+        self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
+        self._made = [self.run_dir] if made_run else []
         require_previous(self.run_dir, self.stage)
+        meta = stage_meta(self.run_dir, self.stage)
+        if self.opts.resume and meta is not None:
+            raise MedkoError(f"{self.stage} already ended in {self.out} with status {meta.get('status')!r}; --resume "
+                             f"continues only an interrupted stage: delete {self.out} and the stages after it to "
+                             f"train it again")
         if self.out.exists() and not self.opts.resume:
             raise MedkoError(f"{self.out} exists; pass --resume to continue it or delete it to start the stage over")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.out.exists():
+            self._made.append(self.out)
+            self.out.mkdir()
         torch.manual_seed(self.opts.seed)
+
+    def discard(self) -> bool:
+        """After a refusal or failure: removes the directories this process made when they hold nothing to
+        resume (no checkpoint, meta.json or translation cache), so the next command starts clean."""
+        if self.out not in self._made or any(self.out.glob("*/checkpoints/step-*")) or any(
+                (self.out / name).exists() for name in ("meta.json", "translations.jsonl")):
+            return False
+        shutil.rmtree(self.out, ignore_errors=True)
+        if self.run_dir in self._made and list(self.run_dir.iterdir()) == [Path(self._lock.name)]:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return True
 
     @property
     def data(self) -> RunData:
@@ -599,8 +626,19 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 run.start()
                 recipe(run)
             except MedkoError as err:
+                run.discard()
                 print(f"medko: {err}", file=sys.stderr)
                 return 1
+            except KeyboardInterrupt:
+                kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
+                print(f"medko: {stage} interrupted; {kept}", file=sys.stderr)
+                return 130
+            except BaseException:
+                run.discard()
+                raise
+            finally:
+                if run._lock is not None:
+                    run._lock.close()
             log.info("%s done in %.0f s: %s", stage, time.perf_counter() - run._start, run.out)
             return 0
         return main
@@ -609,30 +647,41 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
-def read_sources(opts: StageOptions) -> tuple[str, dict[str, list]]:
+def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
     """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a
-    file. Returns where the data came from and the rows by role."""
+    file. Returns where the data came from, the rows by role, and per source the rows skipped as bad (under
+    --skip-bad) and dropped as repeats; a source whose bad share passes --max-bad stops s0."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
-    subsets = opts.subsets.split(",")
-    exam = {s: list(load_kormedmcqa(subsets, s, "hub" if hub else root / "kormedmcqa", skip_bad=opts.skip_bad))
+    subsets, skip = opts.subsets.split(","), opts.skip_bad
+    exam = {s: load_kormedmcqa(subsets, s, "hub" if hub else root / "kormedmcqa", skip_bad=skip)
             for s in KORMEDMCQA_SPLITS}
     local = lambda flag, name: Path(flag) if flag else (None if hub else root / name)  # noqa: E731
     en_mcq_src = local(opts.en_mcq, "medqa_en.jsonl") or SOURCES["medqa"]
-    en_mcq = list(load_mcq_file(en_mcq_src, {"answer": "answer_idx"} if not opts.en_mcq else None, "en",
-                                opts.skip_bad))
+    en_mcq = load_mcq_file(en_mcq_src, {"answer": "answer_idx"} if not opts.en_mcq else None, "en", skip)
     ko_src = local(opts.ko_text, "ko_medical_text.jsonl")
-    ko_text = (list(load_texts(ko_src)) if ko_src else
-               [i.output for i in load_instructions(SOURCES["ko_text"], skip_bad=opts.skip_bad)])
+    if ko_src:
+        ko_text = load_texts(ko_src, skip_bad=skip)
+    else:
+        instructions = load_instructions(SOURCES["ko_text"], skip_bad=skip)
+        ko_text = Rows(i.output for i in instructions)
+        ko_text.skipped = instructions.skipped
     en_src = local(opts.en_text, "en_medical_text.jsonl")
     # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = list(load_texts(en_src)) if en_src else [r.question for r in en_mcq]
+    en_text = load_texts(en_src, skip_bad=skip) if en_src else Rows(r.question for r in en_mcq)
     pairs_src = local(opts.pairs, "ko_en_pairs.jsonl")
-    pairs = list(load_pairs(pairs_src)) if pairs_src else []
-    reasoning = list(load_reasoning(local(opts.reasoning, "reasoning_ko.jsonl") or SOURCES["reasoning"],
-                                    lang="ko", skip_bad=opts.skip_bad))
+    pairs = load_pairs(pairs_src, skip_bad=skip) if pairs_src else Rows()
+    reasoning = load_reasoning(local(opts.reasoning, "reasoning_ko.jsonl") or SOURCES["reasoning"], lang="ko",
+                               skip_bad=skip)
+    by_source = {**{f"exam_{s}": rows for s, rows in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
+                 "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
+    counts = {name: {"skipped": rows.skipped, "dropped": rows.dropped} for name, rows in by_source.items()}
+    for name, rows in by_source.items():
+        if rows.skipped > opts.max_bad * (len(rows) + rows.skipped):
+            raise MedkoError(f"{rows.skipped} of {len(rows) + rows.skipped} rows of {name} are bad, more than "
+                             f"--max-bad {opts.max_bad:.0%}; fix that source or raise --max-bad")
     return ("hub" if hub else str(root)), {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text,
-                                          "pairs": pairs, "reasoning": reasoning}
+                                          "pairs": pairs, "reasoning": reasoning}, counts
 
 
 def held_out(texts: list[str]) -> tuple[list[str], list[str]]:
@@ -711,7 +760,10 @@ def write_run_report(run_dir: Path) -> Path:
     lines = [f"# medko run report: {run_dir}", ""]
     if metas["s0"]:
         m = metas["s0"]
+        left_out = [f"{k} {v['skipped']} bad, {v['dropped']} repeated" for k, v in m.get("left_out", {}).items()
+                    if v["skipped"] or v["dropped"]]
         lines += [f"Data from {m['source']}: " + ", ".join(f"{k.removesuffix('.jsonl')} {v}" for k, v in m["counts"].items())
+                  + ". Rows left out: " + (", ".join(left_out) or "none")
                   + ". Question overlap between splits: " + ", ".join(f"{k} {v}" for k, v in m["overlap"].items()) + ".", ""]
     if metas["s1"]:
         m = metas["s1"]

@@ -86,7 +86,11 @@ def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise MedkoError(f"{path} is missing; a model directory needs config.json")
-    return config_from_hf(json.loads(path.read_text()))
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MedkoError(f"{path} is not valid JSON ({err}); write it again or download the model again") from None
+    return config_from_hf(hf, str(path))
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu",

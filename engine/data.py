@@ -50,9 +50,10 @@ class Instruction:
 
 
 class Rows(list):
-    """A loader's rows; `skipped` counts bad rows left out under skip_bad."""
+    """A loader's rows; `skipped` counts bad rows left out under skip_bad, `dropped` repeated rows left out."""
 
     skipped: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -295,8 +296,9 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
             raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
         parser = _mcq_parser({}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
         part = _parse_files(files, parser, skip_bad)
-        rows.extend(_drop_repeats(part, f"{subset}/{split}"))
-        rows.skipped += part.skipped
+        kept = _drop_repeats(part, f"{subset}/{split}")
+        rows.extend(kept)
+        rows.skipped, rows.dropped = rows.skipped + part.skipped, rows.dropped + len(part) - len(kept)
     return rows
 
 

@@ -5,6 +5,7 @@ Imports nothing of medko's.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
+
+from engine.errors import MedkoError
 
 
 def fsync(path: Path) -> None:
@@ -64,3 +67,24 @@ def read_json(path: str | Path) -> dict[str, Any]:
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def hold_lock(path: Path, what: str) -> IO:
+    """An exclusive lock on `path` for as long as the returned file stays open; a second taker is refused in one
+    sentence naming the holder's PID. The kernel drops a lock when its process ends, however it ends, so a lock
+    left by a killed process is simply taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "that has not yet written its PID"
+        f.close()
+        raise MedkoError(f"{what} is in use by process {holder} (lock {path}); wait for it to end or stop it, "
+                         f"then run again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

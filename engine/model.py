@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import MedkoError
+from engine.errors import MedkoError, log
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -81,36 +81,50 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+# Sparse hub configs (the 4B's text_config) leave out what equals transformers' Gemma3TextConfig defaults; these
+# are taken, by name in the log. The shape of the model has no default: a config without it is refused.
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
+DEFAULTS = {"vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+            "query_pre_attn_scalar": 256, "sliding_window": 4096, "rms_norm_eps": 1e-6, "bos_token_id": 2,
+            "eos_token_id": 1, "pad_token_id": 0}
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Reads a transformers Gemma 3 config.json; the multimodal 4B nests its text config."""
-    if "text_config" in hf:
-        hf = hf["text_config"]
+    if not isinstance(hf, dict):
+        raise MedkoError(f"{source} holds a JSON {type(hf).__name__}, not an object of config fields")
+    hf = hf.get("text_config", hf)
+    missing = [k for k in REQUIRED if k not in hf]
+    if missing:
+        raise MedkoError(f"{source} lacks {missing}; a Gemma 3 config names {', '.join(REQUIRED)}")
+    for key in REQUIRED + ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
+        if key in hf and not (type(hf[key]) is int and hf[key] > 0):
+            raise MedkoError(f"{source}: {key} is {hf[key]!r}; it must be a positive integer")
     scaling = hf.get("rope_scaling") or {}
     rope = hf.get("rope_parameters") or {}  # transformers 5 style
     if FULL in rope:
         scaling = rope[FULL] if rope[FULL].get("rope_type", "default") != "default" else {}
     if scaling and scaling.get("rope_type", scaling.get("type")) != "linear":
         raise MedkoError(f"unsupported rope scaling {scaling}; medko supports linear scaling only")
-    num_layers = hf.get("num_hidden_layers", 26)
-    layer_types = hf.get("layer_types") or default_layer_types(num_layers)
+    taken = {k: v for k, v in DEFAULTS.items() if k not in hf}
+    local_theta = rope.get(SLIDING, {}).get("rope_theta", hf.get("rope_local_base_freq"))
+    global_theta = rope.get(FULL, {}).get("rope_theta", hf.get("rope_theta"))
+    taken.update({k: v for k, v, given in (("rope_local_base_freq", 10_000.0, local_theta),
+                                          ("rope_theta", 1_000_000.0, global_theta)) if given is None})
+    if not hf.get("layer_types"):
+        taken["layer_types"] = "every sixth layer global"
+    if taken:
+        log.info("%s leaves out %s; taking Gemma 3's defaults", source, ", ".join(f"{k}={v}" for k, v in taken.items()))
+    get = {**DEFAULTS, **hf}.get
     return ModelConfig(
-        vocab_size=hf.get("vocab_size", 262208),
-        hidden_size=hf.get("hidden_size", 2304),
-        intermediate_size=hf.get("intermediate_size", 9216),
-        num_layers=num_layers,
-        num_heads=hf.get("num_attention_heads", 8),
-        num_kv_heads=hf.get("num_key_value_heads", 4),
-        head_dim=hf.get("head_dim", 256),
-        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
-        sliding_window=hf.get("sliding_window", 4096),
-        local_rope_theta=rope.get(SLIDING, {}).get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)),
-        global_rope_theta=rope.get(FULL, {}).get("rope_theta", hf.get("rope_theta", 1_000_000.0)),
-        global_rope_scaling=float(scaling.get("factor", 1.0)) if scaling else 1.0,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        layer_types=tuple(layer_types),
-        bos_token_id=hf.get("bos_token_id", 2),
-        eos_token_id=_first(hf.get("eos_token_id", 1)),
-        pad_token_id=hf.get("pad_token_id", 0),
+        vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
+        num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+        num_kv_heads=get("num_key_value_heads"), head_dim=get("head_dim"),
+        query_pre_attn_scalar=get("query_pre_attn_scalar"), sliding_window=get("sliding_window"),
+        local_rope_theta=local_theta or 10_000.0, global_rope_theta=global_theta or 1_000_000.0,
+        global_rope_scaling=float(scaling.get("factor", 1.0)) if scaling else 1.0, rms_norm_eps=get("rms_norm_eps"),
+        layer_types=tuple(hf.get("layer_types") or default_layer_types(get("num_hidden_layers"))),
+        bos_token_id=get("bos_token_id"), eos_token_id=_first(get("eos_token_id")), pad_token_id=get("pad_token_id"),
     )
 
 

@@ -6,7 +6,10 @@ Imports engine.errors and engine.files.
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import MedkoError
-from engine.files import atomic_write, fsync
+from engine.errors import MedkoError, log
+from engine.files import atomic_write, file_sha256, fsync
 
 # out_dir/checkpoints/step-00000100/{adapter.safetensors, optimizer.pt, state.json}, written as
 # .tmp-* in the same directory and renamed, so a step directory is complete or absent.
 CHECKPOINTS, WEIGHTS, OPTIMIZER, STATE = "checkpoints", "adapter.safetensors", "optimizer.pt", "state.json"
+SLACK = 1 << 20  # bytes beyond the files themselves: directory entries, filesystem blocks
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,22 +47,68 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def require_space(directory: Path, needed: int, what: str) -> None:
+    """Refuses in one sentence, before anything is written, when `directory`'s disk lacks `needed` bytes."""
+    free = free_bytes(directory)
+    if free < needed:
+        raise MedkoError(f"{directory} has {free:,} bytes free but {what} needs {needed:,}; free space on that disk "
+                         f"or move the run, then resume (the last complete checkpoint is kept)")
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _serialized(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, state: dict[str, Any]
+                ) -> dict[str, bytes]:
+    """The checkpoint's files as bytes: their exact sizes are known before the disk is touched, and every write
+    goes through one plain file write whose OSError can be named. It costs one checkpoint's size in memory."""
+    from safetensors.torch import save
+
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    files = {WEIGHTS: save(trainable_state(model)), OPTIMIZER: buffer.getvalue()}
+    # Resume checks the files against these digests, and says when the thread count (which changes float sums)
+    # differs from the one the checkpoint was written with.
+    state = {**state, "step": step, "threads": torch.get_num_threads(),
+             "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    files[STATE] = json.dumps(state, indent=1).encode()
+    return files
+
+
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> Path:
-    """Writes step's checkpoint atomically and removes older ones; returns its directory."""
-    from safetensors.torch import save_file
+    """Writes step's checkpoint and, once it is complete and read back intact, removes older ones; returns its
+    directory.
 
+    The previous checkpoint stays until the new one is verified, so the disk must hold both for a moment; when
+    it cannot, this refuses before writing anything, naming the bytes needed and free, and the previous
+    checkpoint stays whole for --resume. Any OSError of the write becomes a MedkoError naming the path.
+    """
     root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    with atomic_write(final, directory=True) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-        for name in (WEIGHTS, OPTIMIZER, STATE):
-            fsync(tmp / name)
-        fsync(tmp)
-    fsync(root)
+    files = _serialized(model, optimizer, step, state)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        require_space(root, sum(map(len, files.values())) + SLACK, f"checkpoint {final.name}")
+        with atomic_write(final, directory=True) as tmp:
+            for name, data in files.items():
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync(tmp)
+            for name, data in files.items():
+                if (tmp / name).read_bytes() != data:
+                    raise MedkoError(f"{tmp / name} reads back different from what was written; check the disk")
+        fsync(root)
+    except OSError as err:
+        raise MedkoError(f"could not write checkpoint {final}: {err.strerror or err} ({err.filename or root}); the "
+                         f"previous checkpoint is kept, fix the cause and resume") from None
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old)
@@ -83,7 +133,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     missing = [name for name in (WEIGHTS, OPTIMIZER, STATE) if not (path / name).is_file()]
     if missing:
         raise MedkoError(f"checkpoint {path} lacks {missing}; delete that directory to resume from an earlier one")
-    state = json.loads((path / STATE).read_text())
+    try:
+        state = json.loads((path / STATE).read_text())
+    except json.JSONDecodeError as err:
+        raise MedkoError(f"{path / STATE} is not valid JSON ({err}); delete {path} to resume from an earlier "
+                         f"checkpoint") from None
+    for name, digest in state.get("sha256", {}).items():
+        if file_sha256(path / name) != digest:
+            raise MedkoError(f"{path / name} differs from the sha256 its checkpoint recorded, so it is damaged; "
+                             f"delete {path} to resume from an earlier checkpoint or start the stage over")
+    threads = state.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        log.warning("%s was written by a process with %d threads and this one has %d; float sums may round "
+                    "differently, so the result can differ from an uninterrupted run by rounding (set "
+                    "OMP_NUM_THREADS=%d for an exact resume)", path, threads, torch.get_num_threads(), threads)
     saved = state["config"]
     free = {"max_steps", "device", "log_every", "save_every", "gradient_checkpointing"}  # results do not depend on them
     changed = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}

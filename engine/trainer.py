@@ -25,10 +25,13 @@ from engine.model import compute_dtype, model_dtype, resolve_device, strict_conf
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import (
     CHECKPOINTS,
+    SLACK,
     _rng_state,
     _set_rng_state,
+    checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
+    require_space,
     save_checkpoint,
 )
 
@@ -260,6 +263,11 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
         log.info("removing %s, left by an interrupted checkpoint save", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
     found = latest_checkpoint(out_dir)
+    # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
+    # last one, or the trainable weights plus AdamW's two moments, and the previous one stays until it is whole.
+    needed = checkpoint_bytes(found) if found else 3 * sum(p.numel() * p.element_size() for p in
+                                                           model.parameters() if p.requires_grad)
+    require_space(out_dir, needed + SLACK, "the next checkpoint")
     if resume:
         if found is None:
             raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")

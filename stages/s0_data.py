@@ -11,7 +11,7 @@ import shared_logic as sl  # noqa: E402
 
 @sl.stage_script("s0", __doc__)
 def main(run: sl.StageRun) -> None:
-    source, rows = sl.read_sources(run.opts)
+    source, rows, left_out = sl.read_sources(run.opts)
     exam = rows["exam"]
     overlap = sl.split_overlap({s: exam[s] for s in ("train", "dev", "test")})
     for pair_name, found in overlap.items():
@@ -30,6 +30,7 @@ def main(run: sl.StageRun) -> None:
     for name, records in files.items():
         sl.write_jsonl_atomic(records, run.out / name)
     run.save(None, {"source": source, "counts": {name: len(records) for name, records in files.items()},
+                    "left_out": left_out,
                     "overlap": {k: len(v) for k, v in overlap.items()}, "overlap_pairs": overlap,
                     "data": {name: sl.file_sha256(run.out / name) for name in files}})
 

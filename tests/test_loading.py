@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from engine.checkpoints import load_model, resolve_model_dir
 from engine.errors import MedkoError
 from engine.generate import generate, generate_ids
-from engine.model import PRESETS, config_from_hf
+from engine.model import PRESETS, config_from_hf, config_to_hf
 from conftest import make_tiny_checkpoint, tiny_tokenizer_json
 
 
@@ -177,3 +177,38 @@ def test_quantize_on_cpu_says_it_needs_a_gpu(tiny_dir, capsys):
     assert medko.main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu",
                        "--quantize", "4bit"]) == 1
     assert "need a CUDA GPU with bitsandbytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, sentence", [
+    (lambda cfg: "{not json", "is not valid JSON (Expecting property name enclosed in double quotes"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "hidden_size"}, "lacks ['hidden_size']"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "num_hidden_layers"}, "lacks ['num_hidden_layers']"),
+    (lambda cfg: {**cfg, "hidden_size": "64"}, "hidden_size is '64'; it must be a positive integer"),
+])
+def test_a_bad_config_names_its_field_in_one_line(tiny_dir, tmp_path, change, sentence):
+    import subprocess
+    import sys
+
+    model_dir = rewrite(tiny_dir, tmp_path / "model", lambda k: k)
+    changed = change(json.loads((model_dir / "config.json").read_text()))
+    (model_dir / "config.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    out = subprocess.run([sys.executable, "medko.py", "generate", "--model", str(model_dir), "--prompt", "x"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1].startswith(f"medko: {model_dir / 'config.json'}")
+    assert sentence in out.stderr.splitlines()[-1]
+
+
+def test_defaults_taken_for_a_sparse_config_are_logged_by_name(caplog):
+    sparse = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34}
+    with caplog.at_level("INFO", logger="medko"):
+        config = config_from_hf(sparse, "sparse/config.json")
+    assert config.sliding_window == 4096 and config.head_dim == 256 and config.global_rope_theta == 1e6
+    logged = caplog.text
+    for field in ("sliding_window=4096", "head_dim=256", "rope_theta=1000000.0", "rope_local_base_freq=10000.0",
+                  "vocab_size=262208", "layer_types"):
+        assert field in logged, field
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medko"):
+        config_from_hf(json.loads(json.dumps(config_to_hf(PRESETS["tiny"]))))
+    assert "leaves out" not in caplog.text

@@ -126,7 +126,7 @@ def test_guard_failure_runs_recovery_then_stops_with_the_best_state(gated_run, t
     assert "ended with status 'guard_failed'" in capsys.readouterr().err
 
 
-def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, tmp_path, monkeypatch):
+def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, tmp_path, monkeypatch, capsys):
     straight = copy_run(gated_run, tmp_path / "straight")
     killed = copy_run(gated_run, tmp_path / "killed")
     for run_dir in (straight, killed):
@@ -142,8 +142,10 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", dies_at_step_three)
-    with pytest.raises(KeyboardInterrupt):
-        stage("s2", killed, tiny_dir, "--max-steps", "4")
+    capsys.readouterr()
+    assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 130  # Ctrl-C: one line after the save
+    assert capsys.readouterr().err.splitlines()[-1] == f"medko: s2 interrupted; continue it with --resume " \
+                                                       f"({killed / 's2_embed'})"
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", real)
     assert not (killed / "s2_embed" / "meta.json").exists()
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
@@ -163,3 +165,87 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """A stage script as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{SCRIPTS[name]}.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tmp_path):
+    run_dir = tmp_path / "locked"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, shared_logic as sl; "
+         "run = sl.StageRun('s0', sl.StageOptions(run_dir=sys.argv[1])); run.start(); print('started', flush=True); "
+         "time.sleep(300)", str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        second = run_script("s0", "--run-dir", str(run_dir), "--model", str(tiny_dir), "--resume")
+        assert second.returncode == 1
+        assert second.stderr.splitlines()[-1] == (
+            f"medko: {run_dir / 's0_data'} is in use by process {holder.pid} (lock {run_dir / '.s0_data.lock'}); "
+            f"wait for it to end or stop it, then run again")
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died with its lock taken and its empty directory made: the next writer takes both over.
+    taken = run_script("s0", "--run-dir", str(run_dir), "--model", str(tiny_dir), "--resume")
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert meta(run_dir, "s0")["status"] == "done"
+
+
+def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gated_run, tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    fresh = tmp_path / "fresh"
+    refused = run_script("s0", "--run-dir", str(fresh), "--model", str(tiny_dir), "--ko-text", str(bad))
+    assert refused.returncode == 1 and f"{bad}:2: field 'text' is missing or empty" in refused.stderr.splitlines()[-1]
+    assert not fresh.exists()  # nor the run directory it made
+
+    offline = tmp_path / "offline"
+    assert stage("s0", offline, tiny_dir) == 0
+    hub = subprocess.run([sys.executable, str(ROOT / "stages" / "s1_gate.py"), "--run-dir", str(offline), "--size",
+                          "4b"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert hub.returncode == 1 and "is not in the local cache" in hub.stderr.splitlines()[-1]
+    assert not (offline / "s1_gate").exists() and (offline / "s0_data" / "meta.json").is_file()
+
+    run_dir = copy_run(gated_run, tmp_path / "clash")
+    assert stage("s1_1", run_dir, tiny_dir) == 0
+    clash = run_script("s2", "--run-dir", str(run_dir), "--size", "4b", "--max-steps", "1")
+    assert clash.returncode == 1 and "drop --size or use a new --run-dir" in clash.stderr.splitlines()[-1]
+    assert not (run_dir / "s2_embed").exists() and (run_dir / "s1_1_english" / "meta.json").is_file()
+    assert stage("s2", run_dir, tiny_dir, "--max-steps", "1") == 0  # no "exists; pass --resume"
+
+
+def test_resume_does_not_retrain_a_finished_stage(gated_run, tiny_dir, tmp_path, capsys):
+    run_dir = copy_run(gated_run, tmp_path / "finished")
+    before = (run_dir / "s1_gate" / "meta.json").read_text()
+    assert stage("s1", run_dir, tiny_dir, "--resume", "--max-steps", "5") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"medko: s1 already ended in {run_dir / 's1_gate'} with status 'done'; --resume continues only an "
+        f"interrupted stage: delete {run_dir / 's1_gate'} and the stages after it to train it again")
+    assert (run_dir / "s1_gate" / "meta.json").read_text() == before
+
+
+def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys):
+    files = {}
+    for flag, fields in (("--ko-text", ("text",)), ("--en-text", ("text",)), ("--pairs", ("ko", "en"))):
+        rows = [json.dumps({f: f"{flag} {f} {i}" for f in fields}) for i in range(20)]
+        files[flag] = tmp_path / f"{flag[2:]}.jsonl"
+        files[flag].write_text("\n".join(rows[:7] + ['{"wrong": 1}'] + rows[7:]) + "\n")
+    args = [a for flag, path in files.items() for a in (flag, str(path))]
+    assert stage("s0", tmp_path / "strict", tiny_dir, *args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("fix the row, or skip bad rows with --skip-bad")
+
+    run_dir = tmp_path / "skipping"
+    assert stage("s0", run_dir, tiny_dir, *args, "--skip-bad") == 0
+    left_out = meta(run_dir, "s0")["left_out"]
+    assert {k: v["skipped"] for k, v in left_out.items() if v["skipped"]} == {"ko_text": 1, "en_text": 1, "pairs": 1}
+    assert meta(run_dir, "s0")["counts"]["pairs.jsonl"] == 20
+    assert sl.write_run_report(run_dir).read_text().count(" 1 bad, 0 repeated") == 3
+
+    assert stage("s0", tmp_path / "too_bad", tiny_dir, *args, "--skip-bad", "--max-bad", "0.01") == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")

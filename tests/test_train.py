@@ -1,7 +1,9 @@
 """The training loop on the tiny model: exact resume, Ctrl-C, token-weighted accumulation, checkpoints."""
+import errno
 import json
 import logging
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import engine.train_checkpoints
 from engine.errors import MedkoError
+import engine.files
+import engine.trainer
 from engine.model import Gemma3
 from engine.train_checkpoints import CHECKPOINTS, OPTIMIZER, STATE, WEIGHTS, latest_checkpoint, trainable_state
 from engine.trainer import Example, METRICS, TrainConfig, batch_at, collate, lm_examples, lr_at, set_trainable, train
@@ -206,18 +211,18 @@ def test_metrics_and_checkpoint_crash_safety(tmp_path, examples, monkeypatch):
         assert line["lr"] == lr_at(line["step"] - 1, cfg)
     assert summary["steps"] == 4 and summary["loss"] > 0 and summary["tokens"] == lines[1]["tokens"]
 
-    # A crash while step 4's checkpoint is half written leaves step 2's, and nothing else.
-    save = torch.save
+    # A disk that fills while step 4's checkpoint is half written leaves step 2's, and nothing else, and says so
+    # in one sentence naming the file and the cause.
+    def disk_full(path, mode="r", *args, **kwargs):
+        if "step-00000004" in str(path) and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return open(path, mode, *args, **kwargs)
 
-    def disk_full(obj, path):
-        if "step-00000004" in str(path):
-            raise OSError("disk full")
-        save(obj, path)
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(engine.train_checkpoints, "open", disk_full, raising=False)
+    with pytest.raises(MedkoError, match=r"could not write checkpoint .*step-00000004: No space left on device "
+                                         r"\(.*\.tmp-step-00000004-.*adapter\.safetensors\)"):
         train(fresh_model(), ce_loss, examples, cfg, tmp_path / "crashed")
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.delattr(engine.train_checkpoints, "open")
     assert only_checkpoint(tmp_path / "crashed").name == "step-00000002"
 
     # A temporary directory left by a killed save is never resumed from, however new its step.
@@ -283,3 +288,106 @@ def test_batches_are_a_pure_function_of_seed_step_micro():
     assert drawn(2, 1) == drawn(2, 1)
     assert [i for micro in range(3) for i in drawn(1, micro)] != epoch  # a new permutation per epoch
     assert epoch != [i for micro in range(3) for i in drawn(0, micro, replace(cfg, seed=2))]
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(tmp_path, examples, monkeypatch):
+    cfg = config(max_steps=4, save_every=2)
+    train(fresh_model(), ce_loss, examples, replace(cfg, max_steps=2), tmp_path)
+    kept = only_checkpoint(tmp_path)
+    size = sum(f.stat().st_size for f in kept.iterdir())
+    before = {f.name: f.read_bytes() for f in kept.iterdir()}
+
+    # Room for one more checkpoint until step 2's is loaded, then not: the save of step 4 is refused whole.
+    real = engine.train_checkpoints.free_bytes
+    free = {"bytes": 10 * size}
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: free["bytes"])
+    real_load = engine.trainer.load_checkpoint
+
+    def load_then_fill(*args, **kwargs):
+        free["bytes"] = size // 2
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine.trainer, "load_checkpoint", load_then_fill)
+    with pytest.raises(MedkoError) as refused:
+        train(fresh_model(), ce_loss, examples, cfg, tmp_path, resume=True)
+    message = str(refused.value)
+    assert f"{tmp_path / CHECKPOINTS} has {size // 2:,} bytes free but checkpoint step-00000004 needs" in message
+    assert "\n" not in message
+    assert only_checkpoint(tmp_path) == kept and {f.name: f.read_bytes() for f in kept.iterdir()} == before
+    assert not list((tmp_path / CHECKPOINTS).glob(".tmp-*"))
+
+    # A resume on a disk without room for the next checkpoint is refused at once, before any step is spent.
+    monkeypatch.setattr(engine.trainer, "load_checkpoint", real_load)
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: size // 2)
+    steps = []
+    monkeypatch.setattr(engine.trainer, "accumulate_gradients", lambda *a: steps.append(1))
+    with pytest.raises(MedkoError, match=f"has {size // 2:,} bytes free but the next checkpoint needs {size + (1 << 20):,}"):
+        train(fresh_model(), ce_loss, examples, cfg, tmp_path, resume=True)
+    assert not steps
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", real)
+
+
+def test_checkpoints_record_threads_and_digests_and_resume_checks_them(tmp_path, examples, caplog):
+    train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
+    path = only_checkpoint(tmp_path)
+    state = json.loads((path / STATE).read_text())
+    assert state["threads"] == torch.get_num_threads() == 1
+    assert state["sha256"] == {name: engine.files.file_sha256(path / name) for name in (WEIGHTS, OPTIMIZER)}
+
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.WARNING, logger="medko"):
+        train(fresh_model(), ce_loss, examples, config(max_steps=3), tmp_path, resume=True)
+    assert "written by a process with 1 threads and this one has 2" in caplog.text
+    torch.set_num_threads(1)
+
+    path = only_checkpoint(tmp_path)
+    damaged = bytearray((path / OPTIMIZER).read_bytes())
+    damaged[-10] ^= 1
+    (path / OPTIMIZER).write_bytes(bytes(damaged))
+    with pytest.raises(MedkoError, match="optimizer.pt differs from the sha256 its checkpoint recorded"):
+        train(fresh_model(), ce_loss, examples, config(max_steps=4), tmp_path, resume=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a directory on a tmpfs of that many bytes (root only; skipped elsewhere)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if out.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_real_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, examples, small_disk, monkeypatch):
+    cfg = config(max_steps=4, save_every=2)
+    train(fresh_model(), ce_loss, examples, replace(cfg, max_steps=2), tmp_path / "measure")
+    size = sum(f.stat().st_size for f in only_checkpoint(tmp_path / "measure").iterdir())
+
+    # Room for one checkpoint and the check's slack, not for two: step 2 is written, step 4 refused before
+    # a byte of it is, and a resume on the same disk is refused at once.
+    disk = small_disk((size + engine.train_checkpoints.SLACK + size // 2 + 4095) // 4096 * 4096)
+    with pytest.raises(MedkoError, match=f"{disk / CHECKPOINTS} has .* bytes free but checkpoint step-00000004 needs"):
+        train(fresh_model(), ce_loss, examples, cfg, disk)
+    assert only_checkpoint(disk).name == "step-00000002"
+    assert not list((disk / CHECKPOINTS).glob(".tmp-*"))
+    with pytest.raises(MedkoError, match="bytes free but the next checkpoint needs"):
+        train(fresh_model(), ce_loss, examples, cfg, disk, resume=True)
+
+    # When the space runs out during the write itself, the kernel's ENOSPC is named with the file.
+    tight = small_disk((size // 2 + 4095) // 4096 * 4096)
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: 1 << 40)
+    monkeypatch.setattr(engine.trainer, "require_space", lambda *a: None)
+    with pytest.raises(MedkoError, match=r"could not write checkpoint .*step-00000002: No space left on device"):
+        train(fresh_model(), ce_loss, examples, cfg, tight)
+    assert not list((tight / CHECKPOINTS).glob("*"))
