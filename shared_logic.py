@@ -360,14 +360,17 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
         loss, n = causal_lm_loss(model, hidden, ids, targets)
         metrics["ce"] = float(loss.detach()) / max(n, 1)
         if letters is not None:
-            # The answer letter is the last target before EOS; it is predicted one position earlier.
-            last = targets.long().cumsum(-1).argmax(-1)
-            answer = ids[torch.arange(len(ids)), last - 1]
+            # Each example ends in EOS (its last token: the next slot is another example or padding); the answer
+            # letter stands just before it and is predicted one position earlier.
+            segments = mask.long()
+            following = torch.cat([segments[:, 1:], torch.zeros_like(segments[:, :1])], 1)
+            rows, eos = (targets & (following != segments)).nonzero(as_tuple=True)
+            answer = ids[rows, eos - 1]
             choices = torch.tensor(letters, device=ids.device)
             if not (answer[:, None] == choices).any(-1).all():
                 raise MedkoError("a reasoning example does not end in one answer-letter token; check its answer")
             gold = (answer[:, None] == choices).float().argmax(-1)
-            letter = letter_loss(model, hidden, last - 2, letters, gold)
+            letter = letter_loss(model, hidden[rows], eos - 2, letters, gold)
             loss = loss + letter * count
             metrics["letter"] = float(letter.detach())
         if "en_input_ids" in batch and weight:

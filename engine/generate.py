@@ -5,7 +5,7 @@ Imports engine.model and engine.tokenizer.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,60 +26,104 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return ids.to(device), mask.to(device)
 
 
+def _keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    """Drops finished rows from the cache: only the rows still decoding stay in the batch."""
+    cache.keys = [k[rows] for k in cache.keys]
+    cache.values = [v[rows] for v in cache.values]
+    cache.key_mask, cache.next_position = cache.key_mask[rows], cache.next_position[rows]
+
+
+def _join(model: Gemma3, cache: KVCache | None, new: KVCache, capacity: int) -> KVCache:
+    """One cache holding the rows of `cache` then those of `new`, each row's tokens right-aligned at the same
+    last slot (so a row's tokens stay contiguous, as the sliding-window mask assumes), with room for `capacity`."""
+    parts = [c for c in (cache, new) if c is not None]
+    length = max(c.length for c in parts)
+    rows = sum(len(c.next_position) for c in parts)
+    joined = KVCache(model.config, rows, length + capacity, new.keys[0].dtype, new.keys[0].device)
+    first = 0
+    for c in parts:
+        n, start = len(c.next_position), length - c.length
+        for layer in range(len(joined.keys)):
+            joined.keys[layer][first:first + n, :, start:length] = c.keys[layer][:, :, :c.length]
+            joined.values[layer][first:first + n, :, start:length] = c.values[layer][:, :, :c.length]
+        joined.key_mask[first:first + n, start:length] = c.key_mask[:, :c.length]
+        joined.next_position[first:first + n] = c.next_position
+        first += n
+    joined.length = length
+    return joined
+
+
 @torch.no_grad()
 def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
-                 pad_id: int, allowed_vocab: int, stop_check=None) -> list[list[int]]:
-    """Greedy continuations of token rows decoded together with one KV cache.
+                 pad_id: int, allowed_vocab: int, stop_check: Callable[[list[int]], bool] | None = None,
+                 batch_size: int | None = None, on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of token rows, decoded `batch_size` rows at a time with one KV cache.
 
-    A row ends at a stop id (not included) or when stop_check(row_ids) says so.
+    A row ends at a stop id (not included), when stop_check(row_ids) says so, or at max_new_tokens; it then
+    leaves the batch (its cache rows are dropped, and the head and layers run only for rows still decoding),
+    and waiting rows join in its place. Rows start longest first, so a joining prompt fits the cache's length.
+    on_done(i) is called as row i finishes.
     """
     device = model_device(model)
-    ids, mask = left_pad(rows, pad_id, device)
-    cache = KVCache(model.config, len(rows), ids.shape[1] + max_new_tokens, model_dtype(model), device)
-    hidden = model(ids, mask, cache=cache, return_logits=False).hidden[:, -1:]
+    batch_size = batch_size or len(rows)
+    waiting = sorted(range(len(rows)), key=lambda i: -len(rows[i]))[::-1]  # popped from the end: longest first
     out: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    active: list[int] = []
+    cache, hidden = None, None
+    while waiting or active:
+        if waiting and len(active) < batch_size:
+            joining = [waiting.pop() for _ in range(min(batch_size - len(active), len(waiting)))]
+            ids, mask = left_pad([rows[i] for i in joining], pad_id, device)
+            prefill = KVCache(model.config, len(joining), ids.shape[1], model_dtype(model), device)
+            first = model(ids, mask, cache=prefill, return_logits=False).hidden[:, -1]
+            cache = _join(model, cache, prefill, max_new_tokens)
+            hidden = first if hidden is None else torch.cat([hidden, first])
+            active += joining
         # Embedding rows past the tokenizer's vocabulary are padding and never generated.
-        nxt = model.logits(hidden)[:, -1, :allowed_vocab].argmax(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            token = nxt[i].item()
-            if token in stop_ids:
-                done[i] = True
-                continue
-            out[i].append(token)
-            if stop_check is not None and stop_check(out[i]):
-                done[i] = True
-        if done.all():
-            break
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        hidden = model(nxt[:, None], (~done)[:, None], cache=cache, return_logits=False).hidden
+        nxt = model.logits(hidden)[:, :allowed_vocab].argmax(-1).tolist()
+        going = []
+        for slot, (i, token) in enumerate(zip(active, nxt)):
+            if token not in stop_ids:
+                out[i].append(token)
+                if len(out[i]) < max_new_tokens and not (stop_check is not None and stop_check(out[i])):
+                    going.append(slot)
+                    continue
+            if on_done is not None:
+                on_done(i)
+        if len(going) < len(active):
+            keep = torch.tensor(going, dtype=torch.long, device=device)
+            _keep_rows(cache, keep)
+            active, hidden = [active[s] for s in going], hidden[keep]
+        if active:
+            step = torch.tensor([nxt[s] for s in going], device=device)[:, None]
+            hidden = model(step, torch.ones_like(step, dtype=torch.bool), cache=cache, return_logits=False).hidden[:, -1]
+        else:
+            cache, hidden = None, None
     return out
 
 
 def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              stop: Sequence[str] = (), batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of prompts, batched by length; each is cut before the first stop string."""
+    """Greedy continuations of prompts, `batch_size` decoding at once; each is cut before the first stop string."""
     from tqdm import tqdm
 
     encoded = tokenizer.encode_batch(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results: list[str] = [""] * len(prompts)
     stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
+    # A stop string completed by the newest token lies in the last few tokens (each token is at least one
+    # character, or a quarter of one as a UTF-8 byte), so only that tail is decoded each step.
+    tail = 4 * max((len(s) for s in stop), default=0) + 4
 
     def hit_stop(ids: list[int]) -> bool:
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids[-tail:])
         return any(s in text for s in stop)
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outs = generate_ids(model, [encoded[i] for i in chunk], max_new_tokens, stop_ids, tokenizer.pad_id,
-                            tokenizer.vocab_size, hit_stop if stop else None)
-        for i, ids in zip(chunk, outs):
-            text = tokenizer.decode(ids)
-            cuts = [text.find(s) for s in stop if s in text]
-            results[i] = text[:min(cuts)] if cuts else text
-        bar.update(len(chunk))
+    outs = generate_ids(model, encoded, max_new_tokens, stop_ids, tokenizer.pad_id, tokenizer.vocab_size,
+                        hit_stop if stop else None, batch_size, on_done=lambda i: bar.update(1))
     bar.close()
+    results = []
+    for ids in outs:
+        text = tokenizer.decode(ids)
+        cuts = [text.find(s) for s in stop if s in text]
+        results.append(text[:min(cuts)] if cuts else text)
     return results

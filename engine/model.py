@@ -350,16 +350,19 @@ class ModelOutput:
 
 
 def attention_masks(query_mask: torch.Tensor, key_mask: torch.Tensor, offset: int,
-                    window: int) -> dict[str, torch.Tensor]:
+                    window: int, segments: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Boolean SDPA masks [B, 1, Tq, Tk] for both layer types.
 
     Query i sits at slot offset+i of the key sequence. Keys must be real, causal, and for sliding
     layers within the window. A query at a pad slot may see itself, so no row is empty (no NaN).
+    With `segments` (packed rows, no cache), a query sees only keys of its own example.
     """
     tq, tk = query_mask.shape[1], key_mask.shape[1]
     q_idx = torch.arange(offset, offset + tq, device=key_mask.device)[:, None]
     k_idx = torch.arange(tk, device=key_mask.device)[None, :]
     causal = (k_idx <= q_idx)[None] & key_mask[:, None, :]
+    if segments is not None:
+        causal = causal & (segments[:, :, None] == segments[:, None, :])
     self_slot = (k_idx == q_idx)[None]
     full = causal | self_slot
     sliding = (causal & (q_idx - k_idx < window)[None]) | self_slot
@@ -400,9 +403,17 @@ class Gemma3(nn.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        # An integer mask numbers the examples packed into a row (0 is padding): attention stays inside each
+        # example and positions restart at each one. A 0/1 mask is one example per row, as a boolean one is.
+        segments = attention_mask if attention_mask.dtype != torch.bool and cache is None else None
         attention_mask = attention_mask.bool()
         start = cache.next_position[:, None] if cache is not None else 0
         positions = start + attention_mask.long().cumsum(-1) - 1
+        if segments is not None:
+            slots = torch.arange(t, device=input_ids.device).expand(b, t)
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            positions = slots - torch.cummax(torch.where(first, slots, 0), dim=-1).values
         positions = positions.clamp(min=0)
         if cache is not None:
             if cache.length + t > cache.max_len:
@@ -411,7 +422,7 @@ class Gemma3(nn.Module):
             key_mask, offset = cache.key_mask[:, :cache.length + t], cache.length
         else:
             key_mask, offset = attention_mask, 0
-        masks = attention_masks(attention_mask, key_mask, offset, c.sliding_window)
+        masks = attention_masks(attention_mask, key_mask, offset, c.sliding_window, segments)
         x = self.embed(input_ids)
         ropes = {SLIDING: rope_tables(positions, c.head_dim, c.local_rope_theta, 1.0, x.dtype),
                  FULL: rope_tables(positions, c.head_dim, c.global_rope_theta, c.global_rope_scaling, x.dtype)}

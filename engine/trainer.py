@@ -46,7 +46,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio; 1.0 keeps lr constant
     clip_norm: float = 1.0  # global gradient-norm clip; 0 turns clipping off
-    max_len: int = 512  # tokens per example; longer batches are refused
+    max_len: int = 512  # tokens per example, and per packed row; longer batches are refused
+    pack: bool = True  # pack each micro-batch's examples into as few rows of max_len as fit (no padding waste)
     seed: int = 0  # data order and torch RNG (dropout) of a fresh run
     log_every: int = 10  # steps between metrics.jsonl lines
     save_every: int = 100  # steps between checkpoints; one is also written at the end
@@ -130,6 +131,38 @@ def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "target_mask": targets}
 
 
+def pack(examples: Sequence[Example], max_len: int) -> dict[str, torch.Tensor]:
+    """The examples packed into as few rows of at most max_len tokens as first-fit-decreasing finds.
+
+    attention_mask numbers the examples of a row 1, 2, ... (0 is padding); the model keeps attention inside each
+    example and restarts its positions, so every example computes what it would alone. Targets never cross an
+    example: each starts with BOS, which is not a target.
+    """
+    rows: list[list[int]] = []  # example indices per row
+    room: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].ids)):
+        size = len(examples[i].ids)
+        row = next((r for r, free in enumerate(room) if free >= size), None)
+        if row is None:
+            rows.append([]), room.append(max(max_len, size))
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= size
+    width = max(sum(len(examples[i].ids) for i in row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row, 1):
+            e = examples[i]
+            ids[r, at:at + len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+            segments[r, at:at + len(e.ids)] = k
+            targets[r, at:at + len(e.ids)] = torch.tensor(e.target_mask, dtype=torch.bool)
+            at += len(e.ids)
+    return {"input_ids": ids, "attention_mask": segments, "target_mask": targets}
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -144,7 +177,8 @@ def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainCo
     n = len(examples)
     first = (step * config.grad_accum + micro) * config.batch_size
     positions = range(first, first + config.batch_size)
-    return collate([examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions])
+    chosen = [examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions]
+    return pack(chosen, config.max_len) if config.pack else collate(chosen)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -313,7 +347,7 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             step_loss, total, extras = accumulate_gradients(model, loss_fn, batches, autocast)
             for key, values in extras.items():
                 window["extras"].setdefault(key, []).extend(values)
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = sum(int((b["attention_mask"] != 0).sum()) for b in batches)
 
             updating = True  # an interrupt from here to the end of the update leaves no consistent state
             lr = lr_at(step, config)
