@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import MedkoError
-from engine.model import Gemma3, check_keys, linear, model_device, model_dtype
+from engine.linear import linear
+from engine.model import Gemma3, check_keys, model_device, model_dtype
 from engine.tokenizer import Tokenizer
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import MedkoError
-from engine.model import Gemma3, linear
+from engine.linear import linear
+from engine.model import Gemma3
 
 
 def _head_walk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_slice: int,

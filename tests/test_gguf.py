@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine.model
+import engine.linear
 from engine.checkpoints import load_model
 from engine.data import load_texts
 from engine.errors import MedkoError
@@ -402,7 +402,7 @@ def test_270m_logits_match_transformers_with_and_without_onednn(converted_270m, 
         theirs = hf(ids, use_cache=False).logits
         errors = {}
         for onednn in (True, False):
-            monkeypatch.setattr(engine.model, "_ONEDNN_LINEAR", onednn)
+            monkeypatch.setattr(engine.linear, "_ONEDNN_LINEAR", onednn)
             mine = model(ids).logits
             errors[onednn] = ((mine - theirs).abs().max() / theirs.abs().max()).item()
             assert torch.equal(mine.argmax(-1), theirs.argmax(-1))

@@ -9,7 +9,8 @@ import torch
 
 from dataclasses import asdict
 from engine.errors import MedkoError
-from engine.model import FULL, Gemma3, KVCache, ModelConfig, PRESETS, SLIDING, _ONEDNN_LINEAR, compute_dtype, linear
+from engine.linear import _ONEDNN_LINEAR, linear
+from engine.model import FULL, Gemma3, KVCache, ModelConfig, PRESETS, SLIDING, compute_dtype
 from conftest import hf_twin, randomize, tiny_config
 
 
@@ -126,7 +127,7 @@ def test_head_over_a_vocab_subset_equals_those_columns(tiny_model):
 
 
 def test_medko_onednn_0_turns_onednn_off():
-    probe = "import engine.model; print(engine.model._ONEDNN_LINEAR)"
+    probe = "import engine.linear; print(engine.linear._ONEDNN_LINEAR)"
     for value, expected in (("0", "False"), ("1", "True")):
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1], env={**os.environ, "MEDKO_ONEDNN": value})
