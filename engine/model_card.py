@@ -135,7 +135,7 @@ def _data_section(summary: RunSummary) -> tuple[list[str], list[str]]:
     counts = ", ".join(f"{k.removesuffix('.jsonl')} {v}" for k, v in data.get("counts", {}).items())
     lines = [f"Data read by s0 from `{source}`" + (f": {counts}." if counts else "."), ""]
     datasets = list(DATA_LICENCES) if source == "hub" else []
-    lines += ["| data set | licence |", "| --- | --- |"]
+    lines += ["The sources medko reads from the hub, and their licences:", "", "| data set | licence |", "| --- | --- |"]
     lines += [f"| `{repo}` | {licence} |" for repo, licence in DATA_LICENCES.items()]
     lines += ["", "KorMedMCQA is CC BY-NC 2.0: this model was trained and selected on it, so it is for "
               "**non-commercial use only**, on top of the Gemma terms of use of the base model "
@@ -143,15 +143,16 @@ def _data_section(summary: RunSummary) -> tuple[list[str], list[str]]:
     return lines, datasets
 
 
-def _loading(fmt: str, dir_name: str, gguf_type: str) -> list[str]:
+def _loading(fmt: str, out_dir: Path, gguf_type: str) -> list[str]:
+    name = out_dir.name
     if fmt == "gguf":
-        return ["```sh", f"ollama create {dir_name} -f Modelfile", f"ollama run {dir_name} \"고혈압의 정의는?\"",
-                f"llama-cli -m {gguf_file_name(gguf_type)} -cnv   # llama.cpp", "```"]
+        return ["```sh", f"ollama create {name} -f {out_dir}/Modelfile", f"ollama run {name} \"고혈압의 정의는?\"",
+                f"llama-cli -m {out_dir}/{gguf_file_name(gguf_type)} -cnv   # llama.cpp", "```"]
     lines = ["```python", "from transformers import AutoTokenizer, Gemma3ForCausalLM",
-             f"tok = AutoTokenizer.from_pretrained(\"{dir_name}\")",
-             f"model = Gemma3ForCausalLM.from_pretrained(\"{dir_name}\")", "```"]
+             f"tok = AutoTokenizer.from_pretrained(\"{out_dir}\")",
+             f"model = Gemma3ForCausalLM.from_pretrained(\"{out_dir}\")", "```"]
     if fmt == "tied":
-        lines += ["", "```sh", f"vllm serve {dir_name}", "```"]
+        lines += ["", "```sh", f"vllm serve {out_dir}", "```"]
     else:
         lines += ["", "vLLM's Gemma 3 requires tied embeddings; export with `--format tied` for vLLM or SGLang."]
     return lines
@@ -197,7 +198,7 @@ def model_card(summary: RunSummary, fmt: str, config: ModelConfig, deviation: st
         lines += ["## Engine caveat", "", "Engines that derive Gemma 3's layer layout from its size rather than "
                   "from `layer_types` (llama.cpp's gemma3, vLLM versions that use `sliding_window_pattern`) compute "
                   "another model here: " + "; ".join(problems) + ".", ""]
-    lines += ["## Data and licences", "", *data_lines, "", "## Use", "", *_loading(fmt, dir_name, gguf_type), "",
+    lines += ["## Data and licences", "", *data_lines, "", "## Use", "", *_loading(fmt, Path(out_dir), gguf_type), "",
               "Chat turns follow `chat_template.jinja` (Gemma's `<start_of_turn>user ... <end_of_turn>`). "
               "For research on exam questions only; not for clinical decisions.", "", "## Publish", "", "```sh",
               f"huggingface-cli upload YOUR_NAME/{dir_name} {out_dir} . --repo-type model", "```", ""]

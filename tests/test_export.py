@@ -202,8 +202,7 @@ def tiny_run(tiny_dir, tmp_path_factory) -> Path:
     (base / "config.json").write_text(json.dumps({**config, "layer_types": None, "rope_scaling": None}))
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     common = ["--model", str(base), "--run-dir", str(run_dir), "--max-steps", "1", "--max-len", "256"]
-    for script, extra in (("s0_data", []), ("s1_gate", ["--gate", "0.0", "--english-exam", "model",
-                                                        "--translate-tokens", "2"]),
+    for script, extra in (("s0_data", []), ("s1_gate", ["--gate", "0.0"]),
                           ("s2_embed", ["--gate", "0.0"])):
         assert importlib.import_module(script).main([*common, *extra]) == 0
     return run_dir
