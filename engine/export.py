@@ -3,8 +3,8 @@
 Ollama, written by engine.export_gguf), each with a model card (engine.model_card). Files get ordinary
 permissions and appear whole or not at all.
 
-Imports engine.errors, engine.files, engine.model, engine.adapters, engine.evaluate, engine.tokenizer,
-engine.export_gguf and engine.model_card.
+Imports engine.errors, engine.files, engine.model, engine.adapters, engine.data, engine.evaluate,
+engine.tokenizer, engine.export_gguf and engine.model_card.
 """
 from __future__ import annotations
 

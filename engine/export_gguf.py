@@ -16,7 +16,7 @@ import torch
 
 from engine.embedded_270m import GGUF_LAYER_NAMES, GGUF_TOP_NAMES, TOKEN_CONTROL, TOKEN_USER_DEFINED
 from engine.errors import MedkoError, log
-from engine.model import ModelConfig, default_layer_types
+from engine.model import FULL, ModelConfig, default_layer_types
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_BYTE = 1, 5, 6  # llama.cpp's other SentencePiece token types
@@ -36,7 +36,7 @@ def llama_cpp_problems(config: ModelConfig) -> list[str]:
     """
     problems = []
     if tuple(config.layer_types) != default_layer_types(config.num_layers):
-        full = [i for i, t in enumerate(config.layer_types) if t != "sliding_attention"]
+        full = [i for i, t in enumerate(config.layer_types) if t == FULL]
         problems.append(f"its full-attention layers are {full}, llama.cpp puts them at every sixth layer "
                         f"(duplicated edge layers move them)")
     wanted = config.hidden_size // config.num_heads if config.num_layers == 62 else config.head_dim

@@ -187,6 +187,20 @@ def test_gguf_refuses_what_llama_cpp_would_misread(tiny_dir, tiny_tokenizer, tmp
     assert not (tmp_path / "g").exists()
 
 
+def test_llama_cpp_problems_follow_its_loader():
+    from dataclasses import replace
+
+    from engine.export_gguf import llama_cpp_problems
+    from engine.model import PRESETS
+
+    assert all(not llama_cpp_problems(PRESETS[size]) for size in ("270m", "4b", "27b"))
+    # two duplicated layers: the full-attention layers move, and a 64-layer 27B loses llama.cpp's 27B scale
+    grown = replace(PRESETS["27b"], num_layers=64, layer_types=("sliding_attention", *PRESETS["27b"].layer_types,
+                                                                "full_attention"))
+    problems = llama_cpp_problems(grown)
+    assert len(problems) == 2 and "query_pre_attn_scalar is 168" in problems[1]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_dir, tmp_path_factory) -> Path:
     """s0, s1 (gate passed) and s2 on the tiny model in Gemma's default layout (so llama.cpp reads it too):
