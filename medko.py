@@ -13,10 +13,12 @@ import shared_logic as sl
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts
 from engine.evaluate import agreement, format_table, translate
-from engine.export import export_run
+from engine.export import FORMATS, HeldOut, export_run
+from engine.export_gguf import GGUF_TYPES
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
+from engine.model_card import RunSummary, base_model_id
 from engine.tokenizer import chat_prompt
 
 MODEL_OPTIONS = ("size", "model", "device", "quantize")  # declared once, in shared_logic.StageOptions
@@ -107,11 +109,29 @@ def cmd_translate(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+def run_summary(run_dir: Path, stage: str, base: dict) -> RunSummary:
+    """The exported stage and the stages before it, as their meta.json files hold them."""
+    chain, name = [], stage
+    while name is not None:
+        chain.append(name)
+        name = sl.previous_stage(run_dir, name)
+    stages = [(n, sl.STAGES[n].title, sl.stage_meta(run_dir, n)) for n in reversed(chain) if n in sl.TRAINING_STAGES]
+    test = run_dir / "test_report.json"
+    return RunSummary(name=f"{run_dir}:{stage}", base_model=base_model_id(base["size"], base["model"]),
+                      stages=stages, data=sl.stage_meta(run_dir, "s0"),
+                      test=read_json(test) if test.is_file() and stage == sl.final_stage(run_dir) else None)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     run_dir, stage = sl.run_and_stage(args.run_stage_dir)
     model, _, base = sl.load_run_model_after(run_dir, stage, args.device)
     tokenizer_path = resolve_model_dir(base["size"], base["model"]) / "tokenizer.json"
-    print(export_run(model, Path(args.out), tokenizer_path))
+    held_out = None
+    if args.format == "tied":
+        data = sl.load_run_data(run_dir)
+        held_out = HeldOut(data.ko_heldout, data.en_heldout, data.exam["dev"])
+    print(export_run(model, Path(args.out), tokenizer_path, args.format, args.gguf_type,
+                     run_summary(run_dir, stage, base), held_out))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -176,9 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_translate)
 
-    p = sub.add_parser("export", help="write a run stage as a standard Gemma 3 checkpoint (LoRA merged)")
+    p = sub.add_parser("export", help="write a run stage for transformers, vLLM or llama.cpp/Ollama, with a model card")
     p.add_argument("run_stage_dir", help="e.g. runs/default/s5_reasoning")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf", choices=FORMATS,
+                   help="hf: exact (transformers); tied: tied embeddings for vLLM/SGLang, deviation measured; "
+                        "gguf: llama.cpp and Ollama")
+    p.add_argument("--gguf-type", default="f32", choices=GGUF_TYPES, help="tensor type of --format gguf")
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_export)
 
