@@ -20,8 +20,8 @@ import torch
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_mode)
 from engine.checkpoints import SIZES, load_base
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, load_instructions, load_kormedmcqa, load_mcq_file,
-                         load_pairs, load_reasoning, load_texts)
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Source, load_kormedmcqa,
+                         load_mcq_file, load_pairs, load_reasoning, load_texts, parse_field_map, require_rows)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, write_report
 from engine.files import atomic_write, read_json, write_json_atomic, write_text_atomic
@@ -185,6 +185,9 @@ class StageOptions:
     pairs: str | None = _option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = _option(None, "Korean exam reasoning file", stages=["s0"])
     skip_bad: bool = _option(False, "count and skip bad rows instead of stopping", stages=["s0"])
+    map: str | None = _option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
+                              "reasoning.reasoning=thinking; roles: exam, medqa, ko_text, en_text, pairs, reasoning",
+                              stages=["s0"])
     candidates: str | None = _option(None, "sizes to score, smallest first, e.g. 4b,27b (default --size)",
                                      stages=["s1"])
     english_exam: str = _option("auto", "'model' (translate with the model), a directory of reference translations "
@@ -611,26 +614,41 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list]]:
     """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a
-    file. Returns where the data came from and the rows by role."""
+    file, each read through its field mapping (--map). Returns where the data came from and the rows by role; a
+    source that yields no rows is an error naming it."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
+    maps = parse_field_map(opts.map)
+
+    def source(role: str, flag: str | None, name: str, hub_source: Source | None,
+               directory_mapping: dict | None = None) -> Source | None:
+        """The flag's file, else the data directory's file (read through directory_mapping), else the hub source
+        (through its mapping); --map goes over any of them."""
+        path = flag or (None if hub else root / name)
+        if path is None and hub_source is None:
+            return None
+        default = hub_source.mapping if path is None else ({} if flag else directory_mapping or {})
+        return Source(str(path) if path else hub_source.location, {**default, **maps.get(role, {})})
+
+    def rows(role: str, src: Source | None, load: Callable) -> list:
+        return list(require_rows(load(src), role, src)) if src is not None else []
+
     subsets = opts.subsets.split(",")
-    exam = {s: list(load_kormedmcqa(subsets, s, "hub" if hub else root / "kormedmcqa", skip_bad=opts.skip_bad))
-            for s in KORMEDMCQA_SPLITS}
-    local = lambda flag, name: Path(flag) if flag else (None if hub else root / name)  # noqa: E731
-    en_mcq_src = local(opts.en_mcq, "medqa_en.jsonl") or SOURCES["medqa"]
-    en_mcq = list(load_mcq_file(en_mcq_src, {"answer": "answer_idx"} if not opts.en_mcq else None, "en",
-                                opts.skip_bad))
-    ko_src = local(opts.ko_text, "ko_medical_text.jsonl")
-    ko_text = (list(load_texts(ko_src)) if ko_src else
-               [i.output for i in load_instructions(SOURCES["ko_text"], skip_bad=opts.skip_bad)])
-    en_src = local(opts.en_text, "en_medical_text.jsonl")
+    exam = {s: rows("exam", Source("hub" if hub else str(root / "kormedmcqa"), maps.get("exam", {})),
+                    lambda src, s=s: load_kormedmcqa(subsets, s, src.location, skip_bad=opts.skip_bad,
+                                                     mapping=src.mapping)) for s in KORMEDMCQA_SPLITS}
+    en_mcq = rows("medqa", source("medqa", opts.en_mcq, "medqa_en.jsonl", SOURCES["medqa"], SOURCES["medqa"].mapping),
+                  lambda src: load_mcq_file(src, lang="en", skip_bad=opts.skip_bad))
+    ko_text = rows("ko_text", source("ko_text", opts.ko_text, "ko_medical_text.jsonl", SOURCES["ko_text"]),
+                   lambda src: load_texts(src, skip_bad=opts.skip_bad))
+    en_src = source("en_text", opts.en_text, "en_medical_text.jsonl", None)
     # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = list(load_texts(en_src)) if en_src else [r.question for r in en_mcq]
-    pairs_src = local(opts.pairs, "ko_en_pairs.jsonl")
-    pairs = list(load_pairs(pairs_src)) if pairs_src else []
-    reasoning = list(load_reasoning(local(opts.reasoning, "reasoning_ko.jsonl") or SOURCES["reasoning"],
-                                    lang="ko", skip_bad=opts.skip_bad))
+    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=opts.skip_bad)) if en_src else \
+        [r.question for r in en_mcq]
+    pairs = rows("pairs", source("pairs", opts.pairs, "ko_en_pairs.jsonl", None),
+                 lambda src: load_pairs(src, skip_bad=opts.skip_bad))
+    reasoning = rows("reasoning", source("reasoning", opts.reasoning, "reasoning_ko.jsonl", SOURCES["reasoning"]),
+                     lambda src: load_reasoning(src, lang="ko", skip_bad=opts.skip_bad))
     return ("hub" if hub else str(root)), {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text,
                                           "pairs": pairs, "reasoning": reasoning}
 
