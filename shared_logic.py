@@ -68,6 +68,7 @@ TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and repor
 DEFAULT_STEPS = {"270m": 10, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
 DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
+MEASURE_BATCH = 8  # texts per forward pass in text losses and drift: memory stays flat in the number of texts
 LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
 LANGUAGE_PATTERNS = ["language_embedding.*"]
 
@@ -292,8 +293,8 @@ def text_loss(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len
     """Mean next-token cross-entropy per target token on plain texts."""
     examples = text_examples(tokenizer, texts, max_len)
     total, count = 0.0, 0
-    for start in range(0, len(examples), 8):
-        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + 8]).items()}
+    for start in range(0, len(examples), MEASURE_BATCH):
+        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + MEASURE_BATCH]).items()}
         hidden = model(batch["input_ids"], batch["attention_mask"], return_logits=False).hidden
         loss_sum, n = causal_lm_loss(model, hidden, batch["input_ids"], batch["target_mask"])
         total, count = total + float(loss_sum), count + int(n)
@@ -310,11 +311,18 @@ def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list
 def drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], kind: str, max_len: int) -> float:
     """The per-layer loss between the model and its teacher on English text (0 when they are equal)."""
     examples = text_examples(tokenizer, texts, max_len)
-    batch = {k: v.to(model_device(model)) for k, v in collate(examples).items()}
-    student = model(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, return_logits=False)
-    teacher = teacher_states(model, batch["input_ids"], batch["attention_mask"])
-    return float(layer_loss(student.hidden_states, teacher, batch["attention_mask"], teacher_layer_map(model),
-                            kind=kind, model=model, generator=torch.Generator().manual_seed(0)))
+    generator = torch.Generator().manual_seed(0)
+    total, tokens = 0.0, 0
+    # In micro-batches, each weighted by its tokens: every layer's states of student and teacher are alive at once,
+    # so one batch of every held-out text would grow with the data (~90 GB at 4B on MedQA).
+    for start in range(0, len(examples), MEASURE_BATCH):
+        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + MEASURE_BATCH]).items()}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        student = model(ids, mask, output_hidden_states=True, return_logits=False).hidden_states
+        loss = layer_loss(student, teacher_states(model, ids, mask), mask, teacher_layer_map(model), kind=kind,
+                          model=model, generator=generator)
+        total, tokens = total + float(loss) * int(mask.sum()), tokens + int(mask.sum())
+    return total / max(tokens, 1)
 
 
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions
