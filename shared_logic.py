@@ -262,9 +262,11 @@ def run_base(run_dir: Path, size: str | None, model: str | None) -> dict[str, An
     if gate is None:
         raise MedkoError(f"{run_dir} has no finished s1 gate to name its base model; run stages/s1_gate.py first")
     base = gate["base"]
-    clash = [k for k, v in {"size": size, "model": model}.items() if v is not None and str(v) != str(base[k])]
-    if clash:
-        raise MedkoError(f"{run_dir} is built on {base}; drop --{clash[0]} or use a new --run-dir")
+    if model is not None and str(model) != str(base["model"]):
+        raise MedkoError(f"{run_dir} is built on {base}; drop --model or use a new --run-dir")
+    if size is not None and base["model"] is None and size != base["size"]:
+        # run.sh passes its --size to every stage; the gate's choice wins, and the log says so.
+        log.info("the gate chose %s for %s; using it rather than --size %s", base["size"], run_dir, size)
     return base
 
 
@@ -667,8 +669,17 @@ def held_out(texts: list[str]) -> tuple[list[str], list[str]]:
     return texts[:-keep], texts[-keep:]
 
 
+HUB_CANDIDATES = ["4b", "27b"]  # the gate's default for a hub size: the small and the large MedGemma
+
+
 def gate_candidates(opts: StageOptions) -> list[str]:
-    return [opts.model] if opts.model else (opts.candidates.split(",") if opts.candidates else [opts.size or "270m"])
+    """Sizes (or the --model directory) the gate scores, smallest first: --candidates, else both MedGemmas for a
+    hub --size, else the 270M alone."""
+    if opts.model:
+        return [opts.model]
+    if opts.candidates:
+        return opts.candidates.split(",")
+    return list(HUB_CANDIDATES) if opts.size in HUB_CANDIDATES else [opts.size or "270m"]
 
 
 def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:

@@ -163,3 +163,21 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
+
+
+def test_gate_compares_small_and_large_for_hub_sizes():
+    options = lambda *a: sl.parse_stage_options("s1", list(a), None)  # noqa: E731
+    assert sl.gate_candidates(options("--size", "4b")) == ["4b", "27b"]
+    assert sl.gate_candidates(options("--size", "27b")) == ["4b", "27b"]
+    assert sl.gate_candidates(options()) == ["270m"]
+    assert sl.gate_candidates(options("--size", "27b", "--candidates", "27b")) == ["27b"]
+
+
+def test_later_stages_use_the_gate_choice_whatever_size_run_sh_passes(tmp_path, caplog):
+    (tmp_path / "s1_gate").mkdir()
+    (tmp_path / "s1_gate" / "meta.json").write_text(json.dumps({"status": "done", "base": {"size": "4b", "model": None}}))
+    with caplog.at_level("INFO", logger="medko"):
+        assert sl.run_base(tmp_path, "27b", None) == {"size": "4b", "model": None}
+    assert "the gate chose 4b" in caplog.text
+    with pytest.raises(sl.MedkoError, match="drop --model"):
+        sl.run_base(tmp_path, None, "/some/model")
