@@ -30,7 +30,8 @@ from engine.losses import causal_lm_loss, layer_loss, letter_loss
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.trainer import Example, TrainConfig, batch_at, collate, set_trainable, text_examples, train
+from engine.trainer import (Example, TrainConfig, batch_at, collate, cut_middle_examples, set_trainable, text_examples,
+                            train)
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
@@ -416,13 +417,11 @@ def reasoning_prompt(row: MCQ) -> str:
     return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
 
 
-def reasoning_target(row: MCQ) -> str:
-    return f" {row.reasoning.strip()}\n{ANSWER_CUE['ko']} {row.answer}"
-
-
-def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> list[Example]:
-    """Worked reasoning ending in the answer line, the prompt masked."""
-    return lm_examples(tokenizer, [reasoning_prompt(r) for r in rows], [reasoning_target(r) for r in rows], max_len)
+def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
+    """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
+    middle, never the prompt or the answer line. Returns the examples and how many were cut."""
+    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows], [f" {r.reasoning.strip()}" for r in rows],
+                               [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
 
 
 @torch.no_grad()

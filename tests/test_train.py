@@ -283,3 +283,20 @@ def test_batches_are_a_pure_function_of_seed_step_micro():
     assert drawn(2, 1) == drawn(2, 1)
     assert [i for micro in range(3) for i in drawn(1, micro)] != epoch  # a new permutation per epoch
     assert epoch != [i for micro in range(3) for i in drawn(0, micro, replace(cfg, seed=2))]
+
+
+def test_long_reasoning_loses_its_middle_not_its_answer(tiny_tokenizer):
+    import shared_logic as sl
+    from engine.data import MCQ
+
+    row = MCQ("r/0", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "C", reasoning="step " * 200)
+    short = MCQ("r/1", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "B", reasoning="short")
+    (long_ex, short_ex), cut = sl.reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
+    assert cut == 1 and len(long_ex.ids) == 120
+    prompt = tiny_tokenizer.encode(sl.reasoning_prompt(row))
+    assert long_ex.ids[:len(prompt)] == prompt and not any(long_ex.target_mask[:len(prompt)])
+    ending = tiny_tokenizer.encode("\n정답： C", bos=False) + [tiny_tokenizer.eos_id]
+    assert long_ex.ids[-len(ending):] == ending
+    text = tiny_tokenizer.decode(long_ex.ids[len(prompt):])
+    assert text.startswith(" step step") and " … " in text
+    assert " … " not in tiny_tokenizer.decode(short_ex.ids)
