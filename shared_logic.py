@@ -195,7 +195,8 @@ class StageOptions:
     english_exam: str = _option("auto", "'model' (translate with the model), a directory of reference translations "
                                 "laid out like data/kormedmcqa_en, or 'auto': the bundled translations for the "
                                 "bundled data, else 'model'", stages=["s1"])
-    translate_tokens: int = _option(96, "most new tokens per translated line", COUNT, stages=["s1"])
+    translate_tokens: int | None = _option(None, "most new tokens per translated line (default: twice the line's "
+                                           "source tokens plus 16)", COUNT, stages=["s1"])
     english_rounds: int = _option(2, "gate checks within the step budget", COUNT, stages=["s1_1"])
     korean_delta: bool = _option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int = _option(256, "most new tokens when scoring reasoning (the reasoning must fit before "
@@ -738,6 +739,14 @@ def _guard_cell(meta: dict[str, Any]) -> str:
             f"recovery round{'' if guard['rounds'] == 1 else 's'}")
 
 
+def _translation_note(gate: dict[str, Any]) -> str:
+    t = gate.get("translation")
+    if not t:
+        return ""
+    return (f" ({t['lines']} lines: {t['hit_budget']} used their whole length budget and may be cut, "
+            f"{t['empty'] + t['degenerate']} came back empty or degenerate and kept their Korean)")
+
+
 def write_run_report(run_dir: Path) -> Path:
     """report.md and report.png: per stage what was trained, steps, before → after, guard, final test."""
     run_dir = Path(run_dir)
@@ -753,7 +762,7 @@ def write_run_report(run_dir: Path) -> Path:
         m = metas["s1"]
         lines += [f"Gate (English dev accuracy ≥ {m['gate']}): " + ", ".join(f"{k} {v:.3f}" for k, v in m["scores"].items())
                   + f"; chosen {m['chosen']}; s1.1 {'ran' if m['needs_english'] else 'not needed'}"
-                  + f"; English exam translated by {m['translated_with']}.", ""]
+                  + f"; English exam translated by {m['translated_with']}" + _translation_note(m) + ".", ""]
     lines += ["## Summary", "",
               "| stage | trained | params | steps | ko acc | en acc | ko loss | en loss | drift | guard |",
               "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
