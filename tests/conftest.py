@@ -135,15 +135,15 @@ def rehearsed_run(hub_cache, tmp_path_factory) -> Path:
     """`bash run.sh --size 4b --max-steps 1` run once, offline, on the fake hub cache, through snapshot_download.
 
     Added limits: --max-len 1024 (the tiny tokenizer spells Korean in bytes and English in characters, about 3x
-    the real tokenizer's tokens) and few translation/reasoning tokens (the tiny model's output is noise; its length
-    only costs time).
+    the real tokenizer's tokens), --batch-size 2 (4b's default 8 of such long rows costs minutes on two cores) and
+    few translation/reasoning tokens (the tiny model's output is noise; its length only costs time).
     """
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     run_dir = tmp_path_factory.mktemp("rehearsal") / "run"
     env = hub_env(hub_cache, run_dir.parent / "hf", S1_ARGS="--translate-tokens 4", S5_ARGS="--reasoning-tokens 4")
-    out = subprocess.run(["bash", "run.sh", "--size", "4b", "--max-steps", "1", "--max-len", "1024",
-                          "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
+    out = subprocess.run(["bash", "run.sh", "--size", "4b", "--max-steps", "1", "--max-len", "1024", "--batch-size",
+                          "2", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     return run_dir
