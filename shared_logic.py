@@ -421,7 +421,8 @@ def reasoning_prompt(row: MCQ) -> str:
 def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
     """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
     middle, never the prompt or the answer line. Returns the examples and how many were cut."""
-    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows], [f" {r.reasoning.strip()}" for r in rows],
+    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
+                               [f" {r.reasoning.strip()}" for r in rows],
                                [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
 
 
