@@ -11,8 +11,8 @@ from pathlib import Path
 
 import shared_logic as sl
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
-from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts
-from engine.evaluate import agreement, format_table, translate
+from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
+from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, agreement, format_table, translate
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
 from engine.files import read_json
@@ -69,12 +69,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                 "a directory laid out like it")
         shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False)
         fewshot = [r for s in args.subsets.split(",") for r in [x for x in shots if x.subset == s][:args.fewshot]]
+    # KorMedMCQA's fewshot split is dev questions: a question whose answer sits in the prompt is not scored.
+    in_prompt = {normalize_question(r.question) for r in fewshot}
+    left_out = [r.id for r in rows if normalize_question(r.question) in in_prompt]
+    if left_out:
+        rows = [r for r in rows if normalize_question(r.question) not in in_prompt]
+        print(f"{len(left_out)} questions left out of scoring: they are the few-shot examples", file=sys.stderr)
     model, tokenizer, name = model_for(args)
     modes = ["logits", "generate"] if args.mode == "both" else [args.mode]
     reports = [sl.evaluate(model, tokenizer, rows, mode, args.lang, args.chat, fewshot, args.batch_size,
-                           args.max_new_tokens, model_name=name) for mode in modes]
+                           args.max_new_tokens, model_name=name, extraction=args.extraction) for mode in modes]
     report = reports[0]
-    extra = {}
+    extra = {"left_out_as_shots": left_out}
     if len(reports) == 2:
         extra["mode_agreement"] = agreement(reports[0], reports[1])
         extra["generate"] = asdict(reports[1])
@@ -174,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot", type=sl.ZERO_OR_MORE, default=0, help="examples per subset from the fewshot split")
     p.add_argument("--limit", type=sl.COUNT, default=None, help="score only the first N questions")
     p.add_argument("--batch-size", type=sl.COUNT, default=16)
-    p.add_argument("--max-new-tokens", type=sl.COUNT, default=32, help="generate mode")
+    p.add_argument("--max-new-tokens", type=sl.COUNT, default=GENERATE_TOKENS, help="generate mode (lm-eval's 1024)")
+    p.add_argument("--extraction", default="medko", choices=sorted(EXTRACTIONS),
+                   help="generate mode's answer extraction: ours, or lm-eval kormedmcqa v3.0's (IGNORECASE)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
     p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -191,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="en", choices=["en", "ko"])
     p.add_argument("--chat", action="store_true")
     p.add_argument("--batch-size", type=sl.COUNT, default=16)
-    p.add_argument("--max-new-tokens", type=sl.COUNT, default=128)
+    p.add_argument("--max-new-tokens", type=sl.COUNT, default=None,
+                   help="most new tokens per line (default: twice the line's source tokens plus 16)")
     p.add_argument("--cache", default=None, help="translation cache (default: OUT.cache.jsonl)")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_translate)

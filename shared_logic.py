@@ -21,8 +21,8 @@ import torch
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_mode)
 from engine.checkpoints import SIZES, load_base
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, load_instructions, load_kormedmcqa,
-                         load_mcq_file, load_pairs, load_reasoning, load_texts)
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, Source, load_kormedmcqa, load_mcq_file,
+                         load_pairs, load_reasoning, load_texts, parse_field_map, require_rows)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, write_report
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic, write_text_atomic
@@ -31,7 +31,8 @@ from engine.losses import causal_lm_loss, layer_loss, letter_loss
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.trainer import Example, TrainConfig, batch_at, collate, set_trainable, text_examples, train
+from engine.trainer import (Example, TrainConfig, batch_at, collate, cut_middle_examples, set_trainable, text_examples,
+                            train)
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
@@ -69,6 +70,7 @@ TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and repor
 DEFAULT_STEPS = {"270m": 10, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
 DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
+MEASURE_BATCH = 8  # texts per forward pass in text losses and drift: memory stays flat in the number of texts
 LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
 LANGUAGE_PATTERNS = ["language_embedding.*"]
 
@@ -189,12 +191,16 @@ class StageOptions:
     skip_bad: bool = _option(False, "count and skip bad rows instead of stopping", stages=["s0"])
     max_bad: float = _option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
                              stages=["s0"])
+    map: str | None = _option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
+                              "reasoning.reasoning=thinking; roles: exam, medqa, ko_text, en_text, pairs, reasoning",
+                              stages=["s0"])
     candidates: str | None = _option(None, "sizes to score, smallest first, e.g. 4b,27b (default --size)",
                                      stages=["s1"])
     english_exam: str = _option("auto", "'model' (translate with the model), a directory of reference translations "
                                 "laid out like data/kormedmcqa_en, or 'auto': the bundled translations for the "
                                 "bundled data, else 'model'", stages=["s1"])
-    translate_tokens: int = _option(96, "most new tokens per translated line", COUNT, stages=["s1"])
+    translate_tokens: int | None = _option(None, "most new tokens per translated line (default: twice the line's "
+                                           "source tokens plus 16)", COUNT, stages=["s1"])
     english_rounds: int = _option(2, "gate checks within the step budget", COUNT, stages=["s1_1"])
     korean_delta: bool = _option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int = _option(256, "most new tokens when scoring reasoning (the reasoning must fit before "
@@ -262,9 +268,11 @@ def run_base(run_dir: Path, size: str | None, model: str | None) -> dict[str, An
     if gate is None:
         raise MedkoError(f"{run_dir} has no finished s1 gate to name its base model; run stages/s1_gate.py first")
     base = gate["base"]
-    clash = [k for k, v in {"size": size, "model": model}.items() if v is not None and str(v) != str(base[k])]
-    if clash:
-        raise MedkoError(f"{run_dir} is built on {base}; drop --{clash[0]} or use a new --run-dir")
+    if model is not None and str(model) != str(base["model"]):
+        raise MedkoError(f"{run_dir} is built on {base}; drop --model or use a new --run-dir")
+    if size is not None and base["model"] is None and size != base["size"]:
+        # run.sh passes its --size to every stage; the gate's choice wins, and the log says so.
+        log.info("the gate chose %s for %s; using it rather than --size %s", base["size"], run_dir, size)
     return base
 
 
@@ -293,8 +301,8 @@ def text_loss(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len
     """Mean next-token cross-entropy per target token on plain texts."""
     examples = text_examples(tokenizer, texts, max_len)
     total, count = 0.0, 0
-    for start in range(0, len(examples), 8):
-        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + 8]).items()}
+    for start in range(0, len(examples), MEASURE_BATCH):
+        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + MEASURE_BATCH]).items()}
         hidden = model(batch["input_ids"], batch["attention_mask"], return_logits=False).hidden
         loss_sum, n = causal_lm_loss(model, hidden, batch["input_ids"], batch["target_mask"])
         total, count = total + float(loss_sum), count + int(n)
@@ -311,11 +319,18 @@ def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list
 def drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], kind: str, max_len: int) -> float:
     """The per-layer loss between the model and its teacher on English text (0 when they are equal)."""
     examples = text_examples(tokenizer, texts, max_len)
-    batch = {k: v.to(model_device(model)) for k, v in collate(examples).items()}
-    student = model(batch["input_ids"], batch["attention_mask"], output_hidden_states=True, return_logits=False)
-    teacher = teacher_states(model, batch["input_ids"], batch["attention_mask"])
-    return float(layer_loss(student.hidden_states, teacher, batch["attention_mask"], teacher_layer_map(model),
-                            kind=kind, model=model, generator=torch.Generator().manual_seed(0)))
+    generator = torch.Generator().manual_seed(0)
+    total, tokens = 0.0, 0
+    # In micro-batches, each weighted by its tokens: every layer's states of student and teacher are alive at once,
+    # so one batch of every held-out text would grow with the data (~90 GB at 4B on MedQA).
+    for start in range(0, len(examples), MEASURE_BATCH):
+        batch = {k: v.to(model_device(model)) for k, v in collate(examples[start:start + MEASURE_BATCH]).items()}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        student = model(ids, mask, output_hidden_states=True, return_logits=False).hidden_states
+        loss = layer_loss(student, teacher_states(model, ids, mask), mask, teacher_layer_map(model), kind=kind,
+                          model=model, generator=generator)
+        total, tokens = total + float(loss) * int(mask.sum()), tokens + int(mask.sum())
+    return total / max(tokens, 1)
 
 
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions
@@ -410,13 +425,12 @@ def reasoning_prompt(row: MCQ) -> str:
     return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
 
 
-def reasoning_target(row: MCQ) -> str:
-    return f" {row.reasoning.strip()}\n{ANSWER_CUE['ko']} {row.answer}"
-
-
-def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> list[Example]:
-    """Worked reasoning ending in the answer line, the prompt masked."""
-    return lm_examples(tokenizer, [reasoning_prompt(r) for r in rows], [reasoning_target(r) for r in rows], max_len)
+def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
+    """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
+    middle, never the prompt or the answer line. Returns the examples and how many were cut."""
+    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
+                               [f" {r.reasoning.strip()}" for r in rows],
+                               [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
 
 
 @torch.no_grad()
@@ -652,36 +666,48 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
     """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a
-    file. Returns where the data came from, the rows by role, and per source the rows skipped as bad (under
-    --skip-bad) and dropped as repeats; a source whose bad share passes --max-bad stops s0."""
+    file, each read through its field mapping (--map). Returns where the data came from, the rows by role, and
+    per source the rows skipped as bad (under --skip-bad) and dropped as repeats; a source that yields no rows,
+    or whose bad share passes --max-bad, stops s0."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
+    maps = parse_field_map(opts.map)
+
+    def source(role: str, flag: str | None, name: str, hub_source: Source | None,
+               directory_mapping: dict | None = None) -> Source | None:
+        """The flag's file, else the data directory's file (read through directory_mapping), else the hub source
+        (through its mapping); --map goes over any of them."""
+        path = flag or (None if hub else root / name)
+        if path is None and hub_source is None:
+            return None
+        default = hub_source.mapping if path is None else ({} if flag else directory_mapping or {})
+        return Source(str(path) if path else hub_source.location, {**default, **maps.get(role, {})})
+
+    def rows(role: str, src: Source | None, load: Callable) -> Rows:
+        return require_rows(load(src), role, src) if src is not None else Rows()
+
     subsets, skip = opts.subsets.split(","), opts.skip_bad
-    exam = {s: load_kormedmcqa(subsets, s, "hub" if hub else root / "kormedmcqa", skip_bad=skip)
-            for s in KORMEDMCQA_SPLITS}
-    local = lambda flag, name: Path(flag) if flag else (None if hub else root / name)  # noqa: E731
-    en_mcq_src = local(opts.en_mcq, "medqa_en.jsonl") or SOURCES["medqa"]
-    en_mcq = load_mcq_file(en_mcq_src, {"answer": "answer_idx"} if not opts.en_mcq else None, "en", skip)
-    ko_src = local(opts.ko_text, "ko_medical_text.jsonl")
-    if ko_src:
-        ko_text = load_texts(ko_src, skip_bad=skip)
-    else:
-        instructions = load_instructions(SOURCES["ko_text"], skip_bad=skip)
-        ko_text = Rows(i.output for i in instructions)
-        ko_text.skipped = instructions.skipped
-    en_src = local(opts.en_text, "en_medical_text.jsonl")
+    exam = {s: rows("exam", Source("hub" if hub else str(root / "kormedmcqa"), maps.get("exam", {})),
+                    lambda src, s=s: load_kormedmcqa(subsets, s, src.location, skip_bad=skip,
+                                                     mapping=src.mapping)) for s in KORMEDMCQA_SPLITS}
+    en_mcq = rows("medqa", source("medqa", opts.en_mcq, "medqa_en.jsonl", SOURCES["medqa"], SOURCES["medqa"].mapping),
+                  lambda src: load_mcq_file(src, lang="en", skip_bad=skip))
+    ko_text = rows("ko_text", source("ko_text", opts.ko_text, "ko_medical_text.jsonl", SOURCES["ko_text"]),
+                   lambda src: load_texts(src, skip_bad=skip))
+    en_src = source("en_text", opts.en_text, "en_medical_text.jsonl", None)
     # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = load_texts(en_src, skip_bad=skip) if en_src else Rows(r.question for r in en_mcq)
-    pairs_src = local(opts.pairs, "ko_en_pairs.jsonl")
-    pairs = load_pairs(pairs_src, skip_bad=skip) if pairs_src else Rows()
-    reasoning = load_reasoning(local(opts.reasoning, "reasoning_ko.jsonl") or SOURCES["reasoning"], lang="ko",
-                               skip_bad=skip)
-    by_source = {**{f"exam_{s}": rows for s, rows in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
+    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip)) if en_src else \
+        Rows(r.question for r in en_mcq)
+    pairs = rows("pairs", source("pairs", opts.pairs, "ko_en_pairs.jsonl", None),
+                 lambda src: load_pairs(src, skip_bad=skip))
+    reasoning = rows("reasoning", source("reasoning", opts.reasoning, "reasoning_ko.jsonl", SOURCES["reasoning"]),
+                     lambda src: load_reasoning(src, lang="ko", skip_bad=skip))
+    by_source = {**{f"exam_{s}": r for s, r in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
                  "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
-    counts = {name: {"skipped": rows.skipped, "dropped": rows.dropped} for name, rows in by_source.items()}
-    for name, rows in by_source.items():
-        if rows.skipped > opts.max_bad * (len(rows) + rows.skipped):
-            raise MedkoError(f"{rows.skipped} of {len(rows) + rows.skipped} rows of {name} are bad, more than "
+    counts = {name: {"skipped": r.skipped, "dropped": r.dropped} for name, r in by_source.items()}
+    for name, r in by_source.items():
+        if r.skipped > opts.max_bad * (len(r) + r.skipped):
+            raise MedkoError(f"{r.skipped} of {len(r) + r.skipped} rows of {name} are bad, more than "
                              f"--max-bad {opts.max_bad:.0%}; fix that source or raise --max-bad")
     return ("hub" if hub else str(root)), {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text,
                                           "pairs": pairs, "reasoning": reasoning}, counts
@@ -693,8 +719,17 @@ def held_out(texts: list[str]) -> tuple[list[str], list[str]]:
     return texts[:-keep], texts[-keep:]
 
 
+HUB_CANDIDATES = ["4b", "27b"]  # the gate's default for a hub size: the small and the large MedGemma
+
+
 def gate_candidates(opts: StageOptions) -> list[str]:
-    return [opts.model] if opts.model else (opts.candidates.split(",") if opts.candidates else [opts.size or "270m"])
+    """Sizes (or the --model directory) the gate scores, smallest first: --candidates, else both MedGemmas for a
+    hub --size, else the 270M alone."""
+    if opts.model:
+        return [opts.model]
+    if opts.candidates:
+        return opts.candidates.split(",")
+    return list(HUB_CANDIDATES) if opts.size in HUB_CANDIDATES else [opts.size or "270m"]
 
 
 def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
@@ -754,6 +789,14 @@ def _guard_cell(meta: dict[str, Any]) -> str:
             f"recovery round{'' if guard['rounds'] == 1 else 's'}")
 
 
+def _translation_note(gate: dict[str, Any]) -> str:
+    t = gate.get("translation")
+    if not t:
+        return ""
+    return (f" ({t['lines']} lines: {t['hit_budget']} used their whole length budget and may be cut, "
+            f"{t['empty'] + t['degenerate']} came back empty or degenerate and kept their Korean)")
+
+
 def write_run_report(run_dir: Path) -> Path:
     """report.md and report.png: per stage what was trained, steps, before → after, guard, final test."""
     run_dir = Path(run_dir)
@@ -772,7 +815,7 @@ def write_run_report(run_dir: Path) -> Path:
         m = metas["s1"]
         lines += [f"Gate (English dev accuracy ≥ {m['gate']}): " + ", ".join(f"{k} {v:.3f}" for k, v in m["scores"].items())
                   + f"; chosen {m['chosen']}; s1.1 {'ran' if m['needs_english'] else 'not needed'}"
-                  + f"; English exam translated by {m['translated_with']}.", ""]
+                  + f"; English exam translated by {m['translated_with']}" + _translation_note(m) + ".", ""]
     lines += ["## Summary", "",
               "| stage | trained | params | steps | ko acc | en acc | ko loss | en loss | drift | guard |",
               "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]

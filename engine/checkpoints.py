@@ -64,6 +64,7 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}  # medko's name -> the checkpoint key it came from
     for path in safetensors_files(model_dir):
         try:
             tensors = load_file(str(path))
@@ -71,8 +72,13 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
             raise MedkoError(f"{path} is corrupt or truncated ({err}); delete it and download again") from None
         for key, tensor in tensors.items():
             name = checkpoint_key(key)
-            if name is not None:
-                out[name] = tensor
+            if name is None:
+                continue
+            if name in out:
+                # Two layouts of one weight (a text and a multimodal key): which one is meant cannot be told.
+                raise MedkoError(f"{model_dir} holds {name} twice, as {origin[name]!r} and {key!r}; keep one key "
+                                 f"layout per checkpoint")
+            out[name], origin[name] = tensor, key
     return out
 
 

@@ -50,10 +50,21 @@ class Instruction:
 
 
 class Rows(list):
-    """A loader's rows; `skipped` counts bad rows left out under skip_bad, `dropped` repeated rows left out."""
+    """A loader's rows; `skipped` counts bad rows left out under skip_bad, `dropped` repeated rows left out;
+    `files` and `columns` say where they came from (the columns of the first record), for messages about a source."""
 
     skipped: int = 0
     dropped: int = 0
+    files: tuple[Path, ...] = ()
+    columns: tuple[str, ...] = ()
+
+    def take(self, other: "Rows") -> None:
+        """Adds another load's rows, counts and provenance."""
+        self.extend(other)
+        self.skipped += other.skipped
+        self.dropped += other.dropped
+        self.files += other.files
+        self.columns = self.columns or other.columns
 
 
 @dataclass
@@ -73,17 +84,60 @@ class Source:
 SOURCES: Mapping[str, Source] = MappingProxyType({
     "medqa": Source("GBaker/MedQA-USMLE-4-options", {"answer": "answer_idx"}),  # "answer" holds the text
     "ko_text": Source("ChuGyouk/Asan-AMC-Healthinfo"),  # instruction/output rows: load_instructions
-    "reasoning": Source("ChuGyouk/medical-reasoning-train-kormedmcqa"),  # field names unverified: map them
+    # Columns inferred from third-party code, not verified: question, A-E, answer (1-5), thinking, response.
+    "reasoning": Source("ChuGyouk/medical-reasoning-train-kormedmcqa", {"reasoning": "thinking"}),
 })
+# The roles whose fields --map renames (ROLE.FIELD=COLUMN), with the fields each role reads.
+MAP_ROLES: Mapping[str, set[str]] = MappingProxyType({
+    "exam": {"question", "answer", *LETTERS}, "medqa": {"id", "subset", "question", "options", "answer", *LETTERS},
+    "ko_text": {"text", "instruction", "input", "output"}, "en_text": {"text"}, "pairs": {"ko", "en"},
+    "reasoning": {"id", "subset", "question", "options", "answer", "reasoning", *LETTERS}})
 
 
-def _hub_files(repo_id: str, patterns: list[str], local_hint: str) -> list[Path]:
+def parse_field_map(text: str | None) -> dict[str, dict[str, str]]:
+    """--map "ROLE.FIELD=COLUMN,..." as {role: {medko's field: the source's column}}; unknown roles or fields are
+    refused by name."""
+    out: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        target, _, column = item.partition("=")
+        role, _, name = target.partition(".")
+        if not column or not name or role not in MAP_ROLES:
+            raise MedkoError(f"--map {item!r} is not ROLE.FIELD=COLUMN with ROLE one of {sorted(MAP_ROLES)}")
+        if name not in MAP_ROLES[role]:
+            raise MedkoError(f"--map {item!r}: {role} has no field {name!r}; its fields are {sorted(MAP_ROLES[role])}")
+        out.setdefault(role, {})[name] = column
+    return out
+
+
+def require_rows(rows: Rows, role: str, source: Any) -> Rows:
+    """A source that yields no rows is an error naming the source, its files and their columns."""
+    if not rows:
+        files = ", ".join(map(str, rows.files)) or "no files"
+        columns = ", ".join(rows.columns) or "no rows at all"
+        raise MedkoError(f"{role} source {getattr(source, 'location', source)} yielded no rows (files: {files}; "
+                         f"columns: {columns}{'; every row was skipped as bad' if rows.skipped else ''}); map its "
+                         f"fields with --map {role}.FIELD=COLUMN or give another file")
+    return rows
+
+
+def _hub_matches(repo_id: str, patterns: list[str], local_hint: str) -> list[Path]:
     root = hub_snapshot(repo_id, patterns, local_hint=local_hint)
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns))
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns))
+
+
+def _hub_files(repo_id: str, patterns: list[str], local_hint: str, single_file: bool = False) -> list[Path]:
+    """The repository's files matching patterns; with single_file, a repository holding one data file whose name
+    names no split (Asan-AMC-Healthinfo.jsonl) gives that file when the patterns match nothing."""
+    files = _hub_matches(repo_id, patterns, local_hint)
+    if not files and single_file:
+        data = _hub_matches(repo_id, [f"*{suffix}" for suffix in DATA_SUFFIXES_BY_PREFERENCE if suffix != ".json"],
+                            local_hint)
+        files = data if len(data) == 1 else []
     if not files:
-        raise MedkoError(f"{repo_id} has no files matching {patterns} in the cache or on the hub; check the "
-                         f"split and subset names, {local_hint}")
+        raise MedkoError(f"{repo_id} has no files matching {patterns}"
+                         f"{' nor a single data file' if single_file else ''} in the cache or on the hub; check "
+                         f"the split and subset names, {local_hint}")
     return files
 
 
@@ -103,7 +157,8 @@ def source_files(source: str | Path | Source) -> list[Path]:
         raise MedkoError(f"{path} does not exist; check the path")
     prefix = f"{source.subset}/" if source.subset else ""
     patterns = [f"{prefix}*{source.split}{tail}" for tail in ("-*.parquet", ".parquet", "-*.jsonl", ".jsonl", ".csv")]
-    return _one_format(_hub_files(source.location, patterns, "or give a local file with a field mapping"))
+    return _one_format(_hub_files(source.location, patterns, "or give a local file with a field mapping",
+                                  single_file=not source.subset))
 
 
 def _one_format(files: Sequence[Path]) -> list[Path]:
@@ -155,8 +210,11 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
 def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool) -> Rows:
     """parse(path, row index, record) over every record; a bad row stops the load, or is counted under skip_bad."""
     rows = Rows()
+    rows.files = tuple(files)
     for path in files:
         for index, (line, record) in enumerate(read_records(path)):
+            if not rows.columns and isinstance(record, dict):
+                rows.columns = tuple(record)
             try:
                 if isinstance(record, BadRow):
                     raise record
@@ -271,7 +329,8 @@ def load_reasoning(source: str | Path | Source, mapping: Mapping[str, str] | Non
 
 
 def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
-                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False) -> Rows:
+                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
+                    mapping: Mapping[str, str] | None = None) -> Rows:
     """KorMedMCQA rows with ids subset/split/row, from the hub or a local directory.
 
     A local directory is laid out like the hub: {subset}/{split}*.parquet or {subset}/{split}*.jsonl.
@@ -294,11 +353,12 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
         files = _one_format(sorted((root / subset).glob(f"{split}*")))
         if not files:
             raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
-        parser = _mcq_parser({}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
+        parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
         part = _parse_files(files, parser, skip_bad)
         kept = _drop_repeats(part, f"{subset}/{split}")
-        rows.extend(kept)
-        rows.skipped, rows.dropped = rows.skipped + part.skipped, rows.dropped + len(part) - len(kept)
+        rows.take(part)
+        rows[len(rows) - len(part):] = kept
+        rows.dropped += len(part) - len(kept)
     return rows
 
 
@@ -316,18 +376,26 @@ def _drop_repeats(rows: list[MCQ], where: str) -> list[MCQ]:
 
 
 def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False) -> Rows:
-    """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block."""
-    if isinstance(source, Source):
-        field = source.mapping.get("text", field)
+    """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block.
+
+    Instruction rows (no text field, an output field: Asan-AMC-Healthinfo's schema) give their output.
+    """
+    mapping = dict(source.mapping) if isinstance(source, Source) else {}
+    field = mapping.get("text", field)
+    output = mapping.get("output", "output")
+
+    def parse(path: Path, index: int, record: dict[str, Any]) -> str:
+        if field not in record and output in record:
+            return str(_field(record, "output", {"output": output}))
+        return str(_field(record, "text", {"text": field}))
+
     rows = Rows()
     for path in source_files(source):
         if path.suffix == ".txt":
             rows.extend(block.strip() for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
                         if block.strip())
         else:
-            part = _parse_files([path], lambda p, i, r: str(_field(r, "text", {"text": field})), skip_bad)
-            rows.extend(part)
-            rows.skipped += part.skipped
+            rows.take(_parse_files([path], parse, skip_bad))
     return rows
 
 

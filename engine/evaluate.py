@@ -31,6 +31,11 @@ STOP_STRINGS = ("Q:", "</s>", "<|im_end|>", ".", "\n\n")
 # Python's \b is Unicode-aware: Hangul is a word character, so "C입니다" and "정답은C" give no match.
 ANSWER_PATTERNS = [re.compile(p) for p in (r"정답[:：\s]*([ABCDE])", r"정답은\s*([ABCDE])\s*입니다",
                                            r"\b([ABCDE])\.", r"\b([ABCDE])\b")]
+# lm-eval kormedmcqa v3.0's copy of the cascade, exactly: ASCII colon only, IGNORECASE, the match upper-cased.
+HARNESS_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (r"정답[:\s]*([ABCDE])", r"정답은\s*([ABCDE])\s*입니다",
+                                                           r"\b([ABCDE])\.", r"\b([ABCDE])\b")]
+EXTRACTIONS = {"medko": ANSWER_PATTERNS, "harness": HARNESS_PATTERNS}
+GENERATE_TOKENS = 1024  # lm-eval kormedmcqa's max_gen_toks: a shorter cap cuts long answers before their letter
 
 
 def _check_lang(lang: str) -> None:
@@ -70,12 +75,15 @@ def letter_token_ids(tokenizer: Tokenizer, chat: bool) -> list[int]:
     return ids
 
 
-def extract_answer(text: str) -> str | None:
-    """The answer letter in a generation, or None (counted wrong, never guessed)."""
-    for pattern in ANSWER_PATTERNS:
+def extract_answer(text: str, extraction: str = "medko") -> str | None:
+    """The answer letter in a generation, or None (counted wrong, never guessed); extraction "harness" is lm-eval
+    kormedmcqa v3.0's."""
+    if extraction not in EXTRACTIONS:
+        raise MedkoError(f"unknown extraction {extraction!r}; use {' or '.join(EXTRACTIONS)}")
+    for pattern in EXTRACTIONS[extraction]:
         found = pattern.findall(text)
         if found:
-            return found[-1]
+            return found[-1].upper()
     return None
 
 
@@ -116,6 +124,7 @@ class Report:
     seconds: float
     questions_per_second: float
     predictions: list[dict[str, Any]]  # input order: id, subset, gold, pred (letter or None), correct[, output]
+    extraction: str | None = None  # generate: "medko" (ours) or "harness" (lm-eval v3.0's); None in logits mode
 
 
 def macro_f1(gold: Sequence[str], pred: Sequence[str | None]) -> float:
@@ -130,8 +139,9 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str | None]) -> float:
 
 
 def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str = "logits", lang: str = "ko",
-             chat: bool = False, fewshot: Sequence[MCQ] = (), batch_size: int = 16, max_new_tokens: int = 32,
-             progress: bool = True, model_name: str = "") -> Report:
+             chat: bool = False, fewshot: Sequence[MCQ] = (), batch_size: int = 16,
+             max_new_tokens: int = GENERATE_TOKENS, progress: bool = True, model_name: str = "",
+             extraction: str = "medko") -> Report:
     """Scores multiple-choice rows with the harness prompt.
 
     logits: the highest next-token logit among the row's letters. generate: greedy decoding cut at
@@ -153,7 +163,7 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
         preds: list[str | None] = [LETTERS[i] for i in best]
     else:
         outputs = generate(model, tokenizer, prompts, max_new_tokens, STOP_STRINGS, batch_size, progress)
-        preds = [extract_answer(o) for o in outputs]
+        preds = [extract_answer(o, extraction) for o in outputs]
     seconds = time.perf_counter() - start
     predictions = [{"id": r.id, "subset": r.subset, "gold": r.answer, "pred": p, "correct": p == r.answer}
                    for r, p in zip(rows, preds)]
@@ -172,7 +182,8 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
         accuracy=sum(e["correct"] for e in predictions) / n, subsets=subsets,
         macro_f1=macro_f1([r.answer for r in rows], preds),
         format_compliance=sum(p is not None for p in preds) / n if mode == "generate" else None,
-        seconds=seconds, questions_per_second=n / seconds if seconds > 0 else float("inf"), predictions=predictions)
+        seconds=seconds, questions_per_second=n / seconds if seconds > 0 else float("inf"), predictions=predictions,
+        extraction=extraction if mode == "generate" else None)
 
 
 def agreement(a: Report | Mapping[str, Any], b: Report | Mapping[str, Any]) -> float:
@@ -229,13 +240,28 @@ def _read_cache(path: Path) -> dict[str, str]:
     return cache
 
 
+TRANSLATION_MARGIN = 16  # new tokens a translated line may take beyond twice its source's
+
+
+def failed_translation(text: str) -> str | None:
+    """Why a translated line is unusable ("empty", "degenerate": one character repeated), or None."""
+    if not text.strip():
+        return "empty"
+    squeezed = "".join(text.split())
+    return "degenerate" if len(squeezed) > 3 and len(set(squeezed)) == 1 else None
+
+
 def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str = "en",
-              cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 256,
-              progress: bool = False, *, model_id: str, chat: bool = False) -> list[str]:
+              cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
+              progress: bool = False, *, model_id: str, chat: bool = False,
+              stats: dict[str, int] | None = None) -> list[str]:
     """Greedy translations, line by line (so a line break stops a base model without losing text).
 
-    Each line is cached under sha256(prompt + model_id) in a JSONL file appended after every batch, so
-    an interrupted run resumes where it stopped. model_id must change whenever the weights do.
+    Each line may take twice its source's tokens plus a margin (at most max_new_tokens when given); `stats`, when
+    given, receives the lines, those that used their whole budget (likely cut) and those that came back empty or
+    degenerate, which keep their source text. Each line is cached under sha256(prompt + model_id) in a JSONL file
+    appended after every batch, so an interrupted run resumes where it stopped. model_id must change whenever the
+    weights do.
     """
     from tqdm import tqdm
 
@@ -245,12 +271,16 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
     prompts = {line.strip(): translation_prompt(line.strip(), to, chat) for lines in split for line in lines
                if line.strip()}
     keys = {line: hashlib.sha256(f"{p}\0{model_id}".encode()).hexdigest() for line, p in prompts.items()}
-    # Longest first, so each batch holds lines of similar length.
+    budget = {line: 2 * len(tokenizer.encode(line, bos=False)) + TRANSLATION_MARGIN for line in prompts}
+    if max_new_tokens is not None:
+        budget = {line: min(b, max_new_tokens) for line, b in budget.items()}
+    # Longest first, so each batch holds lines of similar length (and budget).
     todo = sorted((line for line in prompts if keys[line] not in cache), key=lambda s: -len(s))
     bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not progress, file=sys.stderr)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        outs = generate(model, tokenizer, [prompts[line] for line in chunk], max_new_tokens, ["\n"], batch_size)
+        outs = generate(model, tokenizer, [prompts[line] for line in chunk], max(budget[line] for line in chunk),
+                        ["\n"], batch_size)
         entries = [{"key": keys[line], "src": line, "out": out.strip()} for line, out in zip(chunk, outs)]
         cache.update((e["key"], e["out"]) for e in entries)
         if cache_path:
@@ -259,7 +289,16 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
                 f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
         bar.update(len(chunk))
     bar.close()
-    return ["\n".join(cache[keys[line.strip()]] if line.strip() else line for line in lines) for lines in split]
+    done = {line: cache[keys[line]] for line in prompts}
+    failed = {line: failed_translation(out) for line, out in done.items()}
+    if stats is not None:
+        stats["lines"] = stats.get("lines", 0) + len(done)
+        stats["hit_budget"] = stats.get("hit_budget", 0) + sum(
+            len(tokenizer.encode(out, bos=False)) >= budget[line] for line, out in done.items())
+        for why in ("empty", "degenerate"):
+            stats[why] = stats.get(why, 0) + sum(f == why for f in failed.values())
+    return ["\n".join((line.strip() if failed[line.strip()] else done[line.strip()]) if line.strip() else line
+                      for line in lines) for lines in split]
 
 
 def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to: str = "en",

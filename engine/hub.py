@@ -4,6 +4,7 @@ Imports only engine.errors.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -30,9 +31,22 @@ def hub_snapshot(repo_id: str, patterns: Sequence[str], repo_type: str = "datase
     except RepositoryNotFoundError:
         raise MedkoError(f"{repo_id} was not found or needs a token: check the name, accept its terms, and "
                          f"set HF_TOKEN") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as err:
+        missing = _missing_files(err)
+        if missing:
+            raise MedkoError(f"{repo_id} is only partly downloaded: {missing} missing from {err.snapshot_path} "
+                             f"and the hub cannot be reached (offline?); finish the download with a network "
+                             f"(HF_HUB_OFFLINE unset), {local_hint}") from None
         raise MedkoError(f"{repo_id} is not in the local cache and the hub cannot be reached (offline?); "
                          f"download it once with a network, {local_hint}") from None
+
+
+def _missing_files(err: Exception) -> str | None:
+    """The missing files of an incomplete cached snapshot (huggingface-hub's IncompleteSnapshotError), else None."""
+    if getattr(err, "snapshot_path", None) is None:
+        return None
+    found = re.search(r"(\d+) file\(s\) are missing \((.*?)\)\.", str(err))
+    return f"{found.group(1)} file(s) ({found.group(2)})" if found else "some files"
 
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",

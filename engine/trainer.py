@@ -115,6 +115,35 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
     return examples
 
 
+def cut_middle_examples(tokenizer: Tokenizer, prompts: Sequence[str], bodies: Sequence[str], endings: Sequence[str],
+                        max_len: int, marker: str = " … ") -> tuple[list[Example], int]:
+    """Examples whose target is body + ending (EOS after it); one longer than max_len loses the middle of its body,
+    marked by `marker`, so that the prompt and the ending (an answer line) stay whole. Returns the examples and how
+    many were cut; one whose prompt and ending alone overflow is dropped and logged."""
+    prompt_ids = tokenizer.encode_batch(prompts)
+    body_ids = tokenizer.encode_batch(bodies, bos=False)
+    ending_ids = tokenizer.encode_batch(endings, bos=False)
+    mark = tokenizer.encode(marker, bos=False)
+    examples, cut, dropped = [], 0, 0
+    for prompt, body, ending in zip(prompt_ids, body_ids, ending_ids):
+        room = max_len - len(prompt) - len(ending) - 1
+        if len(body) > room:
+            keep = room - len(mark)
+            if keep < 2:
+                dropped += 1
+                continue
+            body = body[:keep // 2] + mark + body[len(body) - (keep - keep // 2):]
+            cut += 1
+        target = body + ending + [tokenizer.eos_id]
+        examples.append(Example(prompt + target, [False] * len(prompt) + [True] * len(target)))
+    if cut or dropped:
+        log.info("cut the middle of %d of %d examples to fit max_len %d tokens; dropped %d whose prompt and ending "
+                 "alone overflow", cut, len(prompts), max_len, dropped)
+    if not examples:
+        raise MedkoError(f"every example's prompt and ending overflow max_len {max_len}; raise --max-len")
+    return examples, cut
+
+
 def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     """Right-padded {input_ids, attention_mask, target_mask}; target_mask[b, t] marks token t as a target.
 

@@ -21,13 +21,14 @@ def main(run: sl.StageRun) -> None:
 
     before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}
     config = run.train_config()
-    reasoning = sl.reasoning_examples(tokenizer, run.data.reasoning, opts.max_len)
+    reasoning, cut = sl.reasoning_examples(tokenizer, run.data.reasoning, opts.max_len)
     letters = sl.letter_token_ids(tokenizer, chat=False)
     phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight, letters),
                             sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery
-    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard})
+    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,
+                     "reasoning_cut": cut, "reasoning_examples": len(reasoning)})
 
 
 if __name__ == "__main__":

@@ -101,3 +101,49 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir) -> Tokenizer:
     return Tokenizer(tiny_dir / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE) holding every default source and a tiny MedGemma 4B (hub_cache.py)."""
+    from hub_cache import build_hub_cache
+
+    return build_hub_cache(tmp_path_factory.mktemp("hub") / "cache")
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch) -> Path:
+    """The fake hub cache, offline, for code that calls snapshot_download in this process."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub_cache))
+    return hub_cache
+
+
+def hub_env(cache: Path, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that reads the fake hub cache offline, with no token or user cache."""
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(home), **extra}
+
+
+@pytest.fixture(scope="session")
+def rehearsed_run(hub_cache, tmp_path_factory) -> Path:
+    """`bash run.sh --size 4b --max-steps 1` run once, offline, on the fake hub cache, through snapshot_download.
+
+    Added limits: --max-len 1024 (the tiny tokenizer spells Korean in bytes and English in characters, about 3x
+    the real tokenizer's tokens), --batch-size 2 (4b's default 8 of such long rows costs minutes on two cores) and
+    few translation/reasoning tokens (the tiny model's output is noise; its length only costs time).
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path_factory.mktemp("rehearsal") / "run"
+    env = hub_env(hub_cache, run_dir.parent / "hf", S1_ARGS="--translate-tokens 4", S5_ARGS="--reasoning-tokens 4")
+    out = subprocess.run(["bash", "run.sh", "--size", "4b", "--max-steps", "1", "--max-len", "1024", "--batch-size",
+                          "2", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return run_dir

@@ -270,3 +270,18 @@ def test_split_overlap_finds_a_duplicate_despite_spacing_and_punctuation():
                  mcq("x2", "고혈압의 2차 치료제는 무엇인가?")],
     }
     assert split_overlap(splits) == {"train/dev": [], "train/test": [("t0", "x0"), ("t1", "x1")], "dev/test": []}
+
+
+def test_s0_overlap_report_includes_the_fewshot_split(tmp_path):
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "stages" / "s0_data.py"
+    spec = importlib.util.spec_from_file_location("s0_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    s0 = module.main
+
+    assert s0(["--run-dir", str(tmp_path)]) == 0
+    overlap = json.loads((tmp_path / "s0_data" / "meta.json").read_text())["overlap"]
+    assert {"dev/fewshot", "train/fewshot", "test/fewshot"} <= set(overlap)

@@ -163,7 +163,7 @@ def test_report_fields_order_and_atomic_json(model, tiny_tokenizer, tmp_path, mo
     assert [p.name for p in path.parent.iterdir()] == ["dev.json"]  # no temporary file left behind
     data = json.loads(path.read_text(encoding="utf-8"))
     assert list(data) == ["model", "mode", "lang", "chat", "fewshot", "n", "accuracy", "subsets", "macro_f1",
-                          "format_compliance", "seconds", "questions_per_second", "predictions"]
+                          "format_compliance", "seconds", "questions_per_second", "predictions", "extraction"]
     assert data["predictions"] == [
         {"id": "q0", "subset": "doctor", "gold": "B", "pred": "A", "correct": False},
         {"id": "q1", "subset": "doctor", "gold": "E", "pred": "E", "correct": True},
@@ -240,3 +240,68 @@ def test_translate_mcqs_keeps_ids_and_answers(model, tiny_tokenizer):
     out = translate_mcqs(rows, model, tiny_tokenizer, "ko", max_new_tokens=3, model_id="tiny")
     assert [(r.id, r.subset, r.answer, list(r.options), r.lang) for r in out] == \
         [(r.id, r.subset, r.answer, list(r.options), "ko") for r in rows]
+
+
+def test_harness_extraction_is_lm_eval_v3s_ignorecase_cascade():
+    assert extract_answer("a. 정답은 b") is None  # ours: no IGNORECASE, the article "a" is never an answer
+    assert extract_answer("a. 정답은 b", "harness") == "A"
+    assert extract_answer("정답: c", "harness") == "C" and extract_answer("정답：C", "harness") == "C"
+    assert extract_answer("nothing here", "harness") is None
+    with pytest.raises(MedkoError, match="unknown extraction"):
+        extract_answer("A", "other")
+
+
+def test_generate_mode_defaults_to_the_harness_budget_and_records_the_extraction(model, tiny_tokenizer, monkeypatch):
+    import inspect
+
+    import medko
+
+    seen = {}
+
+    def canned(model_, tokenizer, prompts, max_new_tokens, stop, batch_size, progress):
+        seen["max_new_tokens"], seen["stop"] = max_new_tokens, stop
+        return ["answer: b"] * len(prompts)
+
+    monkeypatch.setattr(engine.evaluate, "generate", canned)
+    report = evaluate(model, tiny_tokenizer, ROWS, "generate", "ko", progress=False, extraction="harness")
+    assert seen == {"max_new_tokens": 1024, "stop": STOP_STRINGS}
+    assert report.extraction == "harness" and {p["pred"] for p in report.predictions} == {"B"}
+    assert evaluate(model, tiny_tokenizer, ROWS, "logits", "ko", progress=False).extraction is None
+    args = medko.build_parser().parse_args(["eval"])
+    assert args.max_new_tokens == 1024 and args.extraction == "medko"
+    assert inspect.signature(evaluate).parameters["max_new_tokens"].default == 1024
+
+
+def test_translation_budget_follows_the_source_and_failures_are_counted(model, tiny_tokenizer, monkeypatch):
+    budgets = []
+    replies = {"short": "", "mid line": "zzzzzz", "a longer line of text": " ".join(f"w{i}" for i in range(200))}
+
+    def canned(model_, tokenizer, prompts, max_new_tokens, stop, batch_size):
+        budgets.append(max_new_tokens)
+        return [next(v for k, v in replies.items() if p.rstrip().endswith(f"Korean: {k}\nEnglish:")) for p in prompts]
+
+    monkeypatch.setattr(engine.evaluate, "generate", canned)
+    stats = {}
+    out = translate(model, tiny_tokenizer, list(replies), "en", batch_size=1, model_id="m", stats=stats)
+    expected = sorted(2 * len(tiny_tokenizer.encode(k, bos=False)) + 16 for k in replies)
+    assert sorted(budgets) == expected  # twice the source tokens plus a margin, not a fixed 96
+    assert out[:2] == ["short", "mid line"]  # empty and degenerate translations keep their source
+    assert stats == {"lines": 3, "hit_budget": 1, "empty": 1, "degenerate": 1}
+
+
+def test_fewshot_questions_are_left_out_of_dev_scoring(tiny_dir, tmp_path):
+    import medko
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data" / "kormedmcqa" / "doctor"
+    root = tmp_path / "kormedmcqa" / "doctor"
+    root.mkdir(parents=True)
+    dev = (data / "dev.jsonl").read_text().splitlines()
+    (root / "dev.jsonl").write_text("\n".join(dev) + "\n")
+    (root / "fewshot.jsonl").write_text("\n".join(dev[:2]) + "\n")  # as on the hub: shots are dev questions
+    out = tmp_path / "r.json"
+    assert medko.main(["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "kormedmcqa"), "--subsets",
+                       "doctor", "--split", "dev", "--fewshot", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == len(dev) - 1 and report["left_out_as_shots"] == ["doctor/dev/0000"]
+    assert "doctor/dev/0000" not in {p["id"] for p in report["predictions"]}

@@ -249,3 +249,21 @@ def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys
     assert stage("s0", tmp_path / "too_bad", tiny_dir, *args, "--skip-bad", "--max-bad", "0.01") == 1
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")
+
+
+def test_gate_compares_small_and_large_for_hub_sizes():
+    options = lambda *a: sl.parse_stage_options("s1", list(a), None)  # noqa: E731
+    assert sl.gate_candidates(options("--size", "4b")) == ["4b", "27b"]
+    assert sl.gate_candidates(options("--size", "27b")) == ["4b", "27b"]
+    assert sl.gate_candidates(options()) == ["270m"]
+    assert sl.gate_candidates(options("--size", "27b", "--candidates", "27b")) == ["27b"]
+
+
+def test_later_stages_use_the_gate_choice_whatever_size_run_sh_passes(tmp_path, caplog):
+    (tmp_path / "s1_gate").mkdir()
+    (tmp_path / "s1_gate" / "meta.json").write_text(json.dumps({"status": "done", "base": {"size": "4b", "model": None}}))
+    with caplog.at_level("INFO", logger="medko"):
+        assert sl.run_base(tmp_path, "27b", None) == {"size": "4b", "model": None}
+    assert "the gate chose 4b" in caplog.text
+    with pytest.raises(sl.MedkoError, match="drop --model"):
+        sl.run_base(tmp_path, None, "/some/model")

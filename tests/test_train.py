@@ -391,3 +391,20 @@ def test_a_real_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, exampl
     with pytest.raises(MedkoError, match=r"could not write checkpoint .*step-00000002: No space left on device"):
         train(fresh_model(), ce_loss, examples, cfg, tight)
     assert not list((tight / CHECKPOINTS).glob("*"))
+
+
+def test_long_reasoning_loses_its_middle_not_its_answer(tiny_tokenizer):
+    import shared_logic as sl
+    from engine.data import MCQ
+
+    row = MCQ("r/0", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "C", reasoning="step " * 200)
+    short = MCQ("r/1", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "B", reasoning="short")
+    (long_ex, short_ex), cut = sl.reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
+    assert cut == 1 and len(long_ex.ids) == 120
+    prompt = tiny_tokenizer.encode(sl.reasoning_prompt(row))
+    assert long_ex.ids[:len(prompt)] == prompt and not any(long_ex.target_mask[:len(prompt)])
+    ending = tiny_tokenizer.encode("\n정답： C", bos=False) + [tiny_tokenizer.eos_id]
+    assert long_ex.ids[-len(ending):] == ending
+    text = tiny_tokenizer.decode(long_ex.ids[len(prompt):])
+    assert text.startswith(" step step") and " … " in text
+    assert " … " not in tiny_tokenizer.decode(short_ex.ids)

@@ -1,0 +1,66 @@
+"""Every `python medko.py` command README.md shows runs as a subprocess, as a user types it, so a documented
+command cannot break unnoticed. Each runs in a directory holding `data/` (the bundled data) and `runs/default`
+(the rehearsed 4B run of test_rehearsal), offline, with the fake hub cache.
+
+Substitutions, each because the command as written would take minutes on a CPU or need the network:
+- `--size 270m` (and the default size) becomes `--model TINY`: the real 270M costs minutes here;
+- `--model DIR` becomes the tiny checkpoint;
+- generate-mode and translation commands get a small `--max-new-tokens`: the tiny model's output is noise.
+"""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import hub_env
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW_TOKENS = ["--max-new-tokens", "8"]
+
+
+def readme_commands() -> list[str]:
+    """The `python medko.py ...` lines of README.md's code blocks, comments dropped."""
+    lines = re.findall(r"^    (python medko\.py[^\n]*)$", (ROOT / "README.md").read_text(), re.M)
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in lines]
+
+
+def substituted(command: str, tiny: Path) -> list[str]:
+    argv = shlex.split(command)[2:]
+    if argv[0] in ("generate", "eval", "translate") and "--run" not in argv:
+        if "--size" in argv:
+            i = argv.index("--size")
+            argv[i:i + 2] = []
+        argv = [str(tiny) if a == "DIR" else a for a in argv]
+        if "--model" not in argv:
+            argv += ["--model", str(tiny)]
+    if argv[0] == "translate" or "generate" in argv or "both" in argv:
+        if "--max-new-tokens" not in argv:
+            argv += FEW_TOKENS
+    return [sys.executable, str(ROOT / "medko.py"), *argv]
+
+
+def test_readme_lists_the_commands_this_test_runs():
+    commands = readme_commands()
+    assert len(commands) >= 9 and any(" eval --run " in c for c in commands)
+    for command in commands:
+        assert command.split()[2] in {"--help", "convert", "download", "generate", "eval", "translate", "export",
+                                      "test", "report"}, command
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_runs_as_written(command, tiny_dir, hub_cache, rehearsed_run, tmp_path):
+    import shutil
+
+    (tmp_path / "data").symlink_to(ROOT / "data")
+    shutil.copytree(rehearsed_run, tmp_path / "runs" / "default")
+    argv = substituted(command, tiny_dir)
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env=hub_env(hub_cache, tmp_path / "hf"))
+    assert out.returncode == 0, f"{argv}\n{out.stderr[-3000:]}"
+    assert "Traceback" not in out.stderr
+    if "--out" in argv:
+        target = tmp_path / argv[argv.index("--out") + 1]
+        assert target.exists(), target
