@@ -85,3 +85,29 @@ def test_strict_answer_line_refuses_what_is_not_the_trained_line(output):
 def test_strict_answer_line_accepts_the_trained_line():
     assert strict_answer("하벽 경색은 우관상동맥이 흔하다.\n정답： C") == "C"
     assert strict_answer("정답：D\n") == "D"
+
+
+def test_per_text_losses_and_drift(tiny_model, tiny_tokenizer):
+    import torch
+
+    from engine.adapters import add_lora
+    from engine.losses import causal_lm_loss
+    from engine.measures import losses_and_drift, text_losses
+    from engine.trainer import collate, text_examples
+
+    texts = ["Aspirin inhibits COX.", "ABC", "Heparin acts on antithrombin III within minutes."]
+    losses = text_losses(tiny_model, tiny_tokenizer, texts, 64, batch_size=2)
+    one = {k: v for k, v in collate(text_examples(tiny_tokenizer, texts[2:], 64)).items()}
+    with torch.no_grad():
+        hidden = tiny_model(one["input_ids"], one["attention_mask"], return_logits=False).hidden
+        total, n = causal_lm_loss(tiny_model, hidden, one["input_ids"], one["target_mask"])
+    assert losses[2] == pytest.approx(float(total) / n, rel=1e-5)
+    same, drift = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=2, rows=3)
+    assert same == pytest.approx(losses, rel=1e-5) and drift == pytest.approx([0.0] * 3, abs=1e-6)
+    add_lora(tiny_model, "lora1")
+    with torch.no_grad():
+        for name, p in tiny_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    _, drift = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64)
+    assert all(d > 0 for d in drift)
