@@ -123,3 +123,62 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str], order: int = 6, b
 def sentence_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
     """chrF of each pair on its own, for bootstrap intervals over pairs."""
     return [chrf([h], [r]) for h, r in zip(hypotheses, references)]
+
+
+def accuracy_summary(correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy with its n and 95% Wilson interval."""
+    n, k = len(correct), sum(bool(c) for c in correct)
+    low, high = wilson(k, n)
+    return {"value": k / n if n else float("nan"), "n": n, "low": low, "high": high}
+
+
+def judge(kind: str, before: Sequence | None, after: Sequence, want: str, bound: float | None = None,
+          seed: int = 0) -> dict[str, object]:
+    """One measured purpose, decided above noise.
+
+    kind "accuracy": paired outcomes of the same questions, exact McNemar (want up/down).
+    kind "change": per-text values before and after, paired bootstrap of the mean change (want up/down, or
+    "hold": only a detectable rise fails). kind "bound": the mean of per-text values after (bootstrap) or, for
+    outcomes (bools), a Wilson interval, against `bound` (want below/above).
+    """
+    if kind == "accuracy":
+        test, verdict = paired_accuracy_verdict(before, after, want)
+        b, a = accuracy_summary(before), accuracy_summary(after)
+        return {"kind": kind, "before": b, "after": a, **test, "verdict": verdict}
+    if kind == "change":
+        diff = bootstrap_difference(before, after, seed=seed)
+        if want == "hold":
+            verdict = NOT_MET if diff["low"] > 0 else MET
+        else:
+            verdict = change_verdict(diff["low"], diff["high"], want)
+        return {"kind": kind, **diff, "verdict": verdict}
+    if kind == "bound":
+        if after and isinstance(after[0], bool):
+            summary = accuracy_summary(after)
+        else:
+            low, high = bootstrap_mean(after, seed=seed)
+            summary = {"value": mean(after), "n": len(after), "low": low, "high": high}
+        return {"kind": kind, **summary, "bound": bound, "want": want,
+                "verdict": bound_verdict(summary["low"], summary["high"], bound, want)}
+    raise ValueError(f"unknown kind of judgement {kind!r}")
+
+
+def overall_verdict(verdicts: Sequence[str]) -> str:
+    """A purpose is met when every measure of it is; any measure not met fails it; else it is within noise."""
+    if verdicts and all(v == MET for v in verdicts):
+        return MET
+    return NOT_MET if NOT_MET in verdicts else NOISE
+
+
+def describe(name: str, j: dict) -> str:
+    """One line of a judgement, numbers and interval first, verdict last."""
+    if j["kind"] == "accuracy":
+        b, a = j["before"], j["after"]
+        return (f"{name} {b['value']:.3f} → {a['value']:.3f} (n {a['n']}, 95% CI {a['low']:.3f}–{a['high']:.3f}; "
+                f"McNemar +{j['gained']}/−{j['lost']}, p {j['p']:.3g}): {j['verdict']}")
+    if j["kind"] == "change":
+        return (f"{name} {j['before']:.4f} → {j['after']:.4f} (change {j['change']:+.4f}, 95% CI "
+                f"{j['low']:+.4f} to {j['high']:+.4f}, n {j['n']}): {j['verdict']}")
+    relation = "≤" if j["want"] == "below" else "≥"
+    return (f"{name} {j['value']:.4f} (95% CI {j['low']:.4f}–{j['high']:.4f}, n {j['n']}) {relation} "
+            f"{j['bound']}: {j['verdict']}")

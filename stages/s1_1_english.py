@@ -29,8 +29,9 @@ def main(run: sl.StageRun) -> None:
         accuracy = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=False).accuracy
         checks.append({"steps": steps, "en_accuracy": accuracy})
         sl.log.info("s1.1: English dev accuracy %.3f after %d steps (gate %.2f)", accuracy, steps, opts.gate)
-    run.save(model, {"before": before, "after": run.measure(model, tokenizer), "phases": [phase] if phase else [],
-                     "gate_checks": checks, "gate_passed": accuracy >= opts.gate})
+    after = run.measure(model, tokenizer)
+    run.save(model, {"before": before, "after": after, "phases": [phase] if phase else [], "gate_checks": checks,
+                     "gate_passed": accuracy >= opts.gate, "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def main(run: sl.StageRun) -> None:
                             sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery
-    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard})
+    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,
+                     "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":
