@@ -428,17 +428,21 @@ def english_only_loss(kind: str):
     return loss_fn
 
 
-def guard_check(correct: Sequence[bool], drifts: Sequence[float], threshold: float, drift_bound: float
-                ) -> dict[str, Any]:
+def guard_check(correct: Sequence[bool], drifts: Sequence[float], floor: float, tolerance: float,
+                drift_bound: float) -> dict[str, Any]:
     """The English guard's decision on one state, with the intervals it is shown with: English dev accuracy
-    (Wilson) at or above `threshold`, and mean English drift (bootstrap over texts) at most `drift_bound`."""
+    (Wilson) at or above floor - max(tolerance, one question), and mean English drift (bootstrap over texts) at
+    most `drift_bound`. A tolerance finer than one question would turn a single answer into the verdict."""
     acc = accuracy_summary(correct)
+    tolerance = max(tolerance, 1 / max(acc["n"], 1))
+    threshold = floor - tolerance
     drift, (low, high) = mean(drifts), bootstrap_mean(drifts)
     accuracy_ok, drift_ok = acc["value"] >= threshold - 1e-9, drift <= drift_bound
     line = (f"English dev accuracy {acc['value']:.3f} (n {acc['n']}, 95% CI {acc['low']:.3f}–{acc['high']:.3f}) "
             f"{'≥' if accuracy_ok else '<'} {threshold:.3f}; English drift {drift:.4f} nats/token (95% CI "
             f"{low:.4f}–{high:.4f}) {'≤' if drift_ok else '>'} {drift_bound}")
-    return {"accuracy": acc["value"], "accuracy_ci": [acc["low"], acc["high"]], "n": acc["n"], "drift": drift,
+    return {"accuracy": acc["value"], "accuracy_ci": [acc["low"], acc["high"]], "n": acc["n"], "tolerance": tolerance,
+            "threshold": threshold, "drift": drift,
             "drift_ci": [low, high], "accuracy_ok": accuracy_ok, "drift_ok": drift_ok,
             "passed": accuracy_ok and drift_ok, "line": line}
 
@@ -595,18 +599,16 @@ class StageRun:
         s2 = stage_meta(self.run_dir, "s2")
         reference = s2["english_reference"] if s2 else None
         reference = reference if reference is not None else stage_meta(self.run_dir, "s1")["scores"][self.base["size"]]
-        exam = self.dev("en")
-        tolerance = max(o.tolerance, 1 / len(exam))  # finer than one question would be a coin toss
-        threshold = min(o.gate, reference) - tolerance
+        exam, floor = self.dev("en"), min(o.gate, reference)
 
         def check() -> dict[str, Any]:
             model.eval()
             correct = [e["correct"] for e in evaluate(model, tokenizer, exam, "logits", "en", progress=False).predictions]
             return guard_check(correct, losses_and_drift(model, tokenizer, self.data.en_heldout, o.max_len)[1],
-                               threshold, o.drift_bound)
+                               floor, o.tolerance, o.drift_bound)
 
         rank = lambda c: (c["passed"], c["accuracy"], -c["drift"])  # noqa: E731
-        checks = [guard_check(after["en_correct"], after["drifts"], threshold, o.drift_bound)]  # this same state
+        checks = [guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)]  # this state
         best = (checks[0], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
         config = self.train_config()
         examples = self.text(tokenizer, self.data.en_text)
@@ -623,7 +625,8 @@ class StageRun:
         if not passed:
             load_additions(model, best[1], "the best guard state")
         kept = checks[-1] if passed else best[0]
-        guard = {"reference": reference, "tolerance": tolerance, "threshold": threshold, "drift_bound": o.drift_bound,
+        guard = {"reference": reference, "tolerance": kept["tolerance"], "threshold": kept["threshold"],
+                 "drift_bound": o.drift_bound,
                  "history": [c["accuracy"] for c in checks], "drift_history": [c["drift"] for c in checks],
                  "rounds": rounds, "passed": passed, "kept_accuracy": kept["accuracy"], "kept": kept,
                  "verdict_line": f"{'passed' if passed else 'FAILED'}: {kept['line']} after {rounds} recovery "

@@ -111,3 +111,23 @@ def test_per_text_losses_and_drift(tiny_model, tiny_tokenizer):
                 p.normal_(0, 0.2)
     _, drift = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64)
     assert all(d > 0 for d in drift)
+
+
+def test_english_guard_at_default_settings_passes_and_fails_above_noise():
+    import shared_logic as sl
+
+    o = sl.StageOptions()  # the defaults a plain `bash run.sh` uses
+    floor = min(o.gate, 0.5)  # English dev accuracy as the model entered s2
+    calm, drifted = [0.01] * 40, [0.3] * 40
+    held = sl.guard_check([True] * 30 + [False] * 30, calm, floor, o.tolerance, o.drift_bound)
+    assert held["passed"] and held["tolerance"] >= 1 / 60
+    assert "95% CI 0.3" in held["line"] and "nats/token" in held["line"]
+    one_down = sl.guard_check([True] * 29 + [False] * 31, calm, floor, o.tolerance, o.drift_bound)
+    assert one_down["passed"]  # one question is inside the tolerance
+    three_down = sl.guard_check([True] * 27 + [False] * 33, calm, floor, o.tolerance, o.drift_bound)
+    assert not three_down["passed"] and not three_down["accuracy_ok"] and three_down["drift_ok"]
+    drift_fails = sl.guard_check([True] * 30 + [False] * 30, drifted, floor, o.tolerance, o.drift_bound)
+    assert not drift_fails["passed"] and drift_fails["accuracy_ok"] and not drift_fails["drift_ok"]
+    # On 24 questions a 0.02 tolerance would be finer than one question: it becomes one question.
+    small = sl.guard_check([True] * 11 + [False] * 13, calm, floor, 0.02, o.drift_bound)
+    assert small["tolerance"] == pytest.approx(1 / 24) and small["passed"]
