@@ -52,7 +52,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     gate = meta(run_dir, "s1")
     assert gate["needs_english"] and gate["chosen"] == str(tiny_dir) and 0 <= gate["scores"][str(tiny_dir)] < 0.97
     english = [json.loads(l) for l in (run_dir / "s1_gate" / "en_exam_dev.jsonl").read_text().splitlines()]
-    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 24
+    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 84
     for name in ("s1_1", "s2", "s3", "s4", "s5"):
         assert stage(name, run_dir, tiny_dir, "--tolerance", "1") == 0, name
         m = meta(run_dir, name)
