@@ -381,11 +381,13 @@ def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, co
     return batch
 
 
-def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
+def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every_row: bool = True):
     """Loss function of a training phase: CE on targets, the per-layer English loss, the letter loss.
 
-    The per-layer term is a mean; it is scaled by the micro-batch's target count so that the trainer's
-    division by the accumulated target tokens leaves it at `weight` per update.
+    The per-layer and letter terms are means; each is scaled by the micro-batch's target count so that the
+    trainer's division by the accumulated target tokens leaves it at its weight per update, however many text
+    tokens share the batch (an exam row's letter would otherwise be one token among hundreds). With every_row
+    False, only rows that end in an answer letter (exam rows among texts) get the letter loss.
     """
     def loss_fn(model: Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
         ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
@@ -399,12 +401,14 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None):
             last = targets.long().cumsum(-1).argmax(-1)
             answer = ids[torch.arange(len(ids)), last - 1]
             choices = torch.tensor(letters, device=ids.device)
-            if not (answer[:, None] == choices).any(-1).all():
+            has = (answer[:, None] == choices).any(-1)
+            if every_row and not has.all():
                 raise MedkoError("a reasoning example does not end in one answer-letter token; check its answer")
-            gold = (answer[:, None] == choices).float().argmax(-1)
-            letter = letter_loss(model, hidden, last - 2, letters, gold)
-            loss = loss + letter * count
-            metrics["letter"] = float(letter.detach())
+            if has.any():
+                gold = (answer[has, None] == choices).float().argmax(-1)
+                letter = letter_loss(model, hidden[has], (last - 2)[has], letters, gold)
+                loss = loss + letter * count
+                metrics["letter"] = float(letter.detach())
         if "en_input_ids" in batch and weight:
             en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
             student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
