@@ -1,7 +1,7 @@
 """Per-text measurements on held-out text, so that a before → after change gets an interval over texts: the
 next-token loss of each text, and English drift, the KL divergence of the model's next-token distribution
-from its teacher's, per text. Both run in bounded batches: a few texts per forward and at most `rows`
-positions' [rows x vocab] logits alive at a time.
+from its teacher's, per text. Both run in bounded batches: a few texts per forward, the loss's head walked in
+vocabulary slices, and the drift's [positions x vocab] logits for one text at a time.
 
 Imports engine.adapters, engine.losses, engine.model, engine.tokenizer and engine.trainer.
 """
@@ -41,14 +41,23 @@ def text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_l
     return out
 
 
+def _spread(length: int, count: int) -> torch.Tensor:
+    """Up to `count` positions evenly spread over 0..length-1 (all of them when there are fewer)."""
+    if length <= count:
+        return torch.arange(length)
+    return torch.linspace(0, length - 1, count).round().long().unique()
+
+
 @torch.no_grad()
 def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
-                     batch_size: int = 4, rows: int = 64) -> tuple[list[float], list[float]]:
+                     batch_size: int = 4, positions: int = 32) -> tuple[list[float], list[float]]:
     """Per text: the model's mean next-token loss, and its mean drift KL(teacher || model) in nats per position.
 
-    One pass serves both: the model's log-probabilities at each position give the loss (at target tokens) and,
-    with the teacher's (the same modules with the additions off, engine.adapters.teacher_mode), the KL. The
-    forward KL is the distillation direction: it grows when the model drops mass the teacher put somewhere.
+    The loss walks the head in slices over every target (engine.losses.causal_lm_loss). The drift compares the
+    model's next-token distribution with the teacher's (the same modules with the additions off,
+    engine.adapters.teacher_mode) at up to `positions` positions spread evenly over each text: each position costs
+    two full [vocab] head rows, which on a CPU would otherwise cost more than the forward passes. The forward KL
+    is the distillation direction: it grows when the model drops mass the teacher put somewhere.
     """
     losses, drifts = [], []
     was_training = model.training
@@ -59,17 +68,12 @@ def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], 
         with teacher_mode(model):
             teacher = model(ids, mask, return_logits=False).hidden
         for i in range(len(ids)):
+            loss, n = causal_lm_loss(model, student[i:i + 1], ids[i:i + 1], targets[i:i + 1])
+            losses.append(float(loss) / max(n, 1))
             # Position t predicts token t + 1: the last real position predicts nothing and is left out.
-            length = int(mask[i].sum())
-            nll, kl = 0.0, 0.0
-            for start in range(0, length - 1, rows):
-                end = min(length - 1, start + rows)
-                log_s = F.log_softmax(model.logits(student[i, start:end]).float(), -1)
-                log_t = F.log_softmax(model.logits(teacher[i, start:end]).float(), -1)
-                kl += float((log_t.exp() * (log_t - log_s)).sum())
-                picked = log_s.gather(-1, ids[i, start + 1:end + 1, None]).squeeze(-1)
-                nll -= float(picked[targets[i, start + 1:end + 1]].sum())
-            losses.append(nll / max(int(targets[i, 1:length].sum()), 1))
-            drifts.append(kl / max(length - 1, 1))
+            picked = _spread(int(mask[i].sum()) - 1, positions).to(ids.device)
+            log_s = F.log_softmax(model.logits(student[i, picked]).float(), -1)
+            log_t = F.log_softmax(model.logits(teacher[i, picked]).float(), -1)
+            drifts.append(float((log_t.exp() * (log_t - log_s)).sum(-1).mean()) if len(picked) else 0.0)
     model.train(was_training)
     return losses, drifts

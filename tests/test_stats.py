@@ -102,7 +102,7 @@ def test_per_text_losses_and_drift(tiny_model, tiny_tokenizer):
         hidden = tiny_model(one["input_ids"], one["attention_mask"], return_logits=False).hidden
         total, n = causal_lm_loss(tiny_model, hidden, one["input_ids"], one["target_mask"])
     assert losses[2] == pytest.approx(float(total) / n, rel=1e-5)
-    same, drift = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=2, rows=3)
+    same, drift = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=2, positions=3)
     assert same == pytest.approx(losses, rel=1e-5) and drift == pytest.approx([0.0] * 3, abs=1e-6)
     add_lora(tiny_model, "lora1")
     with torch.no_grad():
