@@ -365,8 +365,9 @@ def stage_verdicts(stage: str, before: dict[str, Any], after: dict[str, Any], dr
             bound = drift_bound if key == "drifts" else STRICT_COMPLIANCE
             judged[key] = judge(kind, before.get(key), after[key], want, bound)
     verdict = overall_verdict([j["verdict"] for j in judged.values()])
-    line = f"purpose {verdict}: " + "; ".join(describe(k, j) for k, j in judged.items())
-    return {"purpose": purpose, "verdict": verdict, "verdict_line": line, "measures": judged}
+    lines = [describe(k, j) for k, j in judged.items()]
+    return {"purpose": purpose, "verdict": verdict, "verdict_line": f"purpose {verdict}: " + "; ".join(lines),
+            "lines": lines, "measures": judged}
 
 
 # ───────────────────────────── training phases ─────────────────────────────

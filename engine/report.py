@@ -63,7 +63,7 @@ def _verdicts(metas: dict[str, dict | None], titles: dict[str, str], training: S
             continue
         v = m["verdicts"]
         lines.append(f"- **{titles[stage]}**: {v['purpose']}. Verdict: **purpose {v['verdict']}**.")
-        lines += [f"  - {part}" for part in v["verdict_line"].split(": ", 1)[1].split("; ")]
+        lines += [f"  - {part}" for part in v["lines"]]
     return lines + [""]
 
 
@@ -108,7 +108,7 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
                      f"{_change(m, 'en_loss')} | {_change(m, 'drift', 4)} | {verdict} |")
     lines.append("")
     if metas.get("s4") and "chrf" in metas["s4"].get("after", {}):
-        lines += [f"s4 translation of held-out pairs: chrF {_change(metas['s4'], 'chrf', 1)}.", ""]
+        lines += [f"s4 translation of held-out pairs: chrF {_change(metas['s4'], 'chrf', 2)}.", ""]
     if metas.get("s5"):
         lines += [f"s5 reasoning on the Korean dev exam: strict format compliance "
                   f"{_change(metas['s5'], 'reasoning_compliance')} (looser extraction "
