@@ -51,3 +51,36 @@ def test_exam_rows_among_texts_carry_the_letter_loss(tiny_model, tiny_tokenizer)
     with pytest.raises(sl.MedkoError, match="answer-letter"):
         sl.stage_loss("mse", 0.0, letters)(tiny_model, batch)
     assert torch.isfinite(loss)
+
+
+def test_held_out_sets_come_from_their_own_files_and_never_overlap_training(tmp_path):
+    from engine.data import Pair
+
+    rows = {"ko_text": ["가", "나"], "en_text": ["a", "b", "c"], "pairs": [Pair("가", "a")]}
+    (tmp_path / "ko_medical_text_heldout.jsonl").write_text('{"text": "다"}\n', encoding="utf-8")
+    (tmp_path / "en_medical_text_heldout.jsonl").write_text('{"text": "d"}\n', encoding="utf-8")
+    (tmp_path / "ko_en_pairs_heldout.jsonl").write_text('{"ko": "나", "en": "b"}\n', encoding="utf-8")
+    held = sl.held_out_sets(str(tmp_path), rows)
+    assert held["ko_text"] == (["가", "나"], ["다"]) and held["en_text"] == (["a", "b", "c"], ["d"])
+    assert [p.src for p in held["pairs"][1]] == ["나"]
+    assert sl.held_out_sets("hub", rows)["en_text"] == (["a"], ["b", "c"])  # no files on the hub: the last tenth
+    (tmp_path / "en_medical_text_heldout.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(sl.MedkoError, match="shares 1 rows with the training set"):
+        sl.held_out_sets(str(tmp_path), rows)
+
+
+def test_bundled_data_is_big_enough_and_its_held_out_sets_are_disjoint():
+    from engine.data import load_kormedmcqa, load_pairs, load_reasoning, load_texts
+
+    data = sl.DATA_DIR
+    for name in ("ko_medical_text", "en_medical_text"):
+        train, held = list(load_texts(data / f"{name}.jsonl")), list(load_texts(data / f"{name}_heldout.jsonl"))
+        assert len(train) + len(held) >= 200 and len(held) >= 40 and not set(train) & set(held)
+    pairs, held = list(load_pairs(data / "ko_en_pairs.jsonl")), list(load_pairs(data / "ko_en_pairs_heldout.jsonl"))
+    assert len(pairs) + len(held) >= 200 and len(held) >= 40 and not {p.src for p in pairs} & {p.src for p in held}
+    reasoning = list(load_reasoning(data / "reasoning_ko.jsonl"))
+    assert len(reasoning) >= 100 and not any("정답" in r.reasoning for r in reasoning)  # only the answer line says it
+    for split in ("dev", "test"):
+        ko = list(load_kormedmcqa(["doctor", "nurse", "pharm", "dentist"], split, data / "kormedmcqa"))
+        en = list(load_kormedmcqa(["doctor", "nurse", "pharm", "dentist"], split, data / "kormedmcqa_en", lang="en"))
+        assert len(ko) >= 60 and [r.id for r in ko] == [r.id for r in en] and [r.answer for r in ko] == [r.answer for r in en]
