@@ -116,7 +116,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_test(args: argparse.Namespace) -> None:
     result = sl.score_test_split(Path(args.run_dir), args.device)
-    print(f"test accuracy after {result['stage']}: {result['accuracy']:.3f} on {result['n']} questions")
+    english = "" if result["en_accuracy"] is None else f", English {result['en_accuracy']:.3f}"
+    print(f"test accuracy after {result['stage']}: Korean {result['accuracy']:.3f}{english} on {result['n']} "
+          f"questions; English drift {result['drift']:.4f} nats/token on held-out English text")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

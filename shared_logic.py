@@ -795,7 +795,8 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     low, high = bootstrap_mean(drifts)
     report["drift"] = {"value": mean(drifts), "low": low, "high": high, "n": len(drifts)}
     write_json_atomic(report, out)
-    return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"]}
+    return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"],
+            "en_accuracy": report.get("english", {}).get("accuracy"), "drift": report["drift"]["value"]}
 
 
 def write_run_report(run_dir: Path) -> Path:
