@@ -196,7 +196,8 @@ class StageOptions:
     english_exam: str = _option("auto", "'model' (translate with the model), a directory of reference translations "
                                 "laid out like data/kormedmcqa_en, or 'auto': the bundled translations for the "
                                 "bundled data, else 'model'", stages=["s1"])
-    translate_tokens: int = _option(96, "most new tokens per translated line", COUNT, stages=["s1"])
+    translate_tokens: int = _option(96, "most new tokens per translated line (s1's exams, s4's held-out pairs)", COUNT,
+                                    stages=["s1", "s4"])
     english_rounds: int = _option(2, "gate checks within the step budget", COUNT, stages=["s1_1"])
     korean_delta: bool = _option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int = _option(256, "most new tokens when scoring reasoning (the reasoning must fit before "
