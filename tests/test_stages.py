@@ -162,6 +162,6 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
            "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
                           "--max-len", "1024", "--tolerance", "1", "--eval-limit", "12", "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
