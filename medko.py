@@ -18,6 +18,7 @@ from engine.export_gguf import GGUF_TYPES
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
+from engine.options import COUNT, ZERO_OR_MORE, add_options
 from engine.model_card import RunSummary, base_model_id
 from engine.tokenizer import chat_prompt
 
@@ -25,7 +26,7 @@ MODEL_OPTIONS = ("size", "model", "device", "quantize")  # declared once, in sha
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    sl.add_options(p, MODEL_OPTIONS, size="270m")
+    add_options(p, sl.StageOptions, MODEL_OPTIONS, size="270m")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -142,7 +143,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_test(args: argparse.Namespace) -> None:
     result = sl.score_test_split(Path(args.run_dir), args.device)
-    print(f"test accuracy after {result['stage']}: {result['accuracy']:.3f} on {result['n']} questions")
+    english = "" if result["en_accuracy"] is None else f", English {result['en_accuracy']:.3f}"
+    print(f"test accuracy after {result['stage']}: Korean {result['accuracy']:.3f}{english} on {result['n']} "
+          f"questions; English drift {result['drift']:.4f} nats/token on held-out English text")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy continuation of a prompt; prints only the continuation")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=sl.COUNT, default=64)
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat turn format")
     p.set_defaults(handler=cmd_generate)
 
@@ -177,10 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
-    p.add_argument("--fewshot", type=sl.ZERO_OR_MORE, default=0, help="examples per subset from the fewshot split")
-    p.add_argument("--limit", type=sl.COUNT, default=None, help="score only the first N questions")
-    p.add_argument("--batch-size", type=sl.COUNT, default=16)
-    p.add_argument("--max-new-tokens", type=sl.COUNT, default=GENERATE_TOKENS, help="generate mode (lm-eval's 1024)")
+    p.add_argument("--fewshot", type=ZERO_OR_MORE, default=0, help="examples per subset from the fewshot split")
+    p.add_argument("--limit", type=COUNT, default=None, help="score only the first N questions")
+    p.add_argument("--batch-size", type=COUNT, default=16)
+    p.add_argument("--max-new-tokens", type=COUNT, default=GENERATE_TOKENS, help="generate mode (lm-eval's 1024)")
     p.add_argument("--extraction", default="medko", choices=sorted(EXTRACTIONS),
                    help="generate mode's answer extraction: ours, or lm-eval kormedmcqa v3.0's (IGNORECASE)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
@@ -198,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])
     p.add_argument("--chat", action="store_true")
-    p.add_argument("--batch-size", type=sl.COUNT, default=16)
-    p.add_argument("--max-new-tokens", type=sl.COUNT, default=None,
+    p.add_argument("--batch-size", type=COUNT, default=16)
+    p.add_argument("--max-new-tokens", type=COUNT, default=None,
                    help="most new tokens per line (default: twice the line's source tokens plus 16)")
     p.add_argument("--cache", default=None, help="translation cache (default: OUT.cache.jsonl)")
     p.add_argument("--out", required=True)

@@ -372,6 +372,12 @@ def teacher_mode(model: Gemma3, adapter: str = "teacher") -> Iterator[Gemma3]:
         model.train(was_training)
 
 
+def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states of the frozen teacher: the same modules with the student's additions off."""
+    with torch.no_grad(), teacher_mode(model):
+        return model(ids, mask, output_hidden_states=True, return_logits=False).hidden_states
+
+
 def teacher_layer_map(model: Gemma3) -> list[int]:
     """For each teacher hidden state (0 = embeddings, i + 1 = output of original layer i), the student's index.
 

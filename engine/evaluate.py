@@ -87,6 +87,20 @@ def extract_answer(text: str, extraction: str = "medko") -> str | None:
     return None
 
 
+# The answer line s5 trains: the cue, one space, one letter, alone on the generation's last line.
+ANSWER_LINE = re.compile(r"(?:^|\n)정답： ?([ABCDE])\s*$")
+
+
+def strict_answer(text: str) -> str | None:
+    """The letter when the generation ends in the trained answer line and names the cue exactly once, else None.
+
+    Stricter than extract_answer: a stray standalone letter ("비타민 A", "E. coli") or an echoed option list
+    ("A. ...") is not an answer line, so it does not count as following the format.
+    """
+    found = ANSWER_LINE.search(text.rstrip())
+    return found.group(1) if found and text.count("정답") == 1 else None
+
+
 @torch.no_grad()
 def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], chat: bool = False,
                   batch_size: int = 16, progress: bool = False) -> torch.Tensor:

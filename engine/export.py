@@ -24,7 +24,8 @@ from engine.evaluate import letter_scores, mcq_prompt
 from engine.export_gguf import GGUF_TYPES, gguf_file_name, llama_cpp_problems, write_gguf
 from engine.files import atomic_write
 from engine.model import Gemma3, config_to_hf, model_device
-from engine.model_card import RunSummary, chat_template, model_card, ollama_modelfile, wilson
+from engine.model_card import RunSummary, chat_template, model_card, ollama_modelfile
+from engine.stats import wilson
 from engine.tokenizer import Tokenizer
 
 FORMATS = ("hf", "tied", "gguf")

@@ -6,7 +6,6 @@ Imports engine.data, engine.hub, engine.model and engine.export_gguf.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from engine.data import KORMEDMCQA, SOURCES
 from engine.hub import HUB_MODELS
 from engine.export_gguf import gguf_file_name, llama_cpp_problems
 from engine.model import ModelConfig
+from engine.stats import wilson
 
 # Gemma 3's text chat template (as in Google's tokenizer_config.json, images left out): a system message is
 # folded into the first user turn, "assistant" is written "model".
@@ -75,16 +75,6 @@ class RunSummary:
 def base_model_id(size: str | None, model: str | None) -> str:
     """The hub id of a run's base (--size), or the local directory it was given as (--model)."""
     return str(Path(model).resolve()) if model else BASE_MODELS.get(size or "270m", size or "")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n; (0, 1) when n is 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def chat_template(tokenizer_path: Path) -> str:

@@ -17,15 +17,16 @@ def main(run: sl.StageRun) -> None:
     for pair_name, found in overlap.items():
         if found:
             sl.log.warning("question overlap %s: %d pairs, e.g. %s", pair_name, len(found), found[0])
-    ko_train, ko_heldout = sl.held_out(rows["ko_text"])
-    en_train, en_heldout = sl.held_out(rows["en_text"])
+    held = sl.held_out_sets(source, rows)  # never trained on: losses, drift and chrF before → after
+    (ko_train, ko_heldout), (en_train, en_heldout), (pairs, pairs_heldout) = held.values()
     files = {f"exam_{split}.jsonl": [sl.mcq_record(r) for r in questions] for split, questions in exam.items()}
     files.update({"en_mcq.jsonl": [sl.mcq_record(r) for r in rows["en_mcq"]],
                   "ko_text.jsonl": [{"text": t} for t in ko_train],
                   "ko_heldout.jsonl": [{"text": t} for t in ko_heldout],
                   "en_text.jsonl": [{"text": t} for t in en_train],
                   "en_heldout.jsonl": [{"text": t} for t in en_heldout],
-                  "pairs.jsonl": [{"ko": p.src, "en": p.tgt} for p in rows["pairs"]],
+                  "pairs.jsonl": [{"ko": p.src, "en": p.tgt} for p in pairs],
+                  "pairs_heldout.jsonl": [{"ko": p.src, "en": p.tgt} for p in pairs_heldout],
                   "reasoning.jsonl": [sl.mcq_record(r) for r in rows["reasoning"]]})
     for name, records in files.items():
         sl.write_jsonl_atomic(records, run.out / name)

@@ -20,8 +20,9 @@ def main(run: sl.StageRun) -> None:
     korean = run.text(tokenizer, run.data.ko_text)
     phase = run.train_phase("train", model, sl.LANGUAGE_PATTERNS, sl.stage_loss(run.opts.layer_loss, 0.0),
                             sl.mixed_batches(korean, None, config), config)
-    run.save(model, {"before": before, "after": run.measure(model, tokenizer), "phases": [phase],
-                     "english_reference": before["en_accuracy"]})
+    after = run.measure(model, tokenizer)
+    run.save(model, {"before": before, "after": after, "phases": [phase], "english_reference": before["en_accuracy"],
+                     "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":

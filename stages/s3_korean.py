@@ -21,7 +21,8 @@ def main(run: sl.StageRun) -> None:
     phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight),
                             sl.mixed_batches(korean, english, config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
-    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard})
+    run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,
+                     "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ def main(run: sl.StageRun) -> None:
     model, tokenizer = run.load_previous()
     sl.duplicate_edge_layers(model)
     patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
-    before = run.measure_entry(model, tokenizer)
+    before = {**run.measure_entry(model, tokenizer), **sl.translation_scores(model, tokenizer, data.pairs_heldout,
+                                                                             opts.translate_tokens)}
     config = run.train_config()
     english = run.text(tokenizer, data.en_text)
     # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
@@ -27,7 +28,9 @@ def main(run: sl.StageRun) -> None:
                               sl.mixed_batches(examples, english, config), config)
               for name, examples in (("korean", run.text(tokenizer, data.ko_text)), ("translation", translation))]
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
-    run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(pairs)})
+    after.update(sl.translation_scores(model, tokenizer, data.pairs_heldout, opts.translate_tokens))  # the kept state
+    run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(pairs),
+                     "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":

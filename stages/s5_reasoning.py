@@ -28,7 +28,8 @@ def main(run: sl.StageRun) -> None:
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery
     run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,
-                     "reasoning_cut": cut, "reasoning_examples": len(reasoning)})
+                     "reasoning_cut": cut, "reasoning_examples": len(reasoning),
+                     "verdicts": run.verdicts(before, after)})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Measurements stream their texts in bounded batches, so peak memory does not grow with the held-out data."""
+import pytest
 import torch
 
-import shared_logic as sl
 from engine.adapters import add_lora
+from engine.measures import losses_and_drift
 
 
 def test_drift_runs_in_bounded_batches_and_matches_one_batch(tiny_model, tiny_tokenizer, monkeypatch):
@@ -20,8 +21,9 @@ def test_drift_runs_in_bounded_batches_and_matches_one_batch(tiny_model, tiny_to
         return forward(self, ids, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_model), "forward", recording)
-    batched = sl.drift(tiny_model, tiny_tokenizer, texts, "mse", 64)
-    assert max(widths) <= sl.MEASURE_BATCH and sum(widths) == 2 * len(texts)  # student and teacher passes
-    monkeypatch.setattr(sl, "MEASURE_BATCH", len(texts))
-    whole = sl.drift(tiny_model, tiny_tokenizer, texts, "mse", 64)
-    assert batched > 0 and abs(batched - whole) <= 1e-5 * whole
+    batched = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=4)
+    assert max(widths) <= 4 and sum(widths) == 2 * len(texts)  # student and teacher passes, 4 texts at a time
+    whole = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=len(texts))
+    assert all(d > 0 for d in batched[1])
+    for a, b in zip(batched, whole):
+        assert a == pytest.approx(b, rel=1e-5)

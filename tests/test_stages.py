@@ -17,7 +17,8 @@ import shared_logic as sl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
-EXTRA = {"s1_gate": ["--translate-tokens", "4", "--english-exam", "model"], "s5_reasoning": ["--reasoning-tokens", "4"]}
+EXTRA = {"s1_gate": ["--translate-tokens", "4", "--english-exam", "model"], "s4_translate": ["--translate-tokens", "4"],
+         "s5_reasoning": ["--reasoning-tokens", "4"]}
 SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
            "s4": "s4_translate", "s5": "s5_reasoning"}
 
@@ -52,7 +53,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     gate = meta(run_dir, "s1")
     assert gate["needs_english"] and gate["chosen"] == str(tiny_dir) and 0 <= gate["scores"][str(tiny_dir)] < 0.97
     english = [json.loads(l) for l in (run_dir / "s1_gate" / "en_exam_dev.jsonl").read_text().splitlines()]
-    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 24
+    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 84
     for name in ("s1_1", "s2", "s3", "s4", "s5"):
         assert stage(name, run_dir, tiny_dir, "--tolerance", "1") == 0, name
         m = meta(run_dir, name)
@@ -158,11 +159,12 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
 
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
     run_dir = tmp_path / "smoke"
-    env = {**os.environ, "S1_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2",
+    env = {**os.environ, "S1_ARGS": "--translate-tokens 2", "S4_ARGS": "--translate-tokens 2",
+           "S5_ARGS": "--reasoning-tokens 2",
            "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
-                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                          "--max-len", "1024", "--tolerance", "1", "--eval-limit", "12", "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
 

@@ -1,0 +1,79 @@
+"""Per-text measurements on held-out text, so that a before → after change gets an interval over texts: the
+next-token loss of each text, and English drift, the KL divergence of the model's next-token distribution
+from its teacher's, per text. Both run in bounded batches: a few texts per forward, the loss's head walked in
+vocabulary slices, and the drift's [positions x vocab] logits for one text at a time.
+
+Imports engine.adapters, engine.losses, engine.model, engine.tokenizer and engine.trainer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine.adapters import teacher_mode
+from engine.losses import causal_lm_loss
+from engine.model import Gemma3, model_device
+from engine.tokenizer import Tokenizer
+from engine.trainer import collate, text_examples
+
+
+def _batches(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device: torch.device):
+    examples = text_examples(tokenizer, texts, max_len)
+    if len(examples) != len(texts):
+        raise ValueError(f"{len(texts) - len(examples)} of {len(texts)} texts have no token to measure")
+    for start in range(0, len(examples), batch_size):
+        yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
+
+
+@torch.no_grad()
+def text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
+                batch_size: int = 4) -> list[float]:
+    """Mean next-token cross-entropy per target token of each text, in input order."""
+    out = []
+    for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
+        ids, targets = batch["input_ids"], batch["target_mask"]
+        hidden = model(ids, batch["attention_mask"], return_logits=False).hidden
+        for i in range(len(ids)):
+            loss, n = causal_lm_loss(model, hidden[i:i + 1], ids[i:i + 1], targets[i:i + 1])
+            out.append(float(loss) / max(n, 1))
+    return out
+
+
+def _spread(length: int, count: int) -> torch.Tensor:
+    """Up to `count` positions evenly spread over 0..length-1 (all of them when there are fewer)."""
+    if length <= count:
+        return torch.arange(length)
+    return torch.linspace(0, length - 1, count).round().long().unique()
+
+
+@torch.no_grad()
+def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
+                     batch_size: int = 4, positions: int = 32) -> tuple[list[float], list[float]]:
+    """Per text: the model's mean next-token loss, and its mean drift KL(teacher || model) in nats per position.
+
+    The loss walks the head in slices over every target (engine.losses.causal_lm_loss). The drift compares the
+    model's next-token distribution with the teacher's (the same modules with the additions off,
+    engine.adapters.teacher_mode) at up to `positions` positions spread evenly over each text: each position costs
+    two full [vocab] head rows, which on a CPU would otherwise cost more than the forward passes. The forward KL
+    is the distillation direction: it grows when the model drops mass the teacher put somewhere.
+    """
+    losses, drifts = [], []
+    was_training = model.training
+    model.eval()
+    for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
+        ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        student = model(ids, mask, return_logits=False).hidden
+        with teacher_mode(model):
+            teacher = model(ids, mask, return_logits=False).hidden
+        for i in range(len(ids)):
+            loss, n = causal_lm_loss(model, student[i:i + 1], ids[i:i + 1], targets[i:i + 1])
+            losses.append(float(loss) / max(n, 1))
+            # Position t predicts token t + 1: the last real position predicts nothing and is left out.
+            picked = _spread(int(mask[i].sum()) - 1, positions).to(ids.device)
+            log_s = F.log_softmax(model.logits(student[i, picked]).float(), -1)
+            log_t = F.log_softmax(model.logits(teacher[i, picked]).float(), -1)
+            drifts.append(float((log_t.exp() * (log_t - log_s)).sum(-1).mean()) if len(picked) else 0.0)
+    model.train(was_training)
+    return losses, drifts

@@ -1,0 +1,177 @@
+"""The run report: report.md and report.png from the stages' meta.json records and the test split. Each training
+stage shows its purpose and a verdict above noise, the report names the numbers that made decisions (all on the
+dev split or held-out text), and it ends with the test split, scored once.
+
+Imports engine.files and engine.stats; the curriculum hands it the stage table, so it imports nothing above it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.files import atomic_write, write_text_atomic
+from engine.stats import accuracy_summary
+
+# (name, title, directory) of each stage in run order, as the curriculum's stage table gives them.
+StageRows = Sequence[tuple[str, str, str]]
+
+
+def _change(meta: dict[str, Any], key: str, digits: int = 3) -> str:
+    before, after = meta.get("before", {}).get(key), meta.get("after", {}).get(key)
+    if before is None or after is None:
+        return "–"
+    return f"{before:.{digits}f} → {after:.{digits}f}"
+
+
+def _accuracy(summary: dict[str, float]) -> str:
+    return f"{summary['value']:.3f} (n {summary['n']}, 95% CI {summary['low']:.3f}–{summary['high']:.3f})"
+
+
+def _translation_note(gate: dict[str, Any]) -> str:
+    t = gate.get("translation")
+    if not t:
+        return ""
+    return (f" ({t['lines']} lines: {t['hit_budget']} used their whole length budget and may be cut, "
+            f"{t['empty'] + t['degenerate']} came back empty or degenerate and kept their Korean)")
+
+
+def _decisions(metas: dict[str, dict | None], titles: dict[str, str], training: Sequence[str]) -> list[str]:
+    """The numbers that decided something: all measured on the dev split or held-out text, never on test."""
+    lines = ["## Numbers that made decisions", "",
+             "Every decision below used the dev split (English dev for the gate, s1.1's stop and the guard) or "
+             "held-out text (English drift); the test split decided nothing.", ""]
+    gate = metas.get("s1")
+    if gate:
+        lines.append("- gate: English dev accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in gate["scores"].items())
+                     + f" against {gate['gate']} → {gate['chosen']} chosen, s1.1 "
+                     + ("ran" if gate["needs_english"] else "skipped"))
+    s11 = metas.get("s1_1")
+    if s11:
+        checks = ", ".join(f"{c['en_accuracy']:.3f} at step {c['steps']}" for c in s11.get("gate_checks", []))
+        lines.append(f"- s1.1 stop: English dev accuracy {checks or 'not checked'} → "
+                     + ("gate passed" if s11.get("gate_passed") else "step budget spent"))
+    for stage in training:
+        guard = (metas.get(stage) or {}).get("guard")
+        if guard:
+            lines.append(f"- guard after {titles[stage]}: {guard.get('verdict_line', guard['passed'])}")
+            lines.append(f"- kept state after {titles[stage]}: "
+                         + ("the trained state" if guard["rounds"] == 0 else
+                            f"after {guard['rounds']} recovery rounds, "
+                            + ("the last" if guard["passed"] else "the best by English accuracy")))
+    return lines + [""]
+
+
+def _verdicts(metas: dict[str, dict | None], titles: dict[str, str], training: Sequence[str]) -> list[str]:
+    lines = ["## Purposes and verdicts", "",
+             "A change whose 95% interval holds zero is no detectable change (within noise), never a gain.", ""]
+    for stage in training:
+        m = metas.get(stage)
+        if not m or "verdicts" not in m:
+            continue
+        v = m["verdicts"]
+        lines.append(f"- **{titles[stage]}**: {v['purpose']}. Verdict: **purpose {v['verdict']}**.")
+        lines += [f"  - {part}" for part in v["lines"]]
+    return lines + [""]
+
+
+def _test_section(test: dict[str, Any]) -> list[str]:
+    ko = accuracy_summary([p["correct"] for p in test["predictions"]])
+    lines = [f"## Test split (scored once, {test['model']})", "", f"- Korean accuracy {_accuracy(ko)}"]
+    english = test.get("english")
+    if english:
+        lines.append(f"- English accuracy {_accuracy(accuracy_summary(english['correct']))}")
+    drift = test.get("drift")
+    if drift:
+        lines.append(f"- English drift on held-out English text {drift['value']:.4f} nats/token (95% CI "
+                     f"{drift['low']:.4f}–{drift['high']:.4f}, n {drift['n']})")
+    lines += ["", "| subset | n | Korean accuracy |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {s['n']} | {s['accuracy']:.3f} |" for name, s in test["subsets"].items()]
+    return lines + [f"| all (micro) | {test['n']} | {test['accuracy']:.3f} |"]
+
+
+def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None],
+                     test: dict[str, Any] | None) -> Path:
+    """report.md and report.png: data, gate, a summary table, purposes and verdicts, decisions, the test split."""
+    titles = {name: title for name, title, _ in stages}
+    lines = [f"# medko run report: {run_dir}", ""]
+    if metas.get("s0"):
+        m = metas["s0"]
+        left_out = [f"{k} {v['skipped']} bad, {v['dropped']} repeated" for k, v in m.get("left_out", {}).items()
+                    if v["skipped"] or v["dropped"]]
+        lines += [f"Data from {m['source']}: " + ", ".join(f"{k.removesuffix('.jsonl')} {v}" for k, v in m["counts"].items())
+                  + ". Rows left out: " + (", ".join(left_out) or "none")
+                  + ". Question overlap between splits: " + ", ".join(f"{k} {v}" for k, v in m["overlap"].items()) + ".", ""]
+    if metas.get("s1"):
+        lines += [f"English exam translated by {metas['s1']['translated_with']}{_translation_note(metas['s1'])}.", ""]
+    lines += ["## Summary (dev split and held-out text)", "",
+              "| stage | trained | params | steps | ko acc | en acc | ko loss | en loss | drift | verdict |",
+              "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
+    for stage in training:
+        m = metas.get(stage)
+        if not m:
+            continue
+        phases = m.get("phases", [])
+        patterns = sorted({p for ph in phases for p in ph["patterns"]})
+        params = max((ph["trainable"] for ph in phases), default=0)
+        steps = sum(ph["steps"] for ph in phases)
+        verdict = m.get("verdicts", {}).get("verdict", "–")
+        lines.append(f"| {titles[stage]} | {', '.join(f'`{p}`' for p in patterns)} | {params:,} | {steps} | "
+                     f"{_change(m, 'ko_accuracy')} | {_change(m, 'en_accuracy')} | {_change(m, 'ko_loss')} | "
+                     f"{_change(m, 'en_loss')} | {_change(m, 'drift', 4)} | {verdict} |")
+    lines.append("")
+    if metas.get("s4") and "chrf" in metas["s4"].get("after", {}):
+        lines += [f"s4 translation of held-out pairs: chrF {_change(metas['s4'], 'chrf', 2)}.", ""]
+    if metas.get("s5"):
+        lines += [f"s5 reasoning on the Korean dev exam: strict format compliance "
+                  f"{_change(metas['s5'], 'reasoning_compliance')} (looser extraction "
+                  f"{_change(metas['s5'], 'reasoning_loose_compliance')}), accuracy "
+                  f"{_change(metas['s5'], 'reasoning_accuracy')}.", ""]
+    lines += _verdicts(metas, titles, training) + _decisions(metas, titles, training)
+    if test:
+        lines += _test_section(test)
+    plot_run(run_dir, stages, training, metas)
+    lines += ["", "![accuracy and training loss](report.png)", ""]
+    out = run_dir / "report.md"
+    write_text_atomic("\n".join(lines), out)
+    return out
+
+
+def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    short = {name: title.split()[0] for name, title, _ in stages}
+    directory = {name: d for name, _, d in stages}
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    names, ko, en = [], [], []
+    for stage in training:
+        m = metas.get(stage)
+        if m and "after" in m:
+            names.append(short[stage])
+            ko.append(m["after"]["ko_accuracy"])
+            en.append(m["after"]["en_accuracy"])
+    acc_ax.plot(names, ko, "o-", label="Korean dev")
+    acc_ax.plot(names, en, "s-", label="English dev")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.set_title("accuracy after each stage")
+    acc_ax.legend()
+    offset = 0
+    for stage in training:
+        d = run_dir / directory[stage]
+        for metrics in sorted(d.glob("*/metrics.jsonl")) if d.is_dir() else []:
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if "loss" in r and "step" in r]
+            if rows:
+                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows],
+                             label=f"{short[stage]} {metrics.parent.name}")
+                offset += rows[-1]["step"]
+    loss_ax.set_title("training loss")
+    loss_ax.set_xlabel("step (phases in order)")
+    loss_ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(run_dir / "report.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
