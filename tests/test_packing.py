@@ -64,7 +64,7 @@ def test_packed_loss_and_gradients_equal_unpacked(model, examples):
 def test_stage_loss_with_letters_and_layer_loss_is_the_same_packed(model, tiny_tokenizer):
     rows = [sl.MCQ(f"r{i}", "doctor", f"q {i} " + "x" * i, dict(zip("ABCDE", "abcde")), "ABCDE"[i % 5],
                    reasoning="because " * (1 + i % 3)) for i in range(6)]
-    reasoning = sl.reasoning_examples(tiny_tokenizer, rows, 128)
+    reasoning, _ = sl.reasoning_examples(tiny_tokenizer, rows, 128)
     english = sl.text_examples(tiny_tokenizer, [f"english text {'y' * i}" for i in range(6)], 128)
     letters = sl.letter_token_ids(tiny_tokenizer, chat=False)
     loss_fn = sl.stage_loss("mse", 1.0, letters)
@@ -73,7 +73,7 @@ def test_stage_loss_with_letters_and_layer_loss_is_the_same_packed(model, tiny_t
         config = TrainConfig(batch_size=6, max_len=128, pack=packed)
         batches = sl.mixed_batches(reasoning, english, config)(0, 0)
         loss, count, metrics = loss_fn(model, batches)
-        sums.append((float(loss), count, metrics))
+        sums.append((float(loss.detach()), count, metrics))
     (a, na, ma), (b, nb, mb) = sums
     assert na == nb and abs(a - b) <= 1e-5 * abs(a)
     assert ma["letter"] == pytest.approx(mb["letter"], rel=1e-5) and ma["layer"] == pytest.approx(mb["layer"], rel=1e-5)

@@ -59,8 +59,14 @@ def test_readme_command_runs_as_written(command, tiny_dir, hub_cache, rehearsed_
     argv = substituted(command, tiny_dir)
     out = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env=hub_env(hub_cache, tmp_path / "hf"))
-    assert out.returncode == 0, f"{argv}\n{out.stderr[-3000:]}"
     assert "Traceback" not in out.stderr
+    if "--format" in argv and argv[argv.index("--format") + 1] == "gguf":
+        # The rehearsal's 2-layer tiny MedGemma has its full-attention layer at index 1, which llama.cpp's gemma3
+        # (every sixth layer global) cannot express, so export must refuse it in one sentence; tests/test_export.py
+        # writes GGUFs of models llama.cpp can express and reads them back.
+        assert out.returncode == 1 and "every sixth layer" in out.stderr.splitlines()[-1], out.stderr[-2000:]
+        return
+    assert out.returncode == 0, f"{argv}\n{out.stderr[-3000:]}"
     if "--out" in argv:
         target = tmp_path / argv[argv.index("--out") + 1]
         assert target.exists(), target

@@ -20,7 +20,7 @@ def s0_options(run_dir: Path, *args: str) -> sl.StageOptions:
 
 
 def test_hub_sources_load_with_their_real_schemas(offline_hub, tmp_path):
-    source, rows = sl.read_sources(s0_options(tmp_path))
+    source, rows, _ = sl.read_sources(s0_options(tmp_path))
     assert source == "hub"
     assert {len(rows["exam"][s]) for s in ("train", "dev", "test")} == {12, 8}  # 4 subsets, parquet per split
     assert rows["exam"]["dev"][0].meta["year"] and isinstance(rows["exam"]["dev"][0].meta["q_number"], int)
@@ -32,7 +32,7 @@ def test_hub_sources_load_with_their_real_schemas(offline_hub, tmp_path):
 
 
 def test_field_map_renames_a_source_column(offline_hub, tmp_path):
-    _, rows = sl.read_sources(s0_options(tmp_path, "--map", "reasoning.reasoning=response"))
+    _, rows, _ = sl.read_sources(s0_options(tmp_path, "--map", "reasoning.reasoning=response"))
     assert rows["reasoning"][0].reasoning.startswith("정답은")
     assert parse_field_map("medqa.answer=answer_idx, ko_text.text=body") == {"medqa": {"answer": "answer_idx"},
                                                                              "ko_text": {"text": "body"}}

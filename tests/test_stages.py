@@ -215,8 +215,9 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gate
 
     run_dir = copy_run(gated_run, tmp_path / "clash")
     assert stage("s1_1", run_dir, tiny_dir) == 0
-    clash = run_script("s2", "--run-dir", str(run_dir), "--size", "4b", "--max-steps", "1")
-    assert clash.returncode == 1 and "drop --size or use a new --run-dir" in clash.stderr.splitlines()[-1]
+    # A different --size now follows the gate's choice (issue 10); a different --model is still a clash.
+    clash = run_script("s2", "--run-dir", str(run_dir), "--model", str(tmp_path / "another"), "--max-steps", "1")
+    assert clash.returncode == 1 and "drop --model or use a new --run-dir" in clash.stderr.splitlines()[-1]
     assert not (run_dir / "s2_embed").exists() and (run_dir / "s1_1_english" / "meta.json").is_file()
     assert stage("s2", run_dir, tiny_dir, "--max-steps", "1") == 0  # no "exists; pass --resume"
 
