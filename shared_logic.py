@@ -74,7 +74,6 @@ TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and repor
 DEFAULT_STEPS = {"270m": 10, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
 DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
-MEASURE_BATCH = 8  # texts per forward pass in text losses and drift: memory stays flat in the number of texts
 LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
 LANGUAGE_PATTERNS = ["language_embedding.*"]
 
