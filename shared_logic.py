@@ -20,8 +20,9 @@ import torch
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_states)
 from engine.checkpoints import SIZES, load_base
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, Source, load_kormedmcqa, load_mcq_file,
-                         load_pairs, load_reasoning, load_texts, parse_field_map, require_rows)
+from engine import sources
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
+                         parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import (ANSWER_CUE, extract_answer, mcq_prompt, question_block, strict_answer,
                              translation_prompt)
@@ -43,6 +44,7 @@ from engine.adapters import add_language_embeddings as add_language_embeddings, 
 from engine.adapters import adapter_specs as adapter_specs, duplicate_edge_layers as duplicate_edge_layers
 from engine.adapters import snapshot_adapter as snapshot_adapter
 from engine.data import mcq_record as mcq_record, split_overlap as split_overlap
+from engine.sources import held_out_sets as held_out_sets, reference_exam as reference_exam
 from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
 from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
@@ -693,84 +695,19 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
-    """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a
-    file, each read through its field mapping (--map). Returns where the data came from, the rows by role, and
-    per source the rows skipped as bad (under --skip-bad) and dropped as repeats; a source that yields no rows,
-    or whose bad share passes --max-bad, stops s0."""
+    """s0's sources (engine.sources): the bundled sample data, a local directory (--data DIR) or the hub, each
+    replaceable by a file and read through its field mapping (--map). Returns where the data came from, the rows
+    by role and per source the rows skipped as bad and dropped as repeats."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
-    maps = parse_field_map(opts.map)
-
-    def source(role: str, flag: str | None, name: str, hub_source: Source | None,
-               directory_mapping: dict | None = None) -> Source | None:
-        """The flag's file, else the data directory's file (read through directory_mapping), else the hub source
-        (through its mapping); --map goes over any of them."""
-        path = flag or (None if hub else root / name)
-        if path is None and hub_source is None:
-            return None
-        default = hub_source.mapping if path is None else ({} if flag else directory_mapping or {})
-        return Source(str(path) if path else hub_source.location, {**default, **maps.get(role, {})})
-
-    def rows(role: str, src: Source | None, load: Callable) -> Rows:
-        return require_rows(load(src), role, src) if src is not None else Rows()
-
-    subsets, skip = opts.subsets.split(","), opts.skip_bad
-    exam = {s: rows("exam", Source("hub" if hub else str(root / "kormedmcqa"), maps.get("exam", {})),
-                    lambda src, s=s: load_kormedmcqa(subsets, s, src.location, skip_bad=skip,
-                                                     mapping=src.mapping)) for s in KORMEDMCQA_SPLITS}
-    en_mcq = rows("medqa", source("medqa", opts.en_mcq, "medqa_en.jsonl", SOURCES["medqa"], SOURCES["medqa"].mapping),
-                  lambda src: load_mcq_file(src, lang="en", skip_bad=skip))
-    ko_text = rows("ko_text", source("ko_text", opts.ko_text, "ko_medical_text.jsonl", SOURCES["ko_text"]),
-                   lambda src: load_texts(src, skip_bad=skip))
-    en_src = source("en_text", opts.en_text, "en_medical_text.jsonl", None)
-    # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip)) if en_src else \
-        Rows(r.question for r in en_mcq)
-    pairs = rows("pairs", source("pairs", opts.pairs, "ko_en_pairs.jsonl", None),
-                 lambda src: load_pairs(src, skip_bad=skip))
-    reasoning = rows("reasoning", source("reasoning", opts.reasoning, "reasoning_ko.jsonl", SOURCES["reasoning"]),
-                     lambda src: load_reasoning(src, lang="ko", skip_bad=skip))
-    by_source = {**{f"exam_{s}": r for s, r in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
-                 "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
-    counts = {name: {"skipped": r.skipped, "dropped": r.dropped} for name, r in by_source.items()}
-    for name, r in by_source.items():
-        if r.skipped > opts.max_bad * (len(r) + r.skipped):
-            raise MedkoError(f"{r.skipped} of {len(r) + r.skipped} rows of {name} are bad, more than "
-                             f"--max-bad {opts.max_bad:.0%}; fix that source or raise --max-bad")
-    return ("hub" if hub else str(root)), {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text,
-                                          "pairs": pairs, "reasoning": reasoning}, counts
-
-
-def held_out(texts: list[str]) -> tuple[list[str], list[str]]:
-    """(training, held out): the last tenth (at least 2) is never trained on; losses and drift use it."""
-    keep = max(2, len(texts) // 10)
-    return texts[:-keep], texts[-keep:]
+    files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,
+             "reasoning": opts.reasoning}
+    rows, counts = sources.read_sources(root, files, parse_field_map(opts.map), opts.subsets.split(","),
+                                        opts.skip_bad, opts.max_bad)
+    return ("hub" if hub else str(root)), rows, counts
 
 
 HUB_CANDIDATES = ["4b", "27b"]  # the gate's default for a hub size: the small and the large MedGemma
-
-
-HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_medical_text_heldout.jsonl",
-                  "pairs": "ko_en_pairs_heldout.jsonl"}  # held-out sets beside a local source's training files
-
-
-def held_out_sets(source: str, rows: dict[str, list]) -> dict[str, tuple[list, list]]:
-    """(training, held out) for Korean text, English text and pairs. A local source names its held-out sets
-    explicitly (HELD_OUT_FILES, written apart from the training files); the hub has none, so its last tenth is
-    held out. A held-out row that also appears in training is refused."""
-    out = {}
-    for role, name in HELD_OUT_FILES.items():
-        path = Path(source) / name
-        if source != "hub" and path.is_file():
-            held = list(load_pairs(path) if role == "pairs" else load_texts(path))
-            key = (lambda p: p.src) if role == "pairs" else (lambda t: t)  # noqa: E731
-            shared = {key(r) for r in held} & {key(r) for r in rows[role]}
-            if shared:
-                raise MedkoError(f"{path} shares {len(shared)} rows with the training set, e.g. {sorted(shared)[0]!r}")
-            out[role] = (rows[role], held)
-        else:
-            out[role] = held_out(rows[role])
-    return out
 
 
 def gate_candidates(opts: StageOptions) -> list[str]:
@@ -789,16 +726,6 @@ def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
     if opts.english_exam == "auto":
         return DATA_DIR / "kormedmcqa_en" if stage_meta(run_dir, "s0")["source"] == str(DATA_DIR) else None
     return None if opts.english_exam == "model" else Path(opts.english_exam)
-
-
-def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: str) -> list[MCQ]:
-    """The English versions of `rows` from a directory of reference translations, row for row."""
-    by_id = {r.id: r for r in load_kormedmcqa(subsets.split(","), split, reference, lang="en")}
-    missing = [r.id for r in rows if r.id not in by_id]
-    if missing:
-        raise MedkoError(f"--english-exam {reference} lacks questions {missing[:5]}; give translations of every "
-                         f"{split} question")
-    return [by_id[r.id] for r in rows]
 
 
 def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Path]:
@@ -823,7 +750,7 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     report = asdict(evaluate(model, tokenizer, rows, "logits", "ko", progress=True, model_name=f"{run_dir}:{stage}"))
     reference = DATA_DIR / "kormedmcqa_en" if stage_meta(run_dir, "s0")["source"] == str(DATA_DIR) else None
     if reference is not None:
-        english = reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
+        english = sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
         en = evaluate(model, tokenizer, english, "logits", "en", progress=False)
         report["english"] = {"accuracy": en.accuracy, "n": en.n, "correct": [e["correct"] for e in en.predictions]}
     drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1]

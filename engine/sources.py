@@ -1,0 +1,101 @@
+"""s0's sources and held-out sets: every role (exam, English MCQ, Korean and English text, pairs, reasoning)
+read from the bundled data, a local directory, a file per role or the hub, each through its field mapping;
+skip and repeat counts per source; the held-out sets that are never trained on; and reference translations of
+an exam, row for row.
+
+Imports engine.data and engine.errors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Rows, Source, load_kormedmcqa, load_mcq_file, load_pairs,
+                         load_reasoning, load_texts, require_rows)
+from engine.errors import MedkoError
+
+# role: (file name in a local data directory, the hub source when there is one)
+LOCAL_FILES = {"medqa": "medqa_en.jsonl", "ko_text": "ko_medical_text.jsonl", "en_text": "en_medical_text.jsonl",
+               "pairs": "ko_en_pairs.jsonl", "reasoning": "reasoning_ko.jsonl"}
+HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_medical_text_heldout.jsonl",
+                  "pairs": "ko_en_pairs_heldout.jsonl"}  # held-out sets beside a local source's training files
+
+
+def read_sources(root: Path | None, files: dict[str, str | None], maps: dict[str, dict[str, str]],
+                 subsets: Sequence[str], skip_bad: bool, max_bad: float
+                 ) -> tuple[dict[str, list], dict[str, dict[str, int]]]:
+    """The rows by role from `root` (None: the hub), each role replaceable by a file in `files`, each read through
+    its field mapping (`maps`, over any default). Returns the rows and, per source, the rows skipped as bad (under
+    skip_bad) and dropped as repeats; a source that yields no rows, or whose bad share passes max_bad, is refused."""
+
+    def source(role: str) -> Source | None:
+        """The role's file, else the data directory's file, else the hub source; --map goes over any of them."""
+        flag, hub_source = files.get(role), SOURCES.get(role)
+        path = flag or (None if root is None else root / LOCAL_FILES[role])
+        if path is None and hub_source is None:
+            return None
+        if path is None:
+            default = hub_source.mapping
+        else:  # a local directory's MedQA keeps the hub's columns; a file given by flag is read as it is
+            default = {} if flag or role != "medqa" else hub_source.mapping
+        return Source(str(path) if path else hub_source.location, {**default, **maps.get(role, {})})
+
+    def rows(role: str, src: Source | None, load: Callable) -> Rows:
+        return require_rows(load(src), role, src) if src is not None else Rows()
+
+    location = "hub" if root is None else str(root / "kormedmcqa")
+    exam = {s: rows("exam", Source(location, maps.get("exam", {})),
+                    lambda src, s=s: load_kormedmcqa(list(subsets), s, src.location, skip_bad=skip_bad,
+                                                     mapping=src.mapping)) for s in KORMEDMCQA_SPLITS}
+    en_mcq = rows("medqa", source("medqa"), lambda src: load_mcq_file(src, lang="en", skip_bad=skip_bad))
+    ko_text = rows("ko_text", source("ko_text"), lambda src: load_texts(src, skip_bad=skip_bad))
+    en_src = source("en_text")
+    # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
+    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip_bad)) if en_src else \
+        Rows(r.question for r in en_mcq)
+    pairs = rows("pairs", source("pairs"), lambda src: load_pairs(src, skip_bad=skip_bad))
+    reasoning = rows("reasoning", source("reasoning"), lambda src: load_reasoning(src, lang="ko", skip_bad=skip_bad))
+    by_source = {**{f"exam_{s}": r for s, r in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
+                 "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
+    for name, r in by_source.items():
+        if r.skipped > max_bad * (len(r) + r.skipped):
+            raise MedkoError(f"{r.skipped} of {len(r) + r.skipped} rows of {name} are bad, more than "
+                             f"--max-bad {max_bad:.0%}; fix that source or raise --max-bad")
+    counts = {name: {"skipped": r.skipped, "dropped": r.dropped} for name, r in by_source.items()}
+    return {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text, "pairs": pairs,
+            "reasoning": reasoning}, counts
+
+
+def held_out(texts: list) -> tuple[list, list]:
+    """(training, held out): the last tenth (at least 2) is never trained on; losses and drift use it."""
+    keep = max(2, len(texts) // 10)
+    return texts[:-keep], texts[-keep:]
+
+
+def held_out_sets(source: str, rows: dict[str, list]) -> dict[str, tuple[list, list]]:
+    """(training, held out) for Korean text, English text and pairs. A local source names its held-out sets
+    explicitly (HELD_OUT_FILES, written apart from the training files); the hub has none, so its last tenth is
+    held out. A held-out row that also appears in training is refused."""
+    out = {}
+    for role, name in HELD_OUT_FILES.items():
+        path = Path(source) / name
+        if source != "hub" and path.is_file():
+            held = list(load_pairs(path) if role == "pairs" else load_texts(path))
+            key = (lambda p: p.src) if role == "pairs" else (lambda t: t)  # noqa: E731
+            shared = {key(r) for r in held} & {key(r) for r in rows[role]}
+            if shared:
+                raise MedkoError(f"{path} shares {len(shared)} rows with the training set, e.g. {sorted(shared)[0]!r}")
+            out[role] = (rows[role], held)
+        else:
+            out[role] = held_out(rows[role])
+    return out
+
+
+def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: str) -> list[MCQ]:
+    """The English versions of `rows` from a directory of reference translations, row for row."""
+    by_id = {r.id: r for r in load_kormedmcqa(subsets.split(","), split, reference, lang="en")}
+    missing = [r.id for r in rows if r.id not in by_id]
+    if missing:
+        raise MedkoError(f"--english-exam {reference} lacks questions {missing[:5]}; give translations of every "
+                         f"{split} question")
+    return [by_id[r.id] for r in rows]
