@@ -51,12 +51,15 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def require_space(directory: Path, needed: int, what: str) -> None:
-    """Refuses in one sentence, before anything is written, when `directory`'s disk lacks `needed` bytes."""
+def require_space(directory: Path, needed: int, what: str, reclaimable: int = 0) -> bool:
+    """Refuses in one sentence, before anything is written, when `directory`'s disk lacks `needed` bytes even
+    after `reclaimable` bytes (the previous checkpoint) are freed. Returns True when it fits only that way."""
     free = free_bytes(directory)
-    if free < needed:
-        raise MedkoError(f"{directory} has {free:,} bytes free but {what} needs {needed:,}; free space on that disk "
-                         f"or move the run, then resume (the last complete checkpoint is kept)")
+    if free + reclaimable < needed:
+        also = f" ({reclaimable:,} more once the previous checkpoint is replaced)" if reclaimable else ""
+        raise MedkoError(f"{directory} has {free:,} bytes free{also} but {what} needs {needed:,}; free space on "
+                         f"that disk or move the run, then resume (the last complete checkpoint is kept)")
+    return free < needed
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -85,16 +88,24 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     """Writes step's checkpoint and, once it is complete and read back intact, removes older ones; returns its
     directory.
 
-    The previous checkpoint stays until the new one is verified, so the disk must hold both for a moment; when
-    it cannot, this refuses before writing anything, naming the bytes needed and free, and the previous
-    checkpoint stays whole for --resume. Any OSError of the write becomes a MedkoError naming the path.
+    The previous checkpoint stays until the new one is verified, so the disk holds both for a moment. On a disk
+    with room for one checkpoint only, the previous one is removed first and the new one written in its place,
+    with a warning: a crash during that write leaves no checkpoint. When even one does not fit, this refuses
+    before writing anything, naming the bytes needed and free, and the previous checkpoint stays whole for
+    --resume. Any OSError of the write becomes a MedkoError naming the path.
     """
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     files = _serialized(model, optimizer, step, state)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        require_space(root, sum(map(len, files.values())) + SLACK, f"checkpoint {final.name}")
+        older = [p for p in root.glob("step-*") if p != final]
+        if require_space(root, sum(map(len, files.values())) + SLACK, f"checkpoint {final.name}",
+                         sum(checkpoint_bytes(p) for p in older)):
+            log.warning("%s has room for one checkpoint only: %s replaces %s in place, and a crash during this "
+                        "write leaves no checkpoint to resume", root, final.name, ", ".join(p.name for p in older))
+            for old in older:
+                shutil.rmtree(old)
         with atomic_write(final, directory=True) as tmp:
             for name, data in files.items():
                 with open(tmp / name, "wb") as f:

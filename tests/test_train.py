@@ -297,31 +297,35 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(tm
     size = sum(f.stat().st_size for f in kept.iterdir())
     before = {f.name: f.read_bytes() for f in kept.iterdir()}
 
-    # Room for one more checkpoint until step 2's is loaded, then not: the save of step 4 is refused whole.
-    real = engine.train_checkpoints.free_bytes
-    free = {"bytes": 10 * size}
+    # Room for more checkpoints until step 2's is loaded, then not even for one in its place: step 4's save is
+    # refused whole.
+    slack, real = engine.train_checkpoints.SLACK, engine.train_checkpoints.free_bytes
+    free = {"bytes": 10 * size + slack}
     monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: free["bytes"])
     real_load = engine.trainer.load_checkpoint
 
     def load_then_fill(*args, **kwargs):
-        free["bytes"] = size // 2
+        free["bytes"] = slack // 2
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(engine.trainer, "load_checkpoint", load_then_fill)
     with pytest.raises(MedkoError) as refused:
         train(fresh_model(), ce_loss, examples, cfg, tmp_path, resume=True)
     message = str(refused.value)
-    assert f"{tmp_path / CHECKPOINTS} has {size // 2:,} bytes free but checkpoint step-00000004 needs" in message
+    assert (f"{tmp_path / CHECKPOINTS} has {slack // 2:,} bytes free ({size:,} more once the previous checkpoint is "
+            f"replaced) but checkpoint step-00000004 needs") in message
     assert "\n" not in message
     assert only_checkpoint(tmp_path) == kept and {f.name: f.read_bytes() for f in kept.iterdir()} == before
     assert not list((tmp_path / CHECKPOINTS).glob(".tmp-*"))
 
-    # A resume on a disk without room for the next checkpoint is refused at once, before any step is spent.
+    # A resume on a disk without room for the next checkpoint, even in the last one's place, is refused at once,
+    # before any step is spent.
     monkeypatch.setattr(engine.trainer, "load_checkpoint", real_load)
-    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: size // 2)
+    monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: slack // 2)
     steps = []
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", lambda *a: steps.append(1))
-    with pytest.raises(MedkoError, match=f"has {size // 2:,} bytes free but the next checkpoint needs {size + (1 << 20):,}"):
+    with pytest.raises(MedkoError, match=f"has {slack // 2:,} bytes free .* but the next checkpoint needs "
+                                         f"{size + slack:,}"):
         train(fresh_model(), ce_loss, examples, cfg, tmp_path, resume=True)
     assert not steps
     monkeypatch.setattr(engine.train_checkpoints, "free_bytes", real)
@@ -369,20 +373,37 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(where)], check=True)
 
 
-def test_a_real_full_disk_keeps_the_last_checkpoint_and_says_so(tmp_path, examples, small_disk, monkeypatch):
-    cfg = config(max_steps=4, save_every=2)
-    train(fresh_model(), ce_loss, examples, replace(cfg, max_steps=2), tmp_path / "measure")
-    size = sum(f.stat().st_size for f in only_checkpoint(tmp_path / "measure").iterdir())
+def test_a_disk_with_room_for_one_checkpoint_trains_and_resumes_exactly(tmp_path, examples, small_disk, monkeypatch,
+                                                                         caplog):
+    cfg = config(save_every=2)
+    straight = fresh_model()
+    train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
+    size = sum(f.stat().st_size for f in only_checkpoint(tmp_path / "straight").iterdir())
 
-    # Room for one checkpoint and the check's slack, not for two: step 2 is written, step 4 refused before
-    # a byte of it is, and a resume on the same disk is refused at once.
+    # Room for one checkpoint and the check's slack, not for two: each save replaces the last in place (with a
+    # warning), and a run killed after step 3 resumes on the same disk to the uninterrupted result.
     disk = small_disk((size + engine.train_checkpoints.SLACK + size // 2 + 4095) // 4096 * 4096)
-    with pytest.raises(MedkoError, match=f"{disk / CHECKPOINTS} has .* bytes free but checkpoint step-00000004 needs"):
-        train(fresh_model(), ce_loss, examples, cfg, disk)
+    calls = 0
+
+    def killed_loss(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 3 * cfg.grad_accum + 2:
+            raise RuntimeError("killed")
+        return noisy_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(fresh_model(), killed_loss, examples, cfg, disk)
     assert only_checkpoint(disk).name == "step-00000002"
-    assert not list((disk / CHECKPOINTS).glob(".tmp-*"))
+    assert "has room for one checkpoint only: step-00000002 replaces" not in caplog.text  # the first had room
+    resumed = fresh_model()
+    train(resumed, noisy_loss, examples, cfg, disk, resume=True)
+    assert "has room for one checkpoint only" in caplog.text
+    assert_same_run(straight, tmp_path / "straight", resumed, disk)
+
+    # A disk without room for even one checkpoint is refused before the first step.
     with pytest.raises(MedkoError, match="bytes free but the next checkpoint needs"):
-        train(fresh_model(), ce_loss, examples, cfg, disk, resume=True)
+        train(fresh_model(), ce_loss, examples, cfg, small_disk(4096))
 
     # When the space runs out during the write itself, the kernel's ENOSPC is named with the file.
     tight = small_disk((size // 2 + 4095) // 4096 * 4096)
