@@ -65,6 +65,7 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}  # medko's name -> the checkpoint key it came from
+    head = None
     for path in safetensors_files(model_dir):
         try:
             tensors = load_file(str(path))
@@ -72,6 +73,7 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
             raise MedkoError(f"{path} is corrupt or truncated ({err}); delete it and download again") from None
         for key, tensor in tensors.items():
             name = checkpoint_key(key)
+            head = tensor if key in _TIED_HEADS else head
             if name is None:
                 continue
             if name in out:
@@ -79,6 +81,12 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
                 raise MedkoError(f"{model_dir} holds {name} twice, as {origin[name]!r} and {key!r}; keep one key "
                                  f"layout per checkpoint")
             out[name], origin[name] = tensor, key
+    embed = out.get("embed_tokens.weight")
+    if head is not None and embed is not None and not torch.equal(head, embed):
+        # medko's Gemma 3 ties its head to the embedding, as every released Gemma 3 does; dropping a head that
+        # differs (an `export --format hf` of a run with language vectors) would compute another model.
+        raise MedkoError(f"{model_dir} has an lm_head that differs from its embed_tokens, and medko ties them; "
+                         f"score the run itself (eval --run RUN_DIR) or export it with --format tied")
     return out
 
 

@@ -79,6 +79,10 @@ def test_hf_export_is_exact_readable_and_carries_a_card(tiny_dir, tiny_tokenizer
                                add_generation_prompt=True)
     assert rendered == "<bos>" + chat_prompt("고혈압이란")
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template_source(out)
+    # medko ties its head: its own loader refuses the untied export instead of dropping the head silently.
+    from engine.checkpoints import read_checkpoint
+    with pytest.raises(MedkoError, match="has an lm_head that differs from its embed_tokens"):
+        read_checkpoint(out)
 
 
 def template_source(out: Path) -> str:
@@ -118,6 +122,8 @@ def test_tied_export_deviation_is_measured_and_written_down(tiny_dir, tiny_token
     assert text in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert all(f"- {line}" in card for line in text.splitlines())
+    from engine.checkpoints import read_checkpoint
+    assert "lm_head.weight" not in read_checkpoint(out)  # the tied export loads in medko too
 
 
 def test_a_vector_shared_by_all_tokens_folds_exactly(tiny_tokenizer):
