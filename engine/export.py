@@ -205,18 +205,19 @@ def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path, f
     else:
         state, tied = export_weights(model)
     summary = summary or RunSummary(name=str(out_dir.name), base_model="", stages=[], test=None)
+    # The context length is the base model's (32768 for the 270M), not medko's config default.
+    base_config = tokenizer_path.parent / "config.json"
+    context = json.loads(base_config.read_text()).get("max_position_embeddings", 131072) \
+        if base_config.is_file() else 131072
     with atomic_write(out_dir, directory=True) as tmp:
         if fmt == "gguf":
-            base_config = tokenizer_path.parent / "config.json"
-            context = json.loads(base_config.read_text()).get("max_position_embeddings", 131072) \
-                if base_config.is_file() else 131072
             write_gguf(state, model.config, tokenizer_path, template, tmp / gguf_file_name(gguf_type), gguf_type,
                        name=summary.name, context_length=context)
             (tmp / "Modelfile").write_text(ollama_modelfile(gguf_file_name(gguf_type)))
             (tmp / "chat_template.jinja").write_text(template)
         else:
             hf_config = config_to_hf(model.config)
-            hf_config["tie_word_embeddings"] = tied
+            hf_config["tie_word_embeddings"], hf_config["max_position_embeddings"] = tied, context
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
             _copy_tokenizer(tokenizer_path, tmp, template)

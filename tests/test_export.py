@@ -95,6 +95,16 @@ def test_permissions_follow_the_umask(tiny_dir, tiny_tokenizer, tmp_path):
     assert modes(out) == {("dir", 0o750), ("file", 0o640)}
 
 
+def test_export_keeps_the_base_models_context_length(tiny_dir, tiny_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))  # as the 270M's
+    out = export_run(run_model(tiny_tokenizer), tmp_path / "hf", base / "tokenizer.json", "hf")
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32768
+
+
 def test_tied_export_deviation_is_measured_and_written_down(tiny_dir, tiny_tokenizer, tmp_path, capsys):
     from transformers import Gemma3ForCausalLM
 
