@@ -16,6 +16,13 @@ from torch import nn
 # than F.linear's MKL sgemm: measured on a 2-core AMD EPYC, 7-20% faster for the decoder's projections, 25-35%
 # for the 262k-row head at training sizes and 3x for it at decode sizes. Other devices and dtypes use F.linear.
 # MEDKO_ONEDNN=0 turns it off, for logits that sum in transformers' order (its CPU matmul is F.linear's).
+# Intel's reproducibility conditions for MKL (torch's CPU BLAS here): a fixed thread count, and MKL_DYNAMIC and
+# OMP_DYNAMIC false, so that MKL never picks fewer threads at run time; MKL's default lets it. Set before the
+# first BLAS call (this module is imported before any model runs); a value the user set wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
+
 def _onednn_linear_works() -> bool:
     """Whether this torch build has oneDNN's linear (a private op) and it gives F.linear's answer."""
     try:
