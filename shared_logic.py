@@ -181,8 +181,8 @@ class StageOptions:
     candidates: str | None = option(None, "sizes to score, smallest first, e.g. 4b,27b (default --size)",
                                      stages=["s1"])
     english_exam: str = option("auto", "'model' (translate with the model), a directory of reference translations "
-                                "laid out like data/kormedmcqa_en, or 'auto': the bundled translations for the "
-                                "bundled data, else 'model'", stages=["s1"])
+                                "laid out like data/kormedmcqa_en, or 'auto': the data directory's own "
+                                "kormedmcqa_en/ when it has one, else 'model'", stages=["s1"])
     translate_tokens: int | None = option(None, "most new tokens per translated line, s1's exams and s4's held-out "
                                            "pairs (default: twice the line's source tokens plus 16)", COUNT,
                                            stages=["s1", "s4"])
@@ -720,11 +720,18 @@ def gate_candidates(opts: StageOptions) -> list[str]:
     return list(HUB_CANDIDATES) if opts.size in HUB_CANDIDATES else [opts.size or "270m"]
 
 
+def source_translations(run_dir: Path) -> Path | None:
+    """The reference translations beside a local data source's exam (DIR/kormedmcqa_en, as the bundled data
+    has), or None."""
+    source = stage_meta(run_dir, "s0")["source"]
+    return Path(source) / "kormedmcqa_en" if source != "hub" and (Path(source) / "kormedmcqa_en").is_dir() else None
+
+
 def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
-    """Where s1 takes English exams from instead of translating: the bundled translations for the bundled data
+    """Where s1 takes English exams from instead of translating: the data source's own translations
     (--english-exam auto), a directory given, or None when the model translates."""
     if opts.english_exam == "auto":
-        return DATA_DIR / "kormedmcqa_en" if stage_meta(run_dir, "s0")["source"] == str(DATA_DIR) else None
+        return source_translations(run_dir)
     return None if opts.english_exam == "model" else Path(opts.english_exam)
 
 
@@ -748,7 +755,7 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     data = load_run_data(run_dir)
     rows = data.exam["test"]
     report = asdict(evaluate(model, tokenizer, rows, "logits", "ko", progress=True, model_name=f"{run_dir}:{stage}"))
-    reference = DATA_DIR / "kormedmcqa_en" if stage_meta(run_dir, "s0")["source"] == str(DATA_DIR) else None
+    reference = source_translations(run_dir)
     if reference is not None:
         english = sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
         en = evaluate(model, tokenizer, english, "logits", "en", progress=False)

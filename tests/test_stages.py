@@ -23,10 +23,20 @@ SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_e
            "s4": "s4_translate", "s5": "s5_reasoning"}
 
 
+SMALL: Path | None = None  # the bundled data cut to a few rows (conftest.small_data): the mechanics, fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_data(small_data):
+    global SMALL
+    SMALL = small_data
+
+
 def stage(name: str, run_dir: Path, model_dir: Path, *args: str) -> int:
     script = SCRIPTS[name]
+    data = ["--data", str(SMALL)] if name == "s0" and "--data" not in args else []
     argv = ["--model", str(model_dir), "--run-dir", str(run_dir), "--max-steps", "2", "--max-len", "1024",
-            *EXTRA.get(script, []), *args]
+            *EXTRA.get(script, []), *data, *args]
     return importlib.import_module(script).main(argv)
 
 
@@ -53,7 +63,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     gate = meta(run_dir, "s1")
     assert gate["needs_english"] and gate["chosen"] == str(tiny_dir) and 0 <= gate["scores"][str(tiny_dir)] < 0.97
     english = [json.loads(l) for l in (run_dir / "s1_gate" / "en_exam_dev.jsonl").read_text().splitlines()]
-    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 84
+    assert len(english) == meta(run_dir, "s0")["counts"]["exam_dev.jsonl"] == 12
     for name in ("s1_1", "s2", "s3", "s4", "s5"):
         assert stage(name, run_dir, tiny_dir, "--tolerance", "1") == 0, name
         m = meta(run_dir, name)
@@ -157,16 +167,17 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
     assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
 
 
-def test_run_sh_smoke_on_the_tiny_model(tiny_dir, tmp_path):
+def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
     run_dir = tmp_path / "smoke"
-    env = {**os.environ, "S1_ARGS": "--translate-tokens 2", "S4_ARGS": "--translate-tokens 2",
-           "S5_ARGS": "--reasoning-tokens 2",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
+           "S4_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
-                          "--max-len", "1024", "--tolerance", "1", "--eval-limit", "12", "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run_dir / "report.md").is_file() and (run_dir / "test_report.json").is_file()
+    assert (run_dir / "report.md").is_file()
+    test = json.loads((run_dir / "test_report.json").read_text())
+    assert test["n"] == 12 and test["english"]["n"] == 12  # the data directory's own kormedmcqa_en was used
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
