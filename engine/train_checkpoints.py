@@ -173,7 +173,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     free = {"max_steps", "device", "log_every", "save_every", "gradient_checkpointing"}  # results do not depend on them
     changed = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
     if changed:
-        raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now); "
+        every = " (batch_size counts every process: keep --batch-size times the process count)"
+        counts = every if "batch_size" in changed else ""
+        raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now){counts}; "
                          f"resume with the saved values or start a new run directory")
     weights = load_file(str(path / WEIGHTS))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -21,6 +21,7 @@ from conftest import randomize, tiny_config, tiny_tokenizer_json  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.adapters import add_language_embeddings, add_lora  # noqa: E402
 from engine.data import load_kormedmcqa, load_texts  # noqa: E402
+from engine.errors import MedkoError  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.measures import losses_and_drift, text_losses  # noqa: E402
 from engine.model import Gemma3  # noqa: E402
@@ -66,10 +67,11 @@ def stopping(stop_at: int | None):
     return real, stops
 
 
-def train_run(out: Path, tok: Tokenizer, stop_at: int | None = None, resume: bool = False) -> None:
+def train_run(out: Path, tok: Tokenizer, stop_at: int | None = None, resume: bool = False,
+              batch: int = GLOBAL_BATCH) -> None:
     """STEPS updates of s3's loss on a global micro-batch of GLOBAL_BATCH examples; stop_at interrupts that
     update."""
-    config = engine.trainer.TrainConfig(max_steps=STEPS, batch_size=GLOBAL_BATCH, lr=1e-3,
+    config = engine.trainer.TrainConfig(max_steps=STEPS, batch_size=batch, lr=1e-3,
                                         warmup_steps=1, max_len=96, log_every=1, save_every=2, device="cpu")
     korean = engine.trainer.text_examples(tok, texts("ko_medical_text.jsonl", 24), config.max_len)
     english = engine.trainer.text_examples(tok, texts("en_medical_text.jsonl", 24), config.max_len)
@@ -101,10 +103,23 @@ def evaluation(tok: Tokenizer) -> dict:
             "text_losses": text_losses(model, tok, held_out, 96), "losses": losses, "drifts": drifts}
 
 
+def refuse_on_rank_0() -> None:
+    raise MedkoError("rank 0 refuses; every rank stops with this sentence")
+
+
+def relayed_error(out: Path) -> None:
+    """What each rank raises when a write on rank 0 fails (distributed.on_main)."""
+    try:
+        distributed.on_main(refuse_on_rank_0)
+    except MedkoError as err:
+        (out / f"error-{distributed.rank()}.json").write_text(json.dumps([type(err).__name__, str(err)]))
+
+
 def main(out: Path, stage_args: list[str]) -> int:
     distributed.init()
     torch.set_num_threads(1)
     tok = tokenizer(out)
+    relayed_error(out)
     result = evaluation(tok)
     if distributed.is_main():
         (out / "evaluation.json").write_text(json.dumps(result))

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed_worker as worker
+from engine.errors import MedkoError
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -100,6 +101,21 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(engine_out, mode
     a, b = torch.load(straight / "trainable.pt"), torch.load(resumed / "trainable.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(straight) == losses(resumed)
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_its_sentence(engine_out):
+    errors = [json.loads((engine_out / f"error-{rank}.json").read_text()) for rank in (0, 1)]
+    assert errors == [["MedkoError", "rank 0 refuses; every rank stops with this sentence"],
+                      ["Relayed", "rank 0 refuses; every rank stops with this sentence"]]
+
+
+def test_resuming_with_another_global_batch_is_refused_in_one_sentence(tmp_path):
+    tok = worker.tokenizer(tmp_path)
+    worker.train_run(tmp_path / "run", tok, stop_at=worker.STOP_AT)
+    with pytest.raises(MedkoError, match=r"changed train config fields \{'batch_size': \(4, 8\)\} \(saved, now\) "
+                                         r"\(batch_size counts every process: keep --batch-size times the process "
+                                         r"count\); resume with the saved values"):
+        worker.train_run(tmp_path / "run", tok, resume=True, batch=8)
 
 
 def test_evaluation_and_measures_split_and_gather_in_order(one_process, engine_out):
