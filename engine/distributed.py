@@ -170,6 +170,9 @@ def wrap(model: nn.Module) -> nn.Module:
     the one the stage holds, so the teacher pass (teacher_mode) uses the same sharded modules."""
     if not wants_fsdp() or sharded(model):
         return model
+    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
+        raise MedkoError("FSDP2 cannot shard 4-bit base weights; drop --quantize under torchrun, where sharding "
+                         "already spreads the base over the GPUs")
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.layers:

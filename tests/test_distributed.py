@@ -38,7 +38,8 @@ def losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
-    """The reference: the worker's training and evaluation in this process, one process with the same global micro-batch."""
+    """The reference: the worker's training and evaluation in this process, one process taking the global
+    micro-batch alone."""
     out = tmp_path_factory.mktemp("one")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
