@@ -5,6 +5,7 @@
 #   bash run.sh                                  # embedded 270M, bundled sample data, offline, CPU
 #   bash run.sh --size 27b --run-dir runs/27b    # MedGemma 27B from the hub, on a GPU
 #   bash run.sh --max-steps 1 --run-dir runs/smoke
+#   bash run.sh --size 27b --nproc 4             # s1 to s5 under torchrun on 4 GPUs of one machine
 #
 # Every option goes to every stage (see `python stages/s3_korean.py --help`); options of one stage go in
 # S0_ARGS, S1_ARGS, S1_1_ARGS, S2_ARGS, S3_ARGS, S4_ARGS or S5_ARGS, e.g. S2_ARGS=--korean-delta.
@@ -12,12 +13,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 run_dir=runs/default
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[$i]}" in
-    --run-dir) run_dir="${args[$((i + 1))]}" ;;
-    --run-dir=*) run_dir="${args[$i]#--run-dir=}" ;;
+nproc=1
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nproc) nproc="$2"; shift 2; continue ;;  # run.sh's own option: not passed to the stages
+    --nproc=*) nproc="${1#--nproc=}"; shift; continue ;;
+    --run-dir) run_dir="$2" ;;
+    --run-dir=*) run_dir="${1#--run-dir=}" ;;
   esac
+  args+=("$1")
+  shift
 done
 mkdir -p "$run_dir"
 
@@ -25,11 +31,14 @@ report() { python medko.py report "$run_dir" || true; }
 trap 'status=$?; if [ $status -ne 0 ]; then echo "run.sh: stopped (exit $status); report of what finished:" >&2; report; fi' EXIT
 
 start=$(date +%s)
-stage() {  # stage SCRIPT EXTRA_ARGS_VAR
-  local extra="${!2:-}"
+stage() {  # stage SCRIPT EXTRA_ARGS_VAR: s1 to s5 run under torchrun with --nproc above 1, s0 in one process
+  local extra="${!2:-}" launch=(python)
+  if [ "$nproc" -gt 1 ] && [ "$1" != s0_data ]; then
+    launch=(torchrun --standalone --nproc_per_node "$nproc")
+  fi
   echo "== $1 ==" >&2
   # shellcheck disable=SC2086
-  python "stages/$1.py" --run-dir "$run_dir" "${args[@]}" $extra
+  "${launch[@]}" "stages/$1.py" --run-dir "$run_dir" "${args[@]}" $extra
 }
 
 # s0 and s1 may take --size; later stages read the run's base from s1.

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from engine import distributed
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_states)
 from engine.checkpoints import SIZES, load_base
@@ -147,7 +148,7 @@ class StageOptions:
     quantize: str | None = option(None, "NF4 frozen base weights (CUDA only)", choices=["4bit"])
     resume: bool = option(False, "continue this stage from its last checkpoint")
     max_steps: int | None = option(None, "optimizer steps per training phase (default by size)", COUNT)
-    batch_size: int | None = option(None, "examples per micro-batch (default 2 on 270m, 8 else)", COUNT)
+    batch_size: int | None = option(None, "examples per micro-batch and process (default 2 on 270m, 8 else)", COUNT)
     grad_accum: int = option(1, "micro-batches per optimizer step", COUNT)
     lr: float | None = option(None, "peak learning rate (default 1e-2 for s2's language vectors, 2e-4 elsewhere)",
                                POSITIVE)
@@ -377,17 +378,18 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every
             has = (answer[:, None] == choices).any(-1)
             if every_row and not has.all():
                 raise MedkoError("a reasoning example does not end in one answer-letter token; check its answer")
+            share = distributed.global_weight(count, int(has.sum()))  # = count in one process
             if has.any():
                 gold = (answer[has, None] == choices).float().argmax(-1)
                 letter = letter_loss(model, hidden[rows[has]], (eos - 2)[has], letters, gold)
-                loss = loss + letter * count
+                loss = loss + letter * share
                 metrics["letter"] = float(letter.detach())
         if "en_input_ids" in batch and weight:
             en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
             student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
             layer = layer_loss(student, teacher_states(model, en_ids, en_mask), en_mask, teacher_layer_map(model),
                                kind=kind, model=model)
-            loss = loss + weight * layer * count
+            loss = loss + weight * layer * distributed.global_weight(count, int(en_mask.bool().sum()))
             metrics["layer"] = float(layer.detach())
         return loss, count, metrics
     return loss_fn
@@ -401,7 +403,7 @@ def english_only_loss(kind: str):
         layer = layer_loss(student, teacher_states(model, ids, mask), mask, teacher_layer_map(model), kind=kind,
                            model=model)
         count = int(targets.sum())
-        return layer * count, count, {"layer": float(layer.detach())}
+        return layer * distributed.global_weight(count, int(mask.bool().sum())), count, {"layer": float(layer.detach())}
     return loss_fn
 
 
@@ -478,7 +480,7 @@ class StageRun:
 
     def start(self) -> None:
         """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
-        directory; seeds surgery (LoRA's A) so a run starts alike."""
+        directory (under torchrun rank 0 alone does, and holds the lock)."""
         made_run = not self.run_dir.exists()
         self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
         self._made = [self.run_dir] if made_run else []
@@ -493,7 +495,6 @@ class StageRun:
         if not self.out.exists():
             self._made.append(self.out)
             self.out.mkdir()
-        torch.manual_seed(self.opts.seed)
 
     def discard(self) -> bool:
         """After a refusal or failure: removes the directories this process made when they hold nothing to
@@ -563,9 +564,9 @@ class StageRun:
         """The phase's TrainConfig; `lr` is the stage's default, which --lr overrides."""
         o = self.opts
         steps = steps or self.steps()
-        return TrainConfig(max_steps=steps, batch_size=o.batch_size or DEFAULT_BATCH.get(self.base["size"], 2),
+        return TrainConfig(batch_size=distributed.world() * (o.batch_size or DEFAULT_BATCH.get(self.base["size"], 2)),
                            grad_accum=o.grad_accum, lr=o.lr or lr, warmup_steps=1, max_len=o.max_len, seed=o.seed,
-                           log_every=1, save_every=max(1, steps // 2),
+                           max_steps=steps, log_every=1, save_every=max(1, steps // 2),
                            gradient_checkpointing=o.gradient_checkpointing, device=o.device or "auto")
 
     def steps(self) -> int:
@@ -646,15 +647,15 @@ class StageRun:
         if model is not None:
             from safetensors.torch import save_file
 
-            additions = additions_state_dict(model)
-            if additions:
+            additions = {k: distributed.full_tensor(v) for k, v in additions_state_dict(model).items()}
+            if additions and distributed.is_main():
                 with atomic_write(self.out / "adapter.safetensors") as tmp:
                     save_file({k: v.detach().contiguous().cpu() for k, v in additions.items()}, str(tmp))
             meta.update(surgery=model.surgery, additions=sum(v.numel() for v in additions.values()),
                         seconds=time.perf_counter() - self._start)
         else:
             meta.setdefault("surgery", [])
-        write_json_atomic(meta, self.out / "meta.json")
+        distributed.on_main(write_json_atomic, meta, self.out / "meta.json")
         if guard is not None and not guard["passed"]:
             raise MedkoError(f"English guard failed after {self.stage} ({guard['verdict_line']}; accuracy history "
                              f"{[round(h, 3) for h in guard['history']]}); the best state is kept in {self.out}; "
@@ -670,11 +671,14 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
             setup_logging()
             run = StageRun(stage, parse_stage_options(stage, argv, description))
             try:
-                run.start()
+                distributed.init()
+                distributed.on_main(run.start)  # under torchrun rank 0 alone holds the lock and makes the directory
+                torch.manual_seed(run.opts.seed)  # surgery (LoRA's A) starts alike on every rank
                 recipe(run)
             except MedkoError as err:
                 run.discard()
-                print(f"medko: {err}", file=sys.stderr)
+                if not isinstance(err, distributed.Relayed):  # rank 0 says what it relayed
+                    print(f"medko: {err}", file=sys.stderr)
                 return 1
             except KeyboardInterrupt:
                 kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
@@ -684,6 +688,7 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 run.discard()
                 raise
             finally:
+                distributed.shutdown()
                 if run._lock is not None:
                     run._lock.close()
             log.info("%s done in %.0f s: %s", stage, time.perf_counter() - run._start, run.out)

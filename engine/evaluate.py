@@ -1,6 +1,7 @@
 """The multiple-choice evaluator (lm-evaluation-harness kormedmcqa prompt and extraction) and translation.
 
-Imports engine.errors, engine.files, engine.model, engine.tokenizer, engine.data and engine.generate.
+Imports engine.distributed, engine.errors, engine.files, engine.model, engine.tokenizer, engine.data and
+engine.generate.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from engine import distributed
 from engine.data import LETTERS, MCQ
 from engine.errors import MedkoError
 from engine.files import write_json_atomic
@@ -107,11 +109,18 @@ def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], c
     """Next-token logits of A..E after each prompt [N, 5]: one forward per prompt, in length-sorted batches.
 
     Only the last position's five letter logits are computed, so no [T x vocab] or [N x vocab] logits are built.
+    Under torchrun each rank scores its share of the prompts and the rows are gathered in order.
     """
+    letters = torch.tensor(letter_token_ids(tokenizer, chat), device=model_device(model))
+    rows = distributed.split_work(lambda part: list(_letter_scores(model, tokenizer, part, letters, batch_size,
+                                                                   progress)), tokenizer.encode_batch(prompts), model)
+    return torch.stack(rows)
+
+
+def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: list[list[int]], letters: torch.Tensor,
+                   batch_size: int, progress: bool) -> torch.Tensor:
     from tqdm import tqdm
 
-    letters = torch.tensor(letter_token_ids(tokenizer, chat), device=model_device(model))
-    encoded = tokenizer.encode_batch(prompts)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     scores = torch.empty(len(encoded), len(LETTERS))
     for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch", disable=not progress,
@@ -257,6 +266,12 @@ def _read_cache(path: Path) -> dict[str, str]:
 TRANSLATION_MARGIN = 16  # new tokens a translated line may take beyond twice its source's
 
 
+def _append_cache(path: Path, entries: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+
+
 def failed_translation(text: str) -> str | None:
     """Why a translated line is unusable ("empty", "degenerate": one character repeated), or None."""
     if not text.strip():
@@ -298,9 +313,7 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
         entries = [{"key": keys[line], "src": line, "out": out.strip()} for line, out in zip(chunk, outs)]
         cache.update((e["key"], e["out"]) for e in entries)
         if cache_path:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with cache_path.open("a", encoding="utf-8") as f:
-                f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+            distributed.on_main(_append_cache, cache_path, entries)
         bar.update(len(chunk))
     bar.close()
     done = {line: cache[keys[line]] for line in prompts}

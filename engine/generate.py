@@ -1,6 +1,6 @@
 """Greedy batched generation with a KV cache.
 
-Imports engine.model and engine.tokenizer.
+Imports engine.distributed, engine.model and engine.tokenizer.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from engine import distributed
 from engine.model import Gemma3, KVCache, model_device, model_dtype
 from engine.tokenizer import Tokenizer
 
@@ -104,7 +105,8 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
 
 def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              stop: Sequence[str] = (), batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of prompts, `batch_size` decoding at once; each is cut before the first stop string."""
+    """Greedy continuations of prompts, `batch_size` decoding at once; each is cut before the first stop string.
+    Under torchrun each rank decodes its share of the prompts and the outputs are gathered in order."""
     from tqdm import tqdm
 
     encoded = tokenizer.encode_batch(prompts)
@@ -118,8 +120,9 @@ def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_ne
         return any(s in text for s in stop)
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
-    outs = generate_ids(model, encoded, max_new_tokens, stop_ids, tokenizer.pad_id, tokenizer.vocab_size,
-                        hit_stop if stop else None, batch_size, on_done=lambda i: bar.update(1))
+    outs = distributed.split_work(lambda part: generate_ids(
+        model, part, max_new_tokens, stop_ids, tokenizer.pad_id, tokenizer.vocab_size, hit_stop if stop else None,
+        batch_size, on_done=lambda i: bar.update(1)), encoded, model)
     bar.close()
     results = []
     for ids in outs:

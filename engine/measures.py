@@ -3,7 +3,9 @@ next-token loss of each text, and English drift, the KL divergence of the model'
 from its teacher's, per text. Both run in bounded batches: a few texts per forward, the loss's head walked in
 vocabulary slices, and the drift's [positions x vocab] logits for one text at a time.
 
-Imports engine.adapters, engine.losses, engine.model, engine.tokenizer and engine.trainer.
+Under torchrun each rank measures its share of the texts and the values are gathered in order.
+
+Imports engine.adapters, engine.distributed, engine.losses, engine.model, engine.tokenizer and engine.trainer.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from engine import distributed
 from engine.adapters import teacher_mode
 from engine.losses import causal_lm_loss
 from engine.model import Gemma3, model_device
@@ -31,6 +34,11 @@ def _batches(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_siz
 def text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
                 batch_size: int = 4) -> list[float]:
     """Mean next-token cross-entropy per target token of each text, in input order."""
+    return distributed.split_work(lambda part: _text_losses(model, tokenizer, part, max_len, batch_size), texts, model)
+
+
+def _text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int
+                 ) -> list[float]:
     out = []
     for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
         ids, targets = batch["input_ids"], batch["target_mask"]
@@ -59,6 +67,14 @@ def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], 
     two full [vocab] head rows, which on a CPU would otherwise cost more than the forward passes. The forward KL
     is the distillation direction: it grows when the model drops mass the teacher put somewhere.
     """
+    pairs = distributed.split_work(lambda part: list(zip(*_losses_and_drift(model, tokenizer, part, max_len,
+                                                                           batch_size, positions))), texts, model)
+    return [loss for loss, _ in pairs], [drift for _, drift in pairs]
+
+
+@torch.no_grad()
+def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int,
+                      positions: int) -> tuple[list[float], list[float]]:
     losses, drifts = [], []
     was_training = model.training
     model.eval()

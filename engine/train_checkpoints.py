@@ -1,7 +1,10 @@
 """Training checkpoints: trainable weights, optimizer and loop state written atomically, found and loaded for
 --resume.
 
-Imports engine.errors and engine.files.
+Under torchrun the state is gathered on every rank (sharded parameters and optimizer states become whole) and
+rank 0 alone writes; the files are the ones a single process writes.
+
+Imports engine.distributed, engine.errors and engine.files.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine import distributed
 from engine.errors import MedkoError, log
 from engine.files import atomic_write, file_sha256, fsync
 
@@ -27,7 +31,8 @@ SLACK = 1 << 20  # bytes beyond the files themselves: directory entries, filesys
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: distributed.full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -62,6 +67,15 @@ def require_space(directory: Path, needed: int, what: str, reclaimable: int = 0)
     return free < needed
 
 
+def prepare_directory(out_dir: Path, needed: int, reclaimable: int) -> None:
+    """Removes what an interrupted save left and refuses a disk that cannot hold the next checkpoint, even in the
+    previous one's place (`reclaimable` bytes)."""
+    for leftover in (Path(out_dir) / CHECKPOINTS).glob(".tmp-*"):
+        log.info("removing %s, left by an interrupted checkpoint save", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    require_space(out_dir, needed, "the next checkpoint", reclaimable)
+
+
 def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
@@ -73,7 +87,7 @@ def _serialized(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, s
     from safetensors.torch import save
 
     buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
+    torch.save(distributed.full_optimizer_state(optimizer), buffer)
     files = {WEIGHTS: save(trainable_state(model)), OPTIMIZER: buffer.getvalue()}
     # Resume checks the files against these digests, and says when the thread count (which changes float sums)
     # differs from the one the checkpoint was written with.
@@ -84,7 +98,7 @@ def _serialized(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, s
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> Path:
+                    state: dict[str, Any], alone: bool = False) -> Path:
     """Writes step's checkpoint and, once it is complete and read back intact, removes older ones; returns its
     directory.
 
@@ -92,11 +106,20 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     with room for one checkpoint only, the previous one is removed first and the new one written in its place,
     with a warning: a crash during that write leaves no checkpoint. When even one does not fit, this refuses
     before writing anything, naming the bytes needed and free, and the previous checkpoint stays whole for
-    --resume. Any OSError of the write becomes a MedkoError naming the path.
+    --resume. Any OSError of the write becomes a MedkoError naming the path. Under torchrun every rank calls it
+    and rank 0 writes; `alone` (after an interrupt, when the ranks stopped at different points) writes on rank 0
+    without waiting for the others.
     """
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     files = _serialized(model, optimizer, step, state)
+    if alone:
+        return _write(root, final, files) if distributed.is_main() else final
+    distributed.on_main(_write, root, final, files)
+    return final
+
+
+def _write(root: Path, final: Path, files: dict[str, bytes]) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         older = [p for p in root.glob("step-*") if p != final]
@@ -162,7 +185,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     free = {"max_steps", "device", "log_every", "save_every", "gradient_checkpointing"}  # results do not depend on them
     changed = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
     if changed:
-        raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now); "
+        every = " (batch_size counts every process: keep --batch-size times the process count)"
+        counts = every if "batch_size" in changed else ""
+        raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now){counts}; "
                          f"resume with the saved values or start a new run directory")
     weights = load_file(str(path / WEIGHTS))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -172,6 +197,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                          f"call set_trainable with the patterns of the interrupted run")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+            params[name].copy_(distributed.local_like(params[name], tensor))
+    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, saved_optimizer))
     return state

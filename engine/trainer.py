@@ -1,6 +1,11 @@
 """The training loop: TrainConfig, LM examples and batches, trainable parameters, the optimizer, and train().
 
-Imports engine.errors, engine.files, engine.model, engine.tokenizer and engine.train_checkpoints.
+Under torchrun (engine.distributed) each rank trains on its contiguous share of every global micro-batch, each
+loss is divided by the global target count and the gradients are summed over the ranks, so N processes with
+micro-batches of b examples take the same updates as one process with N*b (config.batch_size is that N*b).
+
+Imports engine.distributed, engine.errors, engine.files, engine.model, engine.tokenizer and
+engine.train_checkpoints.
 """
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import fnmatch
 import functools
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from engine import distributed
 from engine.errors import MedkoError, log
 from engine.files import write_text_atomic
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
@@ -31,7 +36,7 @@ from engine.train_checkpoints import (
     checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
-    require_space,
+    prepare_directory,
     save_checkpoint,
 )
 
@@ -39,7 +44,7 @@ from engine.train_checkpoints import (
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer updates; the only field that may change on resume
-    batch_size: int = 8  # examples per micro-batch
+    batch_size: int = 8  # examples per micro-batch over all processes; each of N takes batch_size/N of them
     grad_accum: int = 1  # micro-batches per optimizer update
     lr: float = 1e-4  # peak learning rate, reached at the end of warm-up
     weight_decay: float = 0.0  # AdamW decay of matrices; vectors, norms and embeddings are never decayed
@@ -201,12 +206,13 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainConfig) -> dict[str, torch.Tensor]:
     """Micro-batch `micro` of update `step`: a pure function of (seed, step, micro), so resume repeats it.
 
-    The examples are read as one endless stream, each epoch a fresh permutation seeded by (seed, epoch).
+    The examples are read as one endless stream, each epoch a fresh permutation seeded by (seed, epoch). Under
+    torchrun this rank packs only its contiguous share of the micro-batch's examples.
     """
     n = len(examples)
     first = (step * config.grad_accum + micro) * config.batch_size
     positions = range(first, first + config.batch_size)
-    chosen = [examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions]
+    chosen = distributed.share([examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions])
     return pack(chosen, config.max_len) if config.pack else collate(chosen)
 
 
@@ -273,11 +279,12 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[di
                          autocast: contextlib.AbstractContextManager) -> tuple[float, int, dict[str, list[float]]]:
     """Backward over the micro-batches of one update; returns (loss sum, target tokens, extras per micro-batch).
 
-    Every micro-batch's loss sum is divided by the target tokens of all of them, counted before any
-    forward pass, so an update weights each target token alike however the tokens fall into micro-batches.
+    Every micro-batch's loss sum is divided by the target tokens of all of them (on every rank), counted before
+    any forward pass, so an update weights each target token alike however the tokens fall into micro-batches
+    and ranks. The loss sum, target count and extras returned are those of all ranks.
     """
     counts = [int(b["target_mask"].sum()) for b in batches]
-    total = sum(counts)
+    total = distributed.global_sum(sum(counts))
     if total == 0:
         raise MedkoError("an accumulated batch has no target tokens; check the target masks of the training data")
     loss, extras = 0.0, {}
@@ -291,7 +298,7 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[di
         loss += float(loss_sum.detach())
         for key, value in metrics.items():
             extras.setdefault(key, []).append(float(value))
-    return loss, total, extras
+    return distributed.global_sum(loss), total, distributed.gather_metrics(extras)
 
 
 def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Example] | BatchFn,
@@ -309,6 +316,11 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     device = resolve_device(config.device)
     compute_dtype(device, model_dtype(model))  # refuses fp16 weights
     model.to(device)
+    if config.batch_size % distributed.world():
+        raise MedkoError(f"batch_size {config.batch_size} does not split over {distributed.world()} processes; "
+                         f"give a multiple of the process count")
+    distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    distributed.wrap(model)
     model.gradient_checkpointing = config.gradient_checkpointing
     optimizer = make_optimizer(model, config)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -322,28 +334,25 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             raise MedkoError("train got no examples; check the data files of this stage")
         next_batch = functools.partial(batch_at, examples, config=config)
 
-    for leftover in (out_dir / CHECKPOINTS).glob(".tmp-*"):
-        log.info("removing %s, left by an interrupted checkpoint save", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
     found = latest_checkpoint(out_dir)
     # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
     # last one, or the trainable weights plus AdamW's two moments; on a disk with room for one, it replaces the last.
     needed = checkpoint_bytes(found) if found else 3 * sum(p.numel() * p.element_size() for p in
                                                            model.parameters() if p.requires_grad)
-    require_space(out_dir, needed + SLACK, "the next checkpoint", checkpoint_bytes(found) if found else 0)
+    distributed.on_main(prepare_directory, out_dir, needed + SLACK, checkpoint_bytes(found) if found else 0)
     if resume:
         if found is None:
             raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
         state = load_checkpoint(found, model, optimizer, asdict(config))
         _set_rng_state(state["rng"])
-        _trim_metrics(out_dir, state["step"])
+        distributed.on_main(_trim_metrics, out_dir, state["step"])
         log.info("resumed from %s at step %d", found, state["step"])
     else:
         if found is not None:
             raise MedkoError(f"{out_dir} already holds checkpoint {found.name}; "
                              f"pass --resume or choose a new directory")
         torch.manual_seed(config.seed)
-        (out_dir / METRICS).write_text("")
+        distributed.on_main((out_dir / METRICS).write_text, "")
         state = {"step": 0, "tokens": 0, "targets": 0, "elapsed": 0.0, "loss": None, "metrics": {}}
 
     from tqdm import tqdm
@@ -354,17 +363,18 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
-    def save(at: int) -> None:
+    def save(at: int, alone: bool = False) -> None:
         nonlocal saved_step
         state.update(step=at, config=asdict(config), trainable=trainable_names,
                      elapsed=earlier_seconds + time.perf_counter() - run_start)
-        path = save_checkpoint(out_dir, at, model, optimizer, state)
+        path = save_checkpoint(out_dir, at, model, optimizer, state, alone)
         saved_step = at
         log.info("saved %s", path)
 
     was_training = model.training
     model.train()
-    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr)
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", file=sys.stderr,
+               disable=not distributed.is_main())
     updating = False
     try:
         while step < config.max_steps:
@@ -376,14 +386,16 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             step_loss, total, extras = accumulate_gradients(model, loss_fn, batches, autocast)
             for key, values in extras.items():
                 window["extras"].setdefault(key, []).extend(values)
-            tokens = sum(int((b["attention_mask"] != 0).sum()) for b in batches)
+            tokens = distributed.global_sum(sum(int((b["attention_mask"] != 0).sum()) for b in batches))
 
             updating = True  # an interrupt from here to the end of the update leaves no consistent state
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.clip_norm or math.inf))
+            if not distributed.sharded(model):  # FSDP2 sums them itself
+                distributed.sum_gradients([p for p in model.parameters() if p.requires_grad])
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.clip_norm or math.inf)))
             if not math.isfinite(grad_norm):
                 raise MedkoError(f"the gradient norm at step {step} is {grad_norm}; lower lr or check the data, "
                                  f"then resume from the last checkpoint")
@@ -409,16 +421,17 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
                           "tokens": state["tokens"], "tokens_per_s": speed,
                           "elapsed": earlier_seconds + now - run_start}
                 record.update({k: sum(v) / len(v) for k, v in window["extras"].items()})
-                _append_metrics(out_dir, record)
+                distributed.on_main(_append_metrics, out_dir, record)
                 state["metrics"] = record
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
             if step % config.save_every == 0 or step == config.max_steps:
                 save(step)
     except KeyboardInterrupt:
+        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others.
         if updating:
             log.info("interrupted inside the update of step %d, which is not saved", step)
-        elif step > saved_step:
-            save(step)
+        elif step > saved_step and not distributed.sharded(model):
+            save(step, alone=True)
         log.info("interrupted after step %d; resume to continue", step)
         raise
     finally:

@@ -408,7 +408,7 @@ def test_a_disk_with_room_for_one_checkpoint_trains_and_resumes_exactly(tmp_path
     # When the space runs out during the write itself, the kernel's ENOSPC is named with the file.
     tight = small_disk((size // 2 + 4095) // 4096 * 4096)
     monkeypatch.setattr(engine.train_checkpoints, "free_bytes", lambda d: 1 << 40)
-    monkeypatch.setattr(engine.trainer, "require_space", lambda *a: None)
+    monkeypatch.setattr(engine.train_checkpoints, "require_space", lambda *a: None)
     with pytest.raises(MedkoError, match=r"could not write checkpoint .*step-00000002: No space left on device"):
         train(fresh_model(), ce_loss, examples, cfg, tight)
     assert not list((tight / CHECKPOINTS).glob("*"))

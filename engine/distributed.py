@@ -1,0 +1,233 @@
+"""Several processes under torchrun: the process group, rank helpers, this rank's share of a batch or a list of
+questions and the results gathered back in order, gradient sums, FSDP2 wrapping, and writes by rank 0 alone.
+
+One process (no torchrun) is the default and every helper is then the identity, so single-process results stay
+bit-identical. Under torchrun each rank holds the whole model (replicated) and the trainable gradients are summed
+with one all-reduce per update, which is exact; on CUDA, or with MEDKO_FSDP=1, train() shards the model instead
+with FSDP2 (fully_shard per decoder layer, then the root, the frozen base included).
+
+Imports engine.errors.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.errors import MedkoError, log
+
+T = TypeVar("T")
+TIMEOUT = timedelta(minutes=10)  # a rank that waits longer than this on the others fails instead of hanging
+
+
+class Relayed(MedkoError):
+    """A MedkoError raised on rank 0 and raised again on the other ranks, which need not print it a second time."""
+
+
+def init() -> bool:
+    """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment): NCCL on CUDA, gloo on CPU. Returns whether this process is one of several; without torchrun it
+    does nothing. Ranks other than 0 log warnings only, so each line appears once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or dist.is_initialized():
+        return active()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    if rank() != 0:
+        log.setLevel("WARNING")
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def share(items: Sequence[T], part: tuple[int, int] | None = None) -> list[T]:
+    """This rank's contiguous share of items (`part` = (rank, world) overrides the process group): rank r of N
+    takes items[len*r//N : len*(r+1)//N], so the shares in rank order are the items in their order."""
+    r, n = part or (rank(), world())
+    return list(items[len(items) * r // n:len(items) * (r + 1) // n])
+
+
+def gather(local: list[T]) -> list[T]:
+    """Every rank's share (see share()) gathered on every rank, in rank order: the original order."""
+    if not active():
+        return local
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, local)
+    return [item for part in parts for item in part]
+
+
+def sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def split_work(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T], model: nn.Module) -> list[Any]:
+    """fn over this rank's share of items, the results gathered in the original order. A sharded model needs the
+    same forward passes on every rank (each one gathers weights from all), so it runs the whole list everywhere."""
+    if not active() or sharded(model):
+        return list(fn(list(items)))
+    part = share(items)
+    return gather(list(fn(part)) if part else [])
+
+
+def global_sum(value: float) -> float:
+    """The sum of `value` over the ranks (in float64; ints stay ints)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    total = t.item()
+    return int(total) if isinstance(value, int) else total
+
+
+def global_weight(count: int, items: int) -> float:
+    """A mean's weight on this rank: a loss that is a mean over this rank's `items` and is scaled by `count`
+    (targets of the micro-batch) in one process becomes, scaled by this weight, its rank's part of the mean over
+    all ranks' items times all ranks' count, so the ranks' gradients sum to the one-process gradient."""
+    if not active():
+        return count
+    totals = torch.tensor([count, items], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(totals)
+    return float(totals[0]) * items / max(float(totals[1]), 1.0)
+
+
+def gather_metrics(extras: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-micro-batch metric values of every rank, concatenated by key (a key some ranks lack is kept)."""
+    if not active():
+        return extras
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, extras)
+    merged: dict[str, list[float]] = {}
+    for part in parts:
+        for key, values in part.items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_parameters(params: Sequence[nn.Parameter]) -> None:
+    """Rank 0's values of replicated parameters on every rank (seeded alike, this only guards against drift)."""
+    if active():
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
+def sum_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Replicated training: each rank's gradients (of its share, divided by the global target count) summed over
+    the ranks in one all-reduce per dtype; a parameter no rank gave a gradient keeps none, as in one process."""
+    if not active():
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(has)
+    used = [p for p, h in zip(params, has.tolist()) if h]
+    for dtype in {p.dtype for p in used}:
+        group = [p for p in used if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        at = 0
+        for p in group:
+            p.grad = flat[at:at + p.numel()].view_as(p).clone()
+            at += p.numel()
+
+
+def wants_fsdp() -> bool:
+    return active() and (dist.get_backend() == "nccl" or os.environ.get("MEDKO_FSDP") == "1")
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """FSDP2 (untested on GPUs; MEDKO_FSDP=1 runs it on CPU): fully_shard on each decoder layer, then on the root,
+    the frozen base included, so each GPU holds 1/N of the weights between uses. Gradients are summed, not
+    averaged, because every rank's loss is already divided by the global target count. The model object stays
+    the one the stage holds, so the teacher pass (teacher_mode) uses the same sharded modules."""
+    if not wants_fsdp() or sharded(model):
+        return model
+    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
+        raise MedkoError("FSDP2 cannot shard 4-bit base weights; drop --quantize under torchrun, where sharding "
+                         "already spreads the base over the GPUs")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in [*model.layers, model]:  # each FSDP module reduces its own parameters
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    log.info("FSDP2: %d decoder layers and the root sharded over %d ranks", len(model.layers), world())
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter or state, gathered on every rank; others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `target`: this rank's shard when target is a DTensor, else full itself."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements)
+    return full
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with sharded states gathered: the file one process would write."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A one-process optimizer state laid out like this optimizer's (sharded) parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state["state"] = {i: {k: local_like(params[int(i)], v) if torch.is_tensor(v) and v.ndim else v
+                          for k, v in s.items()} for i, s in state["state"].items()}
+    return state
+
+
+def on_main(fn: Callable[..., T], *args: Any) -> T | None:
+    """fn(*args) on rank 0 alone (the writes: checkpoints, metrics, meta.json, reports); every rank waits for it,
+    and a MedkoError it raises is raised on every rank, so all of them stop with the same sentence. Returns fn's
+    result on rank 0 and None elsewhere."""
+    if not active():
+        return fn(*args)
+    result, failure, box = None, None, [None]
+    if is_main():
+        try:
+            result = fn(*args)
+        except MedkoError as err:
+            failure, box = err, [str(err)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise failure or Relayed(box[0])
+    return result
