@@ -65,7 +65,7 @@ def estimated(case: str) -> tuple[int, dict[str, int]]:
     if work == "s3":
         found = estimate(config, WORK["s3"], setup)
         return found.training, {"base": found.base, "train+opt": found.trainable, "act": found.activations,
-                                "transient": found.transient, "teacher": found.teacher}
+                                "transient": found.transient, "teacher": found.teacher, "cpu allocator": found.allocator}
     base, logits = estimate(config, WORK["s1"], setup).base, logits_scoring_bytes(config, setup, int(rows))
     return base + logits, {"base": base, "eval": logits}
 

@@ -8,8 +8,12 @@ The estimate counts the tensors medko's code keeps, read from that code: autogra
 - cuda: bf16 weights under autocast. Gemma's RMSNorm saves a float32 copy of its input; LoRA saves a bf16 copy of
   its float32-cast input; SDPA gets a boolean mask with grouped-query heads, which rules out the flash and
   memory-efficient kernels, so its math path runs in float32 and saves [batch, heads, T, T] probabilities.
-- cpu: float32 everywhere; SDPA's CPU flash kernel saves no [T, T] tensor. Measured as RSS, which adds the
-  allocator's slack and the runtime's buffers on top of the tensors counted here (bench/plan_check.py).
+- cpu: float32 everywhere; SDPA's CPU flash kernel saves no [T, T] tensor. A CPU peak is resident memory, which
+  holds more than the live tensors: glibc's malloc raises its mmap threshold to the largest block freed (up to
+  32 MiB), so [tokens x width] tensors come from its heaps, where the forward's freed intermediates (norm and RoPE
+  temporaries) leave holes that stay resident. Training adds CPU_HEAP_RETENTION of the kept activations and
+  CPU_RUNTIME for that, both measured on this project's CPU (bench/plan_check.py); under
+  MALLOC_MMAP_THRESHOLD_=65536 the retention is gone and the live-tensor estimate holds alone.
 
 With --nproc N the sharded parts are divided as FSDP2 would: base weights, trainable weights, gradients and AdamW
 states by N; activations, the teacher pass and evaluation stay per rank, and each rank holds the embedding and two
@@ -33,6 +37,8 @@ CUDA_CONTEXT = 1 * GIB  # the CUDA context and cuBLAS workspaces, outside PyTorc
 CUDA_SLACK = 0.05  # share of the GPU the caching allocator's fragmentation may take
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64 weights, an fp32 one per 256 absmax
 EVAL_ROWS = 16  # engine.evaluate's default batch of questions
+CPU_HEAP_RETENTION = 0.45  # glibc heap kept resident in a CPU training step, per byte of kept activations (measured)
+CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threads, oneDNN's kernels (measured)
 MEASURE_ROWS = 4  # engine.measures' held-out texts per forward
 DRIFT_POSITIONS = 32  # engine.measures' drift positions per text
 
@@ -96,10 +102,11 @@ class Estimate:
     teacher: int  # the teacher's kept hidden states and its forward's working memory (not alive in the backward)
     evaluation: int  # the largest of logits scoring, held-out measures and generation with its KV cache
     weights_only: int  # trainable weights alone (what evaluation holds besides the base)
+    allocator: int = 0  # on a CPU, what glibc's heaps and the runtime keep resident beyond the tensors in training
 
     @property
     def training(self) -> int:
-        return self.base + self.trainable + self.activations + max(self.transient, self.teacher)
+        return self.base + self.trainable + self.activations + max(self.transient, self.teacher) + self.allocator
 
     @property
     def peak(self) -> int:
@@ -220,6 +227,11 @@ def kv_cache_bytes(c: ModelConfig, s: Setup, rows: int, tokens: int, layers: int
     return 2 * layers * rows * tokens * c.num_kv_heads * c.head_dim * s.width
 
 
+def logits_scoring_bytes(c: ModelConfig, s: Setup, rows: int = EVAL_ROWS) -> int:
+    """engine.evaluate.letter_scores: one forward of `rows` prompts of max_len without gradients; five logits each."""
+    return layer_working(c, s, rows, s.max_len) + rows * s.max_len * c.hidden_size * s.width
+
+
 def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup) -> dict[str, int]:
     """Working memory of each evaluation the stage runs: logits scoring (EVAL_ROWS prompts of max_len), held-out
     measures (engine.measures: the student's and teacher's hidden states and each text's drift logits) and
@@ -227,7 +239,7 @@ def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup) -> dict[str, int]:
     (engine.generate._join)."""
     layers = c.num_layers + (2 if w.edge_layers else 0)
     v, h, e = c.vocab_size, c.hidden_size, s.width
-    parts = {"logits": layer_working(c, s, EVAL_ROWS, s.max_len) + EVAL_ROWS * s.max_len * h * e}
+    parts = {"logits": logits_scoring_bytes(c, s)}
     if w.measures:
         n = MEASURE_ROWS * s.max_len
         parts["measures"] = layer_working(c, s, MEASURE_ROWS, s.max_len) + 3 * n * h * e + 5 * DRIFT_POSITIONS * v * 4
@@ -246,9 +258,10 @@ def estimate(c: ModelConfig, w: StageWork, s: Setup) -> Estimate:
         gathered = (c.vocab_size * c.hidden_size + 2 * layer_params(c)) * s.width
         base, trainable, weights = base // s.nproc + gathered, trainable // s.nproc, weights // s.nproc
     kept, transient = activation_bytes(c, w, s) if w.trains else (0, 0)
+    allocator = int(CPU_HEAP_RETENTION * kept) + CPU_RUNTIME if s.device == "cpu" and w.trains else 0
     return Estimate(base=base, trainable=trainable, activations=kept, transient=transient,
                     teacher=teacher_bytes(c, w, s) if w.trains else 0,
-                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights)
+                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights, allocator=allocator)
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -323,7 +336,8 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
     lines.append("trainable weights are float32 (LoRA, language vectors) or the weights' dtype (duplicated layers); "
                  "gradients and AdamW's two states take their dtype. peak = base + the larger of training "
                  "(train+opt + act, with the teacher pass in place of act's transient part when larger) and eval, "
-                 "without checkpointing")
+                 "without checkpointing" + ("; on cpu training adds glibc's retained heap and the runtime "
+                                            "(CPU_HEAP_RETENTION, CPU_RUNTIME)" if s.device == "cpu" else ""))
     return "\n".join(lines)
 
 

@@ -126,3 +126,10 @@ def test_stages_take_the_plan_on_cuda_and_flags_override_it(monkeypatch):
 
 def test_stages_off_cuda_keep_their_defaults():
     assert plan.stage_settings("s3", "27b", None, "cpu", 8, 512, 16, False) == (8, 1, False)
+
+
+def test_a_cpu_training_peak_counts_the_resident_heap_beside_the_tensors():
+    config, setup = PRESETS["270m"], Setup(device="cpu", batch=2)
+    trained, scored = estimate(config, WORK["s3"], setup), estimate(config, WORK["test"], setup)
+    assert trained.allocator == int(plan.CPU_HEAP_RETENTION * trained.activations) + plan.CPU_RUNTIME
+    assert scored.allocator == 0 and estimate(config, WORK["s3"], replace(setup, device="cuda")).allocator == 0
