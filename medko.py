@@ -1,4 +1,4 @@
-"""medko command line: download, convert, generate, eval, translate, export, report.
+"""medko command line: download, convert, plan, generate, eval, translate, export, report.
 
 Results go to stdout; logs and progress bars go to stderr.
 """
@@ -18,7 +18,9 @@ from engine.export_gguf import GGUF_TYPES
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
-from engine.options import COUNT, ZERO_OR_MORE, add_options
+from engine.options import COUNT, POSITIVE, ZERO_OR_MORE, add_options
+from engine.model import PRESETS
+from engine.plan import GIB, Setup, plan_table
 from engine.model_card import RunSummary, base_model_id
 from engine.tokenizer import chat_prompt
 
@@ -35,6 +37,16 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     print(ensure_270m(args.cache_dir))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """The memory plan at the stages' defaults (DEFAULT_BATCH, --max-len, --lora-rank)."""
+    if args.size == "tiny":
+        raise sl.MedkoError("plan the real sizes (270m, 4b, 27b); tiny is the tests' model")
+    defaults = sl.StageOptions()
+    setup = Setup(device=args.device, batch=sl.DEFAULT_BATCH[args.size], max_len=defaults.max_len,
+                  lora_rank=defaults.lora_rank, quantize=args.quantize == "4bit", nproc=args.nproc)
+    print(plan_table(PRESETS[args.size], setup, int(args.gpu_memory * GIB), f"--size {args.size}"))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -163,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert the embedded Gemma 3 270M GGUF into a cached HF-layout directory")
     p.add_argument("--cache-dir", default=None, help="where to put it (default: ~/.cache/medko/gemma3-270m)")
     p.set_defaults(handler=cmd_convert)
+
+    p = sub.add_parser("plan", help="estimated peak memory per stage, by part, and the settings that fit a GPU")
+    p.add_argument("--size", default="27b", choices=sorted(sl.DEFAULT_BATCH))
+    p.add_argument("--gpu-memory", type=POSITIVE, default=80.0, help="GiB per GPU")
+    p.add_argument("--nproc", type=COUNT, default=1, help="GPUs sharing the model (FSDP2 shards)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: float32, as measured on a CPU")
+    p.add_argument("--quantize", default=None, choices=["4bit"], help="plan with an NF4 base")
+    p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt; prints only the continuation")
     add_model_args(p)

@@ -33,6 +33,7 @@ from engine.losses import causal_lm_loss, layer_loss, letter_loss
 from engine.measures import losses_and_drift, text_losses
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
+from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
 from engine.stats import accuracy_summary, bootstrap_mean, chrf, describe, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
@@ -148,8 +149,10 @@ class StageOptions:
     quantize: str | None = option(None, "NF4 frozen base weights (CUDA only)", choices=["4bit"])
     resume: bool = option(False, "continue this stage from its last checkpoint")
     max_steps: int | None = option(None, "optimizer steps per training phase (default by size)", COUNT)
-    batch_size: int | None = option(None, "examples per micro-batch and process (default 2 on 270m, 8 else)", COUNT)
-    grad_accum: int = option(1, "micro-batches per optimizer step", COUNT)
+    batch_size: int | None = option(None, "examples per micro-batch and process (default 2 on 270m, 8 else; on CUDA "
+                                     "the memory plan's unless this, --grad-accum or --gradient-checkpointing is "
+                                     "given)", COUNT)
+    grad_accum: int | None = option(None, "micro-batches per optimizer step (default 1, or the memory plan's)", COUNT)
     lr: float | None = option(None, "peak learning rate (default 1e-2 for s2's language vectors, 2e-4 elsewhere)",
                                POSITIVE)
     max_len: int = option(512, "tokens per training example", COUNT)
@@ -561,13 +564,17 @@ class StageRun:
         return result
 
     def train_config(self, steps: int | None = None, lr: float = 2e-4) -> TrainConfig:
-        """The phase's TrainConfig; `lr` is the stage's default, which --lr overrides."""
-        o = self.opts
-        steps = steps or self.steps()
-        return TrainConfig(batch_size=distributed.world() * (o.batch_size or DEFAULT_BATCH.get(self.base["size"], 2)),
-                           grad_accum=o.grad_accum, lr=o.lr or lr, warmup_steps=1, max_len=o.max_len, seed=o.seed,
-                           max_steps=steps, log_every=1, save_every=max(1, steps // 2),
-                           gradient_checkpointing=o.gradient_checkpointing, device=o.device or "auto")
+        """The phase's TrainConfig; `lr` is the stage's default, which --lr overrides; on CUDA engine.plan's fit.
+        --batch-size counts examples per process: under torchrun the global micro-batch is N times it."""
+        o, steps = self.opts, steps or self.steps()
+        batch, accum, checkpointing = o.batch_size or DEFAULT_BATCH.get(self.base["size"], 2), o.grad_accum or 1, \
+            o.gradient_checkpointing
+        if o.batch_size is None and o.grad_accum is None and not checkpointing:  # explicit flags override the plan
+            batch, accum, checkpointing = stage_settings(self.stage, self.base["size"], self.base["model"], o.device,
+                                                         batch, o.max_len, o.lora_rank, o.quantize == "4bit")
+        return TrainConfig(max_steps=steps, batch_size=distributed.world() * batch, grad_accum=accum, lr=o.lr or lr,
+                           warmup_steps=1, max_len=o.max_len, seed=o.seed, log_every=1, save_every=max(1, steps // 2),
+                           gradient_checkpointing=checkpointing, device=o.device or "auto")
 
     def steps(self) -> int:
         """Optimizer steps of a training phase: --max-steps, else the default for the model size."""

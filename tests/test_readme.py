@@ -46,8 +46,8 @@ def test_readme_lists_the_commands_this_test_runs():
     commands = readme_commands()
     assert len(commands) >= 9 and any(" eval --run " in c for c in commands)
     for command in commands:
-        assert command.split()[2] in {"--help", "convert", "download", "generate", "eval", "translate", "export",
-                                      "test", "report"}, command
+        assert command.split()[2] in {"--help", "convert", "download", "plan", "generate", "eval", "translate",
+                                      "export", "test", "report"}, command
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -1,0 +1,186 @@
+"""Checks the memory plan (engine/plan.py) against measured peak RSS on this CPU.
+
+For the real 270M and for 4B- and 27B-width random models at reduced depth, each case in a fresh process:
+(a) one s3 training step (lora1 + language vectors trained, Korean CE and the English per-layer MSE against the
+teacher, AdamW, whose states exist before it as they do from the second step on), and (b) one logits-mode
+evaluation batch. Every row is full: max_len random tokens, as the plan assumes. Measured is the high-water mark
+of the resident set over the step (reset through /proc/self/clear_refs once the model is built, so loading's
+transients are left out) minus the resident set after the imports and the tokenizer; it holds the weights, glibc's
+retained heap and oneDNN's buffers as well as the tensors the plan counts.
+
+    python bench/plan_check.py                          # every case, one at a time (about 12 GB at the 27B width)
+    python bench/plan_check.py --case 270m:18:s3:2:512   # size:layers:work:rows:tokens
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2 ** 20
+sys.path.insert(0, str(ROOT))
+
+# size:layers:work:rows:tokens. The 270M runs at its defaults (2 x 512 tokens per micro-batch, 16 prompts of 512
+# per evaluation batch); the wider models at fewer rows and tokens, since two cores take minutes per step there.
+CASES = ["270m:18:s3:2:512", "270m:18:eval:16:512", "4b:2:s3:1:512", "4b:2:eval:8:512", "27b:2:s3:1:256",
+         "27b:2:eval:4:256"]
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def trim() -> None:
+    """Frees Python's garbage and hands glibc's free heap memory back, so the resident set holds live memory."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def case_config(size: str, layers: int):
+    """The real 270M's config at its own depth, else the preset's width at `layers` layers."""
+    from engine.checkpoints import read_config, resolve_model_dir
+    from engine.model import PRESETS
+
+    if size == "270m" and layers == PRESETS["270m"].num_layers:
+        return read_config(resolve_model_dir("270m"))
+    return replace(PRESETS[size], num_layers=layers, layer_types=())
+
+
+def estimated(case: str) -> tuple[int, dict[str, int]]:
+    """The plan's estimate for a case, and its parts: an s3 step's training peak, or an evaluation batch's logits
+    scoring above the base (s1 holds no additions)."""
+    from engine.plan import WORK, Setup, estimate, logits_scoring_bytes
+
+    size, layers, work, rows, tokens = case.split(":")
+    config, setup = case_config(size, int(layers)), Setup(device="cpu", batch=int(rows), max_len=int(tokens))
+    if work == "s3":
+        found = estimate(config, WORK["s3"], setup)
+        return found.training, {"base": found.base, "train+opt": found.trainable, "act": found.activations,
+                                "transient": found.transient, "teacher": found.teacher, "cpu allocator": found.allocator}
+    base, logits = estimate(config, WORK["s1"], setup).base, logits_scoring_bytes(config, setup, int(rows))
+    return base + logits, {"base": base, "eval": logits}
+
+
+def measure(case: str) -> float:
+    """One case in this process: the peak resident set of the step above the baseline, in bytes."""
+    import contextlib
+
+    import torch
+
+    import shared_logic as sl
+    from engine.adapters import (
+        add_language_embeddings,
+        add_lora,
+        korean_token_table,
+        snapshot_adapter,
+    )
+    from engine.checkpoints import load_model, resolve_model_dir
+    from engine.model import PRESETS, Gemma3
+    from engine.tokenizer import Tokenizer
+    from engine.trainer import (
+        TrainConfig,
+        accumulate_gradients,
+        make_optimizer,
+        set_trainable,
+    )
+
+    size, layers, work, rows, tokens = case.split(":")
+    rows, tokens = int(rows), int(tokens)
+    torch.manual_seed(0)
+    # The tokenizer (about 100 MiB resident for Gemma's 262k-token vocabulary) is not the model's memory: it is
+    # loaded before the baseline.
+    tokenizer = Tokenizer(resolve_model_dir("270m") / "tokenizer.json")
+    korean_token_table(tokenizer)
+    trim()  # what loading the tokenizer freed leaves the resident set before the baseline, not during the step
+    baseline = rss_kib("VmRSS")
+    if size == "270m" and int(layers) == PRESETS["270m"].num_layers:
+        model = load_model(resolve_model_dir("270m"), "cpu")
+    else:
+        model = Gemma3(case_config(size, int(layers))).requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(prefix: str = "") -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, tokenizer.vocab_size, (rows, tokens), generator=generator)
+        targets = torch.ones(rows, tokens, dtype=torch.bool)
+        targets[:, 0] = False
+        return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": torch.ones(rows, tokens, dtype=torch.long),
+                f"{prefix}target_mask": targets}
+
+    if work == "s3":
+        add_lora(model, "lora1", rank=16)
+        snapshot_adapter(model, "lora1", "teacher")
+        add_language_embeddings(model, tokenizer)
+        set_trainable(model, sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS)
+        optimizer = make_optimizer(model, TrainConfig(batch_size=rows, max_len=tokens, device="cpu"))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for p in trained:  # a step on zero gradients makes AdamW's states and changes nothing, as after step 1
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step = {**batch(), **batch("en_")}
+        model.train()
+    else:
+        model.eval()
+        step = batch()
+        letters = torch.tensor([236776, 236799, 236780, 236796, 236788])  # any five ids: only their logits are made
+    trim()
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current resident set
+    if work == "s3":
+        accumulate_gradients(model, sl.stage_loss("mse", 1.0), [step], contextlib.nullcontext())
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            hidden = model(step["input_ids"], step["attention_mask"].bool(), return_logits=False).hidden[:, -1]
+            model.logits(hidden, letters)
+    return (rss_kib("VmHWM") - baseline) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default=None, help="size:layers:work:rows:tokens (work s3 or eval); every case by "
+                                                      "default")
+    parser.add_argument("--save", default=None, help="also write the measurements to this JSON file")
+    parser.add_argument("--load", default=None, help="print the table for measurements saved by --save")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        print(json.dumps({"case": args.case, "measured": measure(args.case)}))
+        return
+    if args.load:
+        measured = json.loads(Path(args.load).read_text())
+    else:
+        measured = {}
+        for case in [args.case] if args.case else CASES:
+            out = subprocess.run([sys.executable, __file__, "--case", case, "--inside"], capture_output=True,
+                                 text=True, check=False)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr)
+                raise SystemExit(f"{case} failed")
+            measured[case] = json.loads(out.stdout.strip().splitlines()[-1])["measured"]
+            print(f"{case}: measured {measured[case] / MIB:.0f} MiB", file=sys.stderr)
+            if args.save:
+                Path(args.save).write_text(json.dumps(measured, indent=1))
+    print(f"{'model':<7}{'work':<6}{'width x depth':>14}{'rows x tokens':>15}{'estimated MiB':>15}{'measured MiB':>14}"
+          f"{'error':>8}  estimated parts (MiB)")
+    for case, value in measured.items():
+        size, layers, work, rows, tokens = case.split(":")
+        total, parts = estimated(case)
+        width = case_config(size, int(layers)).hidden_size
+        print(f"{size:<7}{work:<6}{width:>8} x {layers:<3}{rows:>9} x {tokens:<4}{total / MIB:>14.0f}"
+              f"{value / MIB:>14.0f}{(total - value) / value:>8.1%}  "
+              + ", ".join(f"{k} {v / MIB:.0f}" for k, v in parts.items()))
+
+
+if __name__ == "__main__":
+    main()
