@@ -71,8 +71,8 @@ STAGE_TABLE = (
 )
 STAGES = {s.name: s for s in STAGE_TABLE}
 TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and report before → after
-# (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's chosen by measurement
-# to learn within run.sh's 20-minute CPU budget (README, "The 270M's defaults"); the MedGemmas' LoRA 2e-4, s2 1e-2.
+# (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's sized to run.sh's
+# 20-minute CPU budget (README, "The 270M's defaults", says why each); the MedGemmas' LoRA 2e-4, s2 1e-2.
 _MEDGEMMA = {"s1_1": (300, 8, 2e-4), "s2": (300, 8, 1e-2), **dict.fromkeys(("s3", "s4", "s5"), (300, 8, 2e-4))}
 STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (16, 4, 1e-3), "s4": (10, 4, 1e-3),
                            "s5": (24, 4, 1e-3)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
