@@ -40,11 +40,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    """The memory plan at the stages' defaults (DEFAULT_BATCH, --max-len, --lora-rank)."""
+    """The memory plan at the stages' defaults (the largest micro-batch of STAGE_DEFAULTS, --max-len, --lora-rank)."""
     if args.size == "tiny":
         raise sl.MedkoError("plan the real sizes (270m, 4b, 27b); tiny is the tests' model")
     defaults = sl.StageOptions()
-    setup = Setup(device=args.device, batch=sl.DEFAULT_BATCH[args.size], max_len=defaults.max_len,
+    setup = Setup(device=args.device, batch=max(b for _, b, _ in sl.STAGE_DEFAULTS[args.size].values()), max_len=defaults.max_len,
                   lora_rank=defaults.lora_rank, quantize=args.quantize == "4bit", nproc=args.nproc)
     print(plan_table(PRESETS[args.size], setup, int(args.gpu_memory * GIB), f"--size {args.size}"))
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_convert)
 
     p = sub.add_parser("plan", help="estimated peak memory per stage, by part, and the settings that fit a GPU")
-    p.add_argument("--size", default="27b", choices=sorted(sl.DEFAULT_BATCH))
+    p.add_argument("--size", default="27b", choices=sorted(sl.STAGE_DEFAULTS))
     p.add_argument("--gpu-memory", type=POSITIVE, default=80.0, help="GiB per GPU")
     p.add_argument("--nproc", type=COUNT, default=1, help="GPUs sharing the model (FSDP2 shards)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: float32, as measured on a CPU")

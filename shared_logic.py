@@ -75,8 +75,11 @@ STAGE_TABLE = (
 )
 STAGES = {s.name: s for s in STAGE_TABLE}
 TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and report before → after
-DEFAULT_STEPS = {"270m": 10, "4b": 300, "27b": 300}  # optimizer steps per training phase by model size
-DEFAULT_BATCH = {"270m": 2, "4b": 8, "27b": 8}  # examples per micro-batch by model size
+# (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's sized to run.sh's
+# 20-minute CPU budget (README, "The 270M's defaults", says why each); the MedGemmas' LoRA 2e-4, s2 1e-2.
+_MEDGEMMA = {"s1_1": (300, 8, 2e-4), "s2": (300, 8, 1e-2), **dict.fromkeys(("s3", "s4", "s5"), (300, 8, 2e-4))}
+STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (16, 4, 1e-3), "s4": (10, 4, 1e-3),
+                           "s5": (24, 4, 1e-3)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
 LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
 LANGUAGE_PATTERNS = ["language_embedding.*"]
@@ -148,13 +151,12 @@ class StageOptions:
     device: str | None = option(None, "cpu or cuda (default: cuda when available)")
     quantize: str | None = option(None, "NF4 frozen base weights (CUDA only)", choices=["4bit"])
     resume: bool = option(False, "continue this stage from its last checkpoint")
-    max_steps: int | None = option(None, "optimizer steps per training phase (default by size)", COUNT)
-    batch_size: int | None = option(None, "examples per micro-batch and process (default 2 on 270m, 8 else; on CUDA "
+    max_steps: int | None = option(None, "optimizer steps per training phase (default by stage and size)", COUNT)
+    batch_size: int | None = option(None, "examples per micro-batch and process (default by stage and size; on CUDA "
                                      "the memory plan's unless this, --grad-accum or --gradient-checkpointing is "
                                      "given)", COUNT)
     grad_accum: int | None = option(None, "micro-batches per optimizer step (default 1, or the memory plan's)", COUNT)
-    lr: float | None = option(None, "peak learning rate (default 1e-2 for s2's language vectors, 2e-4 elsewhere)",
-                               POSITIVE)
+    lr: float | None = option(None, "peak learning rate (default by stage and size)", POSITIVE)
     max_len: int = option(512, "tokens per training example", COUNT)
     seed: int = option(0, "seed of data order, surgery and dropout", int)
     gate: float = option(0.97, "English validation accuracy the gate asks for", FRACTION)
@@ -192,8 +194,8 @@ class StageOptions:
                                            stages=["s1", "s4"])
     english_rounds: int = option(2, "gate checks within the step budget", COUNT, stages=["s1_1"])
     korean_delta: bool = option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
-    reasoning_tokens: int = option(256, "most new tokens when scoring reasoning (the reasoning must fit before "
-                                    "its answer)", COUNT, stages=["s5"])
+    reasoning_tokens: int | None = option(None, "most new tokens when scoring reasoning (default: the longest trained "
+                                           "reasoning with its answer line)", COUNT, stages=["s5"])
 
 
 def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str | None) -> StageOptions:
@@ -563,12 +565,17 @@ class StageRun:
         log.info("%s: %s", self.stage, result["verdict_line"])
         return result
 
-    def train_config(self, steps: int | None = None, lr: float = 2e-4) -> TrainConfig:
-        """The phase's TrainConfig; `lr` is the stage's default, which --lr overrides; on CUDA engine.plan's fit.
-        --batch-size counts examples per process: under torchrun the global micro-batch is N times it."""
-        o, steps = self.opts, steps or self.steps()
-        batch, accum, checkpointing = o.batch_size or DEFAULT_BATCH.get(self.base["size"], 2), o.grad_accum or 1, \
-            o.gradient_checkpointing
+    def defaults(self) -> tuple[int, int, float]:
+        """(steps per phase, micro-batch, lr) of this stage on the run's base when no option overrides them."""
+        return STAGE_DEFAULTS[self.base["size"]][self.stage]
+
+    def train_config(self, steps: int | None = None) -> TrainConfig:
+        """The phase's TrainConfig: --max-steps, --batch-size, --grad-accum and --lr, else the stage's defaults; on
+        CUDA engine.plan's fit. --batch-size counts examples per process: under torchrun the global micro-batch is
+        N times it."""
+        o = self.opts
+        steps, (_, batch, lr) = steps or self.steps(), self.defaults()
+        batch, accum, checkpointing = o.batch_size or batch, o.grad_accum or 1, o.gradient_checkpointing
         if o.batch_size is None and o.grad_accum is None and not checkpointing:  # explicit flags override the plan
             batch, accum, checkpointing = stage_settings(self.stage, self.base["size"], self.base["model"], o.device,
                                                          batch, o.max_len, o.lora_rank, o.quantize == "4bit")
@@ -577,8 +584,8 @@ class StageRun:
                            gradient_checkpointing=checkpointing, device=o.device or "auto")
 
     def steps(self) -> int:
-        """Optimizer steps of a training phase: --max-steps, else the default for the model size."""
-        return self.opts.max_steps or DEFAULT_STEPS.get(self.base["size"], 8)
+        """Optimizer steps of a training phase: --max-steps, else the stage's default."""
+        return self.opts.max_steps or self.defaults()[0]
 
     def train_phase(self, name: str, model: Gemma3, patterns: Sequence[str], loss_fn, batches,
                     config: TrainConfig, resume: bool | None = None) -> dict[str, Any]:

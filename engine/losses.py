@@ -115,6 +115,24 @@ def causal_lm_loss(model: Gemma3, hidden: torch.Tensor, input_ids: torch.Tensor,
     return ChunkedCrossEntropy.apply(h, weight, y, row_chunk, vocab_slice), int(mask.sum())
 
 
+@torch.no_grad()
+def token_losses(model: Gemma3, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
+                 row_chunk: int = HEAD_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target token's cross-entropy [n] and the batch row it belongs to [n], without gradients.
+
+    All rows' targets share one head walk, so measuring a batch of texts reads the 262k-row head once rather than
+    once per text: on a CPU that memory traffic, not the arithmetic, is what per-text measurement costs.
+    """
+    mask = target_mask[:, 1:].bool()
+    h, y = hidden[:, :-1][mask], input_ids[:, 1:][mask]
+    weight = model.embed_tokens.weight
+    vocab_slice = head_slice(min(len(y), row_chunk), weight.shape[0], weight.device)
+    walks = [_head_walk(h[i:i + row_chunk], weight, y[i:i + row_chunk], vocab_slice, False)
+             for i in range(0, len(y), row_chunk)]
+    losses = torch.cat([lse.squeeze(1) - picked for lse, picked, _ in walks]) if walks else h.new_zeros(0)
+    return losses, mask.nonzero()[:, 0]
+
+
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / rms(x) in float32, without a weight: the per-layer loss compares directions and relative sizes."""
     x = x.float()

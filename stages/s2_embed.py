@@ -15,8 +15,7 @@ def main(run: sl.StageRun) -> None:
         sl.snapshot_adapter(model, "lora1", "teacher")  # the teacher: lora1 as it enters, frozen
     sl.add_language_embeddings(model, tokenizer, korean_delta=run.opts.korean_delta)
     before = run.measure_entry(model, tokenizer)
-    # Zero-started vectors added to embeddings of size ~1 need a far larger step than LoRA does.
-    config = run.train_config(lr=1e-2)
+    config = run.train_config()
     korean = run.text(tokenizer, run.data.ko_text)
     phase = run.train_phase("train", model, sl.LANGUAGE_PATTERNS, sl.stage_loss(run.opts.layer_loss, 0.0),
                             sl.mixed_batches(korean, None, config), config)

@@ -15,20 +15,22 @@ def main(run: sl.StageRun) -> None:
     model, tokenizer = run.load_previous()
     patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
 
+    reasoning, cut = sl.reasoning_examples(tokenizer, run.data.reasoning, opts.max_len)
+    budget = opts.reasoning_tokens or max(sum(e.target_mask) for e in reasoning)  # the EOS slot is one to spare
+
     def reasoning_scores() -> dict:
-        scores = sl.reasoning_eval(model, tokenizer, run.dev("ko"), opts.reasoning_tokens)
+        scores = sl.reasoning_eval(model, tokenizer, run.dev("ko"), budget)
         return {f"reasoning_{k}": v for k, v in scores.items()}
 
     before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}
     config = run.train_config()
-    reasoning, cut = sl.reasoning_examples(tokenizer, run.data.reasoning, opts.max_len)
     letters = sl.letter_token_ids(tokenizer, chat=False)
     phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight, letters),
                             sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery
     run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,
-                     "reasoning_cut": cut, "reasoning_examples": len(reasoning),
+                     "reasoning_cut": cut, "reasoning_examples": len(reasoning), "reasoning_tokens": budget,
                      "verdicts": run.verdicts(before, after)})
 
 
