@@ -97,7 +97,8 @@ def medko_side(args: argparse.Namespace, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default=None, help="HF-layout checkpoint with tokenizer.json (default: the 270M)")
-    p.add_argument("--data", default=str(sl.DATA_DIR / "kormedmcqa"), help="KorMedMCQA directory ({subset}/{split}.jsonl)")
+    p.add_argument("--data", default=str(sl.DATA_DIR / "kormedmcqa"),
+                   help="KorMedMCQA directory ({subset}/{split}.jsonl)")
     p.add_argument("--split", default="test", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--limit", type=int, default=16, help="the first N questions, as `medko.py eval --limit` takes them")
