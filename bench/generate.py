@@ -105,12 +105,15 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=GENERATE_TOKENS, help="both sides (lm-eval's 1024)")
     p.add_argument("--batch-size", type=int, default=16, help="medko's decoding batch")
     p.add_argument("--peer-batch-size", type=int, default=1, help="the harness's batch size (its default is 1)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads of each side (OMP_NUM_THREADS); 1 is steadier on a busy machine")
     p.add_argument("--side", choices=["harness"], help=argparse.SUPPRESS)
     p.add_argument("--task-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         print(json.dumps(harness_side(args)))
         return
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # both sides' processes inherit it
     rows = list(load_kormedmcqa(args.subsets.split(","), args.split, args.data))[:args.limit]
     fewshot = list(load_kormedmcqa(args.subsets.split(","), "fewshot", args.data))
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +126,7 @@ def main() -> None:
     n = len(rows)
     print(f"generate-mode KorMedMCQA, 270M-layout weights from {args.model_dir}, {n} questions ({args.split}, "
           f"first {args.limit} of {args.subsets}), greedy, up to {args.max_new_tokens} new tokens, zero-shot, "
-          f"CPU float32, {torch.get_num_threads()} threads")
+          f"CPU float32, {args.threads} threads")
     print(f"harness task: {TASK}, including {template}")
     print(f"medko   {medko['seconds']:8.1f} s  ({n / medko['seconds']:.3f} questions/s; batch {args.batch_size}; "
           f"process wall {medko['wall_s']:.1f} s with loading)")

@@ -80,8 +80,8 @@ def workload(args: argparse.Namespace, tokenizer: Tokenizer) -> tuple[dict[str, 
     if args.workload == "rows":
         texts = list(load_texts(args.texts))
         rows = packed_rows(tokenizer, texts, args.seq)
-        return {"main": rows}, f"{len(rows)} packed rows of {args.seq} tokens from {len(texts)} texts of " \
-                               f"{Path(args.texts).name}"
+        described = f"{len(rows)} packed rows of {args.seq} tokens from {len(texts)} texts of {Path(args.texts).name}"
+        return {"main": rows}, described
     if args.workload == "exam":
         sources = (("kormedmcqa", "ko"), ("kormedmcqa_en", "en"))
         exams = [sl.exam_examples(tokenizer, load_kormedmcqa(KORMEDMCQA_SUBSETS, "train", sl.DATA_DIR / source, lang),
