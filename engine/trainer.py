@@ -165,24 +165,40 @@ def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "target_mask": targets}
 
 
+def _first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of sizes (longest first) in rows of at most `capacity` (a longer one alone in its row)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        row = next((r for r, free in enumerate(room) if free >= sizes[i]), None)
+        if row is None:
+            rows.append([]), room.append(max(capacity, sizes[i]))
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= sizes[i]
+    return rows
+
+
 def pack(examples: Sequence[Example], max_len: int) -> dict[str, torch.Tensor]:
-    """The examples packed into as few rows of at most max_len tokens as first-fit-decreasing finds.
+    """The examples in as few rows of at most max_len tokens as first-fit-decreasing finds, as short as that allows.
 
     attention_mask numbers the examples of a row 1, 2, ... (0 is padding); the model keeps attention inside each
     example and restarts its positions, so every example computes what it would alone. Targets never cross an
     example: each starts with BOS, which is not a target.
     """
-    rows: list[list[int]] = []  # example indices per row
-    room: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].ids)):
-        size = len(examples[i].ids)
-        row = next((r for r, free in enumerate(room) if free >= size), None)
-        if row is None:
-            rows.append([]), room.append(max(max_len, size))
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= size
-    width = max(sum(len(examples[i].ids) for i in row) for row in rows)
+    sizes = [len(e.ids) for e in examples]
+    rows = _first_fit(sizes, max_len)
+    # Filled to max_len, the last row is often short and the batch pads it to the longest: the smallest capacity
+    # that keeps the row count spreads the tokens evenly (680 tokens: two rows of ~340 instead of 512 + 168).
+    low, high = max(max(sizes), -(-sum(sizes) // len(rows))), max_len
+    while low < high:
+        capacity = (low + high) // 2
+        if len(_first_fit(sizes, capacity)) <= len(rows):
+            high = capacity
+        else:
+            low = capacity + 1
+    rows = min(rows, _first_fit(sizes, high), key=lambda rs: (len(rs), max(sum(sizes[i] for i in r) for r in rs)))
+    width = max(sum(sizes[i] for i in row) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     segments = torch.zeros(len(rows), width, dtype=torch.long)
     targets = torch.zeros(len(rows), width, dtype=torch.bool)
