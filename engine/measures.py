@@ -75,13 +75,13 @@ def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], 
     mass the teacher put somewhere.
     """
     pairs = distributed.split_work(lambda part: list(zip(*_losses_and_drift(model, tokenizer, part, max_len,
-                                                                           batch_size, positions))), texts, model)
+                                                                           batch_size, positions, chunk))), texts, model)
     return [loss for loss, _ in pairs], [drift for _, drift in pairs]
 
 
 @torch.no_grad()
 def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int,
-                      positions: int) -> tuple[list[float], list[float]]:
+                      positions: int, chunk: int) -> tuple[list[float], list[float]]:
     losses, drifts = [], []
     was_training = model.training
     model.eval()
