@@ -38,7 +38,8 @@ from engine.report import write_run_report as render_run_report
 from engine.stats import accuracy_summary, bootstrap_mean, chrf, describe, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.trainer import (Example, TrainConfig, batch_at, cut_middle_examples, set_trainable, text_examples,
+from engine.examples import Example, cut_middle_examples, text_examples
+from engine.trainer import (TrainConfig, batch_at, set_trainable,
                             train)
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
@@ -50,7 +51,7 @@ from engine.sources import held_out_sets as held_out_sets, reference_exam as ref
 from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
 from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
-from engine.trainer import lm_examples as lm_examples
+from engine.examples import lm_examples as lm_examples
 
 
 # ───────────────────────────── the stage table ─────────────────────────────

@@ -54,7 +54,7 @@ from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_texts
 from engine.checkpoints import read_config
 from engine.model import Gemma3
 from engine.tokenizer import Tokenizer
-from engine.trainer import Example, text_examples
+from engine.examples import Example, text_examples
 import shared_logic as sl
 
 H100_BF16_DENSE_FLOPS = 989e12  # dense bf16 peak of an H100 SXM; MFU is relative to this

@@ -19,7 +19,8 @@ import torch
 from engine.adapters import LORA_TARGETS, add_lora, quantize_base_4bit
 from engine.checkpoints import load_model
 from engine.losses import layer_loss
-from engine.trainer import Example, TrainConfig, accumulate_gradients, make_optimizer, pack, set_trainable
+from engine.examples import Example, pack
+from engine.trainer import TrainConfig, accumulate_gradients, make_optimizer, set_trainable
 import shared_logic as sl
 
 RANK, ALPHA, LR = 16, 32.0, 1e-4

@@ -21,7 +21,7 @@ from engine.adapters import teacher_mode
 from engine.losses import token_losses
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer
-from engine.trainer import collate, text_examples
+from engine.examples import collate, text_examples
 
 
 def _batches(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device: torch.device):

@@ -1,10 +1,10 @@
-"""The training loop: TrainConfig, LM examples and batches, trainable parameters, the optimizer, and train().
+"""The training loop: TrainConfig, the batch of each step, trainable parameters, the optimizer, and train().
 
 Under torchrun (engine.distributed) each rank trains on its contiguous share of every global micro-batch, each
 loss is divided by the global target count and the gradients are summed over the ranks, so N processes with
 micro-batches of b examples take the same updates as one process with N*b (config.batch_size is that N*b).
 
-Imports engine.distributed, engine.errors, engine.files, engine.model, engine.tokenizer and
+Imports engine.distributed, engine.errors, engine.examples, engine.files, engine.model and
 engine.train_checkpoints.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from engine import distributed
 from engine.errors import MedkoError, log
 from engine.files import write_text_atomic
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
-from engine.tokenizer import Tokenizer
+from engine.examples import Example, collate, pack
 from engine.train_checkpoints import (
     CHECKPOINTS,
     SLACK,
@@ -80,137 +80,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Example:
-    ids: list[int]  # BOS, prompt tokens, target tokens, EOS
-    target_mask: list[bool]  # True where the token itself is a target; BOS and prompt tokens are not
-
-
-def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                max_len: int) -> list[Example]:
-    """Language-modelling examples: the targets, and EOS after them, are learned; the prompts are context.
-
-    Plain text is a target with prompt "". An example longer than max_len loses its end; one left with
-    no target token is dropped. Both are counted and logged.
-    """
-    if len(prompts) != len(targets):
-        raise MedkoError(f"lm_examples got {len(prompts)} prompts but {len(targets)} targets; "
-                         f"pass one of each per example")
-    # Prompt and target are encoded apart, as at inference, where the prompt is encoded alone.
-    prompt_ids = tokenizer.encode_batch(prompts)
-    target_ids = tokenizer.encode_batch(targets, bos=False)
-    examples, truncated, dropped = [], 0, 0
-    for prompt, target in zip(prompt_ids, target_ids):
-        ids = prompt + target + [tokenizer.eos_id]
-        mask = [False] * len(prompt) + [True] * (len(target) + 1)
-        if len(ids) > max_len:
-            truncated += 1
-            ids, mask = ids[:max_len], mask[:max_len]
-        if not any(mask):
-            dropped += 1
-            continue
-        examples.append(Example(ids, mask))
-    if truncated:
-        log.info("lm_examples: truncated %d of %d examples to max_len %d tokens; dropped %d left with no target",
-                 truncated, len(prompt_ids), max_len, dropped)
-    if not examples:
-        raise MedkoError(f"every example's prompt fills max_len {max_len}; raise max_len or shorten the prompts")
-    return examples
-
-
-def cut_middle_examples(tokenizer: Tokenizer, prompts: Sequence[str], bodies: Sequence[str], endings: Sequence[str],
-                        max_len: int, marker: str = " … ") -> tuple[list[Example], int]:
-    """Examples whose target is body + ending (EOS after it); one longer than max_len loses the middle of its body,
-    marked by `marker`, so that the prompt and the ending (an answer line) stay whole. Returns the examples and how
-    many were cut; one whose prompt and ending alone overflow is dropped and logged."""
-    prompt_ids = tokenizer.encode_batch(prompts)
-    body_ids = tokenizer.encode_batch(bodies, bos=False)
-    ending_ids = tokenizer.encode_batch(endings, bos=False)
-    mark = tokenizer.encode(marker, bos=False)
-    examples, cut, dropped = [], 0, 0
-    for prompt, body, ending in zip(prompt_ids, body_ids, ending_ids):
-        room = max_len - len(prompt) - len(ending) - 1
-        if len(body) > room:
-            keep = room - len(mark)
-            if keep < 2:
-                dropped += 1
-                continue
-            body = body[:keep // 2] + mark + body[len(body) - (keep - keep // 2):]
-            cut += 1
-        target = body + ending + [tokenizer.eos_id]
-        examples.append(Example(prompt + target, [False] * len(prompt) + [True] * len(target)))
-    if cut or dropped:
-        log.info("cut the middle of %d of %d examples to fit max_len %d tokens; dropped %d whose prompt and ending "
-                 "alone overflow", cut, len(prompts), max_len, dropped)
-    if not examples:
-        raise MedkoError(f"every example's prompt and ending overflow max_len {max_len}; raise --max-len")
-    return examples, cut
-
-
-def collate(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded {input_ids, attention_mask, target_mask}; target_mask[b, t] marks token t as a target.
-
-    A loss therefore compares logits[:, :-1] with input_ids[:, 1:] where target_mask[:, 1:] is set.
-    """
-    width = max(len(e.ids) for e in examples)
-    ids = torch.zeros(len(examples), width, dtype=torch.long)  # pad slots are masked, so any id works
-    attention = torch.zeros(len(examples), width, dtype=torch.bool)
-    targets = torch.zeros(len(examples), width, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        attention[i, :len(e.ids)] = True
-        targets[i, :len(e.ids)] = torch.tensor(e.target_mask, dtype=torch.bool)
-    return {"input_ids": ids, "attention_mask": attention, "target_mask": targets}
-
-
-def _first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of sizes (longest first) in rows of at most `capacity` (a longer one alone in its row)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        row = next((r for r, free in enumerate(room) if free >= sizes[i]), None)
-        if row is None:
-            rows.append([]), room.append(max(capacity, sizes[i]))
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= sizes[i]
-    return rows
-
-
-def pack(examples: Sequence[Example], max_len: int) -> dict[str, torch.Tensor]:
-    """The examples in as few rows of at most max_len tokens as first-fit-decreasing finds, as short as that allows.
-
-    attention_mask numbers the examples of a row 1, 2, ... (0 is padding); the model keeps attention inside each
-    example and restarts its positions, so every example computes what it would alone. Targets never cross an
-    example: each starts with BOS, which is not a target.
-    """
-    sizes = [len(e.ids) for e in examples]
-    rows = _first_fit(sizes, max_len)
-    # Filled to max_len, the last row is often short and the batch pads it to the longest: the smallest capacity
-    # that keeps the row count spreads the tokens evenly (680 tokens: two rows of ~340 instead of 512 + 168).
-    low, high = max(max(sizes), -(-sum(sizes) // len(rows))), max_len
-    while low < high:
-        capacity = (low + high) // 2
-        if len(_first_fit(sizes, capacity)) <= len(rows):
-            high = capacity
-        else:
-            low = capacity + 1
-    rows = min(rows, _first_fit(sizes, high), key=lambda rs: (len(rs), max(sum(sizes[i] for i in r) for r in rs)))
-    width = max(sum(sizes[i] for i in row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    segments = torch.zeros(len(rows), width, dtype=torch.long)
-    targets = torch.zeros(len(rows), width, dtype=torch.bool)
-    for r, row in enumerate(rows):
-        at = 0
-        for k, i in enumerate(row, 1):
-            e = examples[i]
-            ids[r, at:at + len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-            segments[r, at:at + len(e.ids)] = k
-            targets[r, at:at + len(e.ids)] = torch.tensor(e.target_mask, dtype=torch.bool)
-            at += len(e.ids)
-    return {"input_ids": ids, "attention_mask": segments, "target_mask": targets}
 
 
 @functools.lru_cache(maxsize=4)
@@ -457,7 +326,3 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     seconds = time.perf_counter() - run_start
     return {"steps": step, "loss": state["loss"], "tokens": state["tokens"], "targets": state["targets"],
             "seconds": seconds, "tokens_per_s": run_tokens / max(seconds, 1e-9), "trainable": trainable}
-
-
-def text_examples(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[Example]:
-    return lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import engine.examples  # noqa: E402
 import engine.trainer  # noqa: E402
 import shared_logic as sl  # noqa: E402
 from conftest import randomize, tiny_config, tiny_tokenizer_json  # noqa: E402
@@ -73,8 +74,8 @@ def train_run(out: Path, tok: Tokenizer, stop_at: int | None = None, resume: boo
     update."""
     config = engine.trainer.TrainConfig(max_steps=STEPS, batch_size=batch, lr=1e-3,
                                         warmup_steps=1, max_len=96, log_every=1, save_every=2, device="cpu")
-    korean = engine.trainer.text_examples(tok, texts("ko_medical_text.jsonl", 24), config.max_len)
-    english = engine.trainer.text_examples(tok, texts("en_medical_text.jsonl", 24), config.max_len)
+    korean = engine.examples.text_examples(tok, texts("ko_medical_text.jsonl", 24), config.max_len)
+    english = engine.examples.text_examples(tok, texts("en_medical_text.jsonl", 24), config.max_len)
     model = model_with_additions(tok)
     engine.trainer.set_trainable(model, sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS)
     real, engine.trainer.accumulate_gradients = stopping(stop_at)

@@ -6,7 +6,8 @@ import shared_logic as sl
 from conftest import randomize, tiny_config
 from engine.losses import causal_lm_loss
 from engine.model import Gemma3
-from engine.trainer import TrainConfig, batch_at, collate, lm_examples, pack, set_trainable
+from engine.examples import collate, lm_examples, pack
+from engine.trainer import TrainConfig, batch_at, set_trainable
 
 
 @pytest.fixture

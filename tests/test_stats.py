@@ -93,7 +93,7 @@ def test_per_text_losses_and_drift(tiny_model, tiny_tokenizer):
     from engine.adapters import add_lora
     from engine.losses import causal_lm_loss
     from engine.measures import losses_and_drift, text_losses
-    from engine.trainer import collate, text_examples
+    from engine.examples import collate, text_examples
 
     texts = ["Aspirin inhibits COX.", "ABC", "Heparin acts on antithrombin III within minutes."]
     losses = text_losses(tiny_model, tiny_tokenizer, texts, 64, batch_size=2)

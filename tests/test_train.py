@@ -18,7 +18,8 @@ import engine.files
 import engine.trainer
 from engine.model import Gemma3
 from engine.train_checkpoints import CHECKPOINTS, OPTIMIZER, STATE, WEIGHTS, latest_checkpoint, trainable_state
-from engine.trainer import Example, METRICS, TrainConfig, batch_at, collate, lm_examples, lr_at, set_trainable, train
+from engine.examples import Example, collate, lm_examples
+from engine.trainer import METRICS, TrainConfig, batch_at, lr_at, set_trainable, train
 from conftest import randomize, tiny_config
 
 # A decayed matrix, a whole MLP and an undecayed norm, so both optimizer groups are exercised.

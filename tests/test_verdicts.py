@@ -5,7 +5,7 @@ import torch
 import shared_logic as sl
 from engine.data import MCQ
 from engine.stats import MET, NOISE, NOT_MET
-from engine.trainer import collate
+from engine.examples import collate
 
 
 def measured(ko_losses, en_losses, drifts, en_correct):
