@@ -139,7 +139,7 @@ def measure(case: str) -> float:
     else:
         model.eval()
         step = batch()
-        letters = torch.tensor([236776, 236799, 236780, 236796, 236788])  # any five ids: only their logits are made
+        letters = torch.arange(3, 8)  # any five ids: only their five logits are made
     trim()
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current resident set
     if work == "s3":
