@@ -62,6 +62,7 @@ def main() -> None:
             sys.stderr.write(out.stderr)
             raise SystemExit(f"the measurement of {count} texts failed")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{count} texts: {rows[-1]['above_mib']:.0f} MiB above the model", file=sys.stderr)
     print(f"{'held-out texts':>15}{'peak above the model MiB':>26}{'process peak MiB':>18}")
     for r in rows:
         print(f"{r['texts']:>15}{r['above_mib']:>26.0f}{r['process_peak_mib']:>18.0f}")
