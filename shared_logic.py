@@ -25,8 +25,8 @@ from engine import sources
 from engine.data import (KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
                          parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
-from engine.evaluate import (ANSWER_CUE, extract_answer, mcq_prompt, question_block, strict_answer,
-                             translation_prompt)
+from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
+                             strict_answer, translation_prompt)
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
 from engine.generate import generate
 from engine.losses import causal_lm_loss, layer_loss, letter_loss
@@ -303,12 +303,15 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, o
 
 
 @torch.no_grad()
-def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int = 96
+def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None
                        ) -> dict[str, Any]:
-    """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF."""
+    """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF. The budget is s1's:
+    twice the longest source's tokens plus TRANSLATION_MARGIN, at most --translate-tokens when given."""
     model.eval()
     prompts = [translation_prompt(p.src, "en") for p in pairs]
-    outputs = [o.strip() for o in generate(model, tokenizer, prompts, max_new_tokens, ["\n"], batch_size=32)]
+    budget = max((2 * len(tokenizer.encode(p.src, bos=False)) + TRANSLATION_MARGIN for p in pairs), default=1)
+    budget = min(budget, max_new_tokens or budget)
+    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=32)]
     references = [p.tgt for p in pairs]
     return {"chrf": chrf(outputs, references), "chrf_pairs": _rounded(sentence_chrf(outputs, references)),
             "translations": outputs}

@@ -84,3 +84,17 @@ def test_bundled_data_is_big_enough_and_its_held_out_sets_are_disjoint():
         ko = list(load_kormedmcqa(["doctor", "nurse", "pharm", "dentist"], split, data / "kormedmcqa"))
         en = list(load_kormedmcqa(["doctor", "nurse", "pharm", "dentist"], split, data / "kormedmcqa_en", lang="en"))
         assert len(ko) >= 60 and [r.id for r in ko] == [r.id for r in en] and [r.answer for r in ko] == [r.answer for r in en]
+
+
+def test_held_out_translation_takes_s1s_budget_when_no_limit_is_given(tiny_model, tiny_tokenizer, monkeypatch):
+    from engine.data import Pair
+
+    budgets = []
+    real = sl.generate
+    monkeypatch.setattr(sl, "generate", lambda m, t, p, n, *a, **k: budgets.append(n) or real(m, t, p, n, *a, **k))
+    pairs = [Pair("고혈압", "hypertension"), Pair("당뇨병 환자의 혈당", "blood sugar of a diabetic")]
+    longest = max(len(tiny_tokenizer.encode(p.src, bos=False)) for p in pairs)
+    scores = sl.translation_scores(tiny_model, tiny_tokenizer, pairs)  # run.sh passes no --translate-tokens
+    assert budgets == [2 * longest + sl.TRANSLATION_MARGIN] and len(scores["chrf_pairs"]) == 2
+    sl.translation_scores(tiny_model, tiny_tokenizer, pairs, 3)
+    assert budgets[-1] == 3
