@@ -76,4 +76,4 @@ def test_run_sh_runs_the_stage_table_in_order():
 def test_no_module_is_two_concerns():
     sizes = {p.name: len(p.read_text().splitlines()) for p in ENGINE}
     assert all(n <= 450 for n in sizes.values()), sizes
-    assert len((ROOT / "shared_logic.py").read_text().splitlines()) <= 850
+    assert len((ROOT / "shared_logic.py").read_text().splitlines()) <= 810  # DESIGN: "≤ ~800"
