@@ -43,14 +43,22 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_key_name_variants_load_to_the_same_model(tiny_dir, tmp_path, variant):
+    from safetensors.torch import load_file
+
+    embed = load_file(str(tiny_dir / "model.safetensors"))["model.embed_tokens.weight"]
     vision = {"vision_tower.vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 2),
               "multi_modal_projector.mm_input_projection_weight": torch.zeros(2),
-              "lm_head.weight": torch.zeros(1)}
+              "lm_head.weight": embed.clone()}  # a tied head saved beside its embedding is the same weight
     nest = (lambda c: {"text_config": c, "model_type": "gemma3"}) if variant != "text" else None
     path = rewrite(tiny_dir, tmp_path / variant, VARIANTS[variant], vision, nest)
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():
         assert torch.equal(load_model(path)(ids).logits, reference_logits(tiny_dir))
+    # A head that differs from the embedding would be dropped by medko's tied model: refused by name.
+    untied = rewrite(tiny_dir, tmp_path / f"{variant}_untied", VARIANTS[variant],
+                     {**vision, "lm_head.weight": embed * 2}, nest)
+    with pytest.raises(MedkoError, match="has an lm_head that differs from its embed_tokens"):
+        load_model(untied)
 
 
 def test_unexpected_key_is_refused_by_name(tiny_dir, tmp_path):
