@@ -39,8 +39,7 @@ from engine.stats import accuracy_summary, bootstrap_mean, chrf, describe, judge
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
 from engine.examples import Example, cut_middle_examples, text_examples
-from engine.trainer import (TrainConfig, batch_at, set_trainable,
-                            train)
+from engine.trainer import TrainConfig, batch_at, set_trainable, train
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001

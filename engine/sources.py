@@ -14,7 +14,7 @@ from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Rows, Source, load_kor
                          load_reasoning, load_texts, require_rows)
 from engine.errors import MedkoError
 
-# role: (file name in a local data directory, the hub source when there is one)
+# role: its file name in a local data directory (the hub sources are engine.data.SOURCES)
 LOCAL_FILES = {"medqa": "medqa_en.jsonl", "ko_text": "ko_medical_text.jsonl", "en_text": "en_medical_text.jsonl",
                "pairs": "ko_en_pairs.jsonl", "reasoning": "reasoning_ko.jsonl"}
 HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_medical_text_heldout.jsonl",
