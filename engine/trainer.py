@@ -222,9 +222,9 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     found = latest_checkpoint(out_dir)
     # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
     # last one, or the trainable weights plus AdamW's two moments; on a disk with room for one, it replaces the last.
-    needed = checkpoint_bytes(found) if found else 3 * sum(p.numel() * p.element_size() for p in
-                                                           model.parameters() if p.requires_grad)
-    distributed.on_main(prepare_directory, out_dir, needed + SLACK, checkpoint_bytes(found) if found else 0)
+    last = checkpoint_bytes(found) if found else 0
+    needed = last if found else 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    distributed.on_main(prepare_directory, out_dir, needed + SLACK, last)
     if resume:
         if found is None:
             raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
