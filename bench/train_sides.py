@@ -12,6 +12,7 @@ import contextlib
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -129,7 +130,9 @@ def peer_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> t
                 student = model(**inputs).hidden_states
                 with torch.no_grad(), model.disable_adapter():
                     teacher = model(**inputs).hidden_states
-                layer = layer_loss(student, teacher, en_mask, list(range(len(teacher))), LAYER_KIND)
+                # medko's mse reads the final norm's gains from `model.norm`: hand it the peer's
+                final_norm = SimpleNamespace(norm=model.get_base_model().model.norm)
+                layer = layer_loss(student, teacher, en_mask, list(range(len(teacher))), LAYER_KIND, model=final_norm)
                 loss = loss + args.layer_weight * layer
                 metrics["layer"] = float(layer.detach())
         loss.backward()
