@@ -64,7 +64,7 @@ def _spread(length: int, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
-                     batch_size: int = 16, positions: int = 32, chunk: int = 128) -> tuple[list[float], list[float]]:
+                     batch_size: int = 16, positions: int = 16, chunk: int = 128) -> tuple[list[float], list[float]]:
     """Per text: the model's mean next-token loss, and its mean drift KL(teacher || model) in nats per position.
 
     The loss walks the head in slices over every target (engine.losses.token_losses). The drift compares the
