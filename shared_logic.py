@@ -35,7 +35,8 @@ from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import accuracy_summary, bootstrap_mean, chrf, describe, judge, mean, overall_verdict, sentence_chrf
+from engine.stats import (MET, NOISE, NOT_MET, accuracy_summary, bootstrap_mean, bound_verdict, chrf, describe, judge,
+                          mean, overall_verdict, sentence_chrf)
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
 from engine.examples import Example, cut_middle_examples, text_examples
@@ -78,8 +79,8 @@ TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and repor
 # (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's sized to run.sh's
 # 20-minute CPU budget (README, "The 270M's defaults", says why each); the MedGemmas' LoRA 2e-4, s2 1e-2.
 _MEDGEMMA = {"s1_1": (300, 8, 2e-4), "s2": (300, 8, 1e-2), **dict.fromkeys(("s3", "s4", "s5"), (300, 8, 2e-4))}
-STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (16, 4, 1e-3), "s4": (10, 4, 1e-3),
-                           "s5": (24, 4, 1e-3)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
+STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (8, 4, 1e-4), "s4": (6, 4, 1e-4),
+                           "s5": (8, 4, 1e-4)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled sample data
 LORA_PATTERNS = ["*.lora_A.lora1*", "*.lora_B.lora1*"]
 LANGUAGE_PATTERNS = ["language_embedding.*"]
@@ -166,7 +167,7 @@ class StageOptions:
                                  "token on held-out English text", POSITIVE)
     guard_rounds: int = option(2, "English guard: recovery rounds before stopping", ZERO_OR_MORE)
     layer_loss: str = option("mse", "per-layer English loss", choices=["mse", "kl"])
-    layer_weight: float = option(1.0, "weight of the per-layer English loss", number(float, 0))
+    layer_weight: float = option(10.0, "weight of the per-layer English loss", number(float, 0))
     eval_limit: int | None = option(None, "score at most this many questions per exam", COUNT)
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
     lora_rank: int = option(16, "rank of lora1 (when this stage adds it)", COUNT)
@@ -273,32 +274,42 @@ def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
 # ───────────────────────────── measurements ─────────────────────────────
 
 MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_losses",
-            "en_losses", "drifts")  # what measure() returns
+            "en_losses", "drifts")  # what measure() returns with every part
+# measure()'s parts: the Korean and English dev exams, the Korean held-out texts (loss), the English held-out texts
+# (loss and drift). A stage measures what its purpose, the English guard and the next stage's "before" read:
+# s4 and s5 judge translation and the answer line, not Korean text loss, so they skip the Korean texts.
+MEASURE_PARTS = ("ko_exam", "en_exam", "ko_text", "en_text")
+PART_KEYS = {"ko_exam": "ko_correct", "en_exam": "en_correct", "ko_text": "ko_losses", "en_text": "drifts"}
+STAGE_MEASURES = {"s4": ("ko_exam", "en_exam", "en_text"), "s5": ("ko_exam", "en_exam", "en_text")}
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
     return [round(v, 6) for v in values]
 
 
-def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions
-            ) -> dict[str, Any]:
-    """Korean and English dev accuracy, held-out text losses and English drift from the teacher.
+def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions,
+            parts: Sequence[str] = MEASURE_PARTS) -> dict[str, Any]:
+    """Korean and English dev accuracy, held-out text losses and English drift from the teacher (those of `parts`).
 
     Means for the tables, and the per-item values behind them (each dev question right or wrong, each held-out
     text's loss and drift), so that a before → after change is tested on the same questions and texts.
     """
     was_training = model.training
     model.eval()
-    ko = evaluate(model, tokenizer, limited(data.exam["dev"], opts.eval_limit), "logits", "ko", progress=False)
-    en = evaluate(model, tokenizer, limited(english_exam(run_dir, "dev"), opts.eval_limit), "logits", "en",
-                  progress=False)
-    ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
-    en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
+    out: dict[str, Any] = {}
+    for lang in ("ko", "en"):
+        if f"{lang}_exam" in parts:
+            rows = data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev")
+            report = evaluate(model, tokenizer, limited(rows, opts.eval_limit), "logits", lang, progress=False)
+            out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions]})
+    if "ko_text" in parts:
+        ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
+        out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
+    if "en_text" in parts:
+        en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
+        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
     model.train(was_training)
-    return {"ko_accuracy": ko.accuracy, "en_accuracy": en.accuracy, "ko_loss": mean(ko_losses),
-            "en_loss": mean(en_losses), "drift": mean(drifts),
-            "ko_correct": [e["correct"] for e in ko.predictions], "en_correct": [e["correct"] for e in en.predictions],
-            "ko_losses": _rounded(ko_losses), "en_losses": _rounded(en_losses), "drifts": _rounded(drifts)}
+    return out
 
 
 @torch.no_grad()
@@ -418,16 +429,20 @@ def english_only_loss(kind: str):
 def guard_check(correct: Sequence[bool], drifts: Sequence[float], floor: float, tolerance: float,
                 drift_bound: float) -> dict[str, Any]:
     """The English guard's decision on one state, with the intervals it is shown with: English dev accuracy
-    (Wilson) at or above floor - max(tolerance, one question), and mean English drift (bootstrap over texts) at
-    most `drift_bound`. A tolerance finer than one question would turn a single answer into the verdict."""
+    (Wilson) at or above floor - max(tolerance, one question), and mean English drift (bootstrap over texts) not
+    detectably above `drift_bound`. A tolerance finer than one question would turn a single answer into the
+    verdict; drift fails only when its whole 95% interval lies above the bound, the rule the stage verdicts use
+    (engine.stats.bound_verdict), so the guard and the report never disagree on the same numbers."""
     acc = accuracy_summary(correct)
     tolerance = max(tolerance, 1 / max(acc["n"], 1))
     threshold = floor - tolerance
     drift, (low, high) = mean(drifts), bootstrap_mean(drifts)
-    accuracy_ok, drift_ok = acc["value"] >= threshold - 1e-9, drift <= drift_bound
+    drift_verdict = bound_verdict(low, high, drift_bound, "below")
+    accuracy_ok, drift_ok = acc["value"] >= threshold - 1e-9, drift_verdict != NOT_MET
+    relation = {MET: "≤", NOISE: "within noise of", NOT_MET: "above"}[drift_verdict]
     line = (f"English dev accuracy {acc['value']:.3f} (n {acc['n']}, 95% CI {acc['low']:.3f}–{acc['high']:.3f}) "
             f"{'≥' if accuracy_ok else '<'} {threshold:.3f}; English drift {drift:.4f} nats/token (95% CI "
-            f"{low:.4f}–{high:.4f}) {'≤' if drift_ok else '>'} {drift_bound}")
+            f"{low:.4f}–{high:.4f}) {relation} {drift_bound}")
     return {"accuracy": acc["value"], "accuracy_ci": [acc["low"], acc["high"]], "n": acc["n"], "tolerance": tolerance,
             "threshold": threshold, "drift": drift,
             "drift_ci": [low, high], "accuracy_ok": accuracy_ok, "drift_ok": drift_ok,
@@ -548,16 +563,19 @@ class StageRun:
     def text(self, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Example]:
         return text_examples(tokenizer, texts, self.opts.max_len)
 
-    def measure(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, float]:
-        return measure(model, tokenizer, self.run_dir, self.data, self.opts)
+    def measure(self, model: Gemma3, tokenizer: Tokenizer, parts: Sequence[str] | None = None) -> dict[str, Any]:
+        """measure() of the parts this stage reads (STAGE_MEASURES, else all)."""
+        parts = parts or STAGE_MEASURES.get(self.stage, MEASURE_PARTS)
+        return measure(model, tokenizer, self.run_dir, self.data, self.opts, parts)
 
     def measure_entry(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
         """The model as it enters: the previous stage's "after", since every surgery starts at zero (the tests
         assert unchanged logits); measured afresh when there is none."""
         prev = stage_meta(self.run_dir, previous_stage(self.run_dir, self.stage))
-        if prev is None or "drifts" not in prev.get("after", {}):
+        needed = {PART_KEYS[p] for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS)}
+        if prev is None or not needed <= prev.get("after", {}).keys():
             return self.measure(model, tokenizer)
-        entry = {k: prev["after"][k] for k in MEASURES}
+        entry = {k: prev["after"][k] for k in MEASURES if k in prev["after"]}
         if self.stage == "s2":  # the teacher is fixed here: it is the entering model
             entry.update(drift=0.0, drifts=[0.0] * len(entry["drifts"]))
         return entry
@@ -768,7 +786,10 @@ def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Pa
 
 def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]:
     """The test split, scored once at the end on the run's final model: Korean accuracy, English accuracy on the
-    reference translations when the run has them (the bundled data does), and English drift on held-out text."""
+    reference translations when the run has them (the bundled data does), and English drift on held-out text.
+
+    The drift is the final stage's own measurement of the same model on the same held-out English texts (the
+    texts the English guard decided on, which the report says), not a second identical pass."""
     out = Path(run_dir) / "test_report.json"
     if out.exists():
         raise MedkoError(f"{out} exists: the test split is scored once per run; delete it to score again")
@@ -782,9 +803,12 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
         english = sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
         en = evaluate(model, tokenizer, english, "logits", "en", progress=False)
         report["english"] = {"accuracy": en.accuracy, "n": en.n, "correct": [e["correct"] for e in en.predictions]}
-    drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1]
+    drifts = stage_meta(run_dir, stage).get("after", {}).get("drifts")
+    source = f"{stage}'s measurement of held-out English texts (the guard's)"
+    if not drifts:
+        drifts, source = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1], "held-out English texts"
     low, high = bootstrap_mean(drifts)
-    report["drift"] = {"value": mean(drifts), "low": low, "high": high, "n": len(drifts)}
+    report["drift"] = {"value": mean(drifts), "low": low, "high": high, "n": len(drifts), "source": source}
     write_json_atomic(report, out)
     return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"],
             "en_accuracy": report.get("english", {}).get("accuracy"), "drift": report["drift"]["value"]}

@@ -128,6 +128,11 @@ def test_english_guard_at_default_settings_passes_and_fails_above_noise():
     assert not three_down["passed"] and not three_down["accuracy_ok"] and three_down["drift_ok"]
     drift_fails = sl.guard_check([True] * 30 + [False] * 30, drifted, floor, o.tolerance, o.drift_bound)
     assert not drift_fails["passed"] and drift_fails["accuracy_ok"] and not drift_fails["drift_ok"]
+    assert "above 0.05" in drift_fails["line"]
+    # Drift whose mean is past the bound but whose interval holds it is within noise, as the stage verdict says.
+    straddles = sl.guard_check([True] * 30 + [False] * 30, [0.03, 0.075] * 20, floor, o.tolerance, o.drift_bound)
+    assert straddles["drift"] > o.drift_bound and straddles["drift_ci"][0] < o.drift_bound < straddles["drift_ci"][1]
+    assert straddles["passed"] and "within noise of 0.05" in straddles["line"]
     # On 24 questions a 0.02 tolerance would be finer than one question: it becomes one question.
     small = sl.guard_check([True] * 11 + [False] * 13, calm, floor, 0.02, o.drift_bound)
     assert small["tolerance"] == pytest.approx(1 / 24) and small["passed"]
