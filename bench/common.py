@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.embedded_270m import ensure_270m
+from engine.embedded_270m import default_270m_dir, ensure_270m
 from engine.model import Gemma3, PRESETS, config_to_hf
 
 
@@ -114,7 +114,9 @@ def bench_model_dir(model_dir: str | None, shape: str, tmp: Path) -> str:
     """--model-dir, else the embedded 270M, or random weights of a bigger preset's shape (its tokenizer)."""
     if model_dir is not None:
         return model_dir
-    base = ensure_270m()
-    if shape != "270m":
-        base = random_checkpoint(shape, tmp / "model", tokenizer_dir=base)
-    return str(base)
+    if shape == "270m":
+        return str(ensure_270m())
+    # Random weights need only the tokenizer: the cached 270M's, without its weights, where the package is absent
+    cached = default_270m_dir()
+    tokenizer_dir = cached if (cached / "tokenizer.json").is_file() else ensure_270m()
+    return str(random_checkpoint(shape, tmp / "model", tokenizer_dir=tokenizer_dir))
