@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256, help="tokens per row (rows)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example and per packed row (exam, s3), "
                    "the stages' default")
-    p.add_argument("--layer-weight", type=float, default=1.0, help="weight of the per-layer loss (s3's default)")
+    p.add_argument("--layer-weight", type=float, default=10.0, help="weight of the per-layer loss (s3's default)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
     p.add_argument("--texts", default=str(sl.DATA_DIR / "ko_medical_text.jsonl"), help="JSONL with a text field (rows)")
