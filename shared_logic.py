@@ -565,7 +565,7 @@ class StageRun:
 
     def measure(self, model: Gemma3, tokenizer: Tokenizer, parts: Sequence[str] | None = None) -> dict[str, Any]:
         """measure() of the parts this stage reads (STAGE_MEASURES, else all)."""
-        parts = parts or STAGE_MEASURES.get(self.stage, MEASURE_PARTS)
+        parts = STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if parts is None else parts
         return measure(model, tokenizer, self.run_dir, self.data, self.opts, parts)
 
     def measure_entry(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -636,11 +636,16 @@ class StageRun:
         reference = reference if reference is not None else stage_meta(self.run_dir, "s1")["scores"][self.base["size"]]
         exam, floor = self.dev("en"), min(o.gate, reference)
 
+        english: list[dict[str, Any]] = []  # each re-check's English measures: the kept state's "after" reuses them
+
         def check() -> dict[str, Any]:
             model.eval()
-            correct = [e["correct"] for e in evaluate(model, tokenizer, exam, "logits", "en", progress=False).predictions]
-            return guard_check(correct, losses_and_drift(model, tokenizer, self.data.en_heldout, o.max_len)[1],
-                               floor, o.tolerance, o.drift_bound)
+            scored = evaluate(model, tokenizer, exam, "logits", "en", progress=False)
+            correct = [e["correct"] for e in scored.predictions]
+            en_losses, drifts = losses_and_drift(model, tokenizer, self.data.en_heldout, o.max_len)
+            english.append({"en_accuracy": scored.accuracy, "en_correct": correct, "en_loss": mean(en_losses),
+                            "en_losses": _rounded(en_losses), "drift": mean(drifts), "drifts": _rounded(drifts)})
+            return guard_check(correct, drifts, floor, o.tolerance, o.drift_bound)
 
         rank = lambda c: (c["passed"], c["accuracy"], -c["drift"])  # noqa: E731
         checks = [guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)]  # this state
@@ -669,7 +674,11 @@ class StageRun:
         log.info("English guard %s", guard["verdict_line"])
         if rounds:
             guard["after_training"] = after
-            after = self.measure(model, tokenizer)
+            if passed:  # the last check measured English on the kept state: measure the rest
+                rest = [p for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if p not in ("en_exam", "en_text")]
+                after = {**self.measure(model, tokenizer, rest), **english[-1]}
+            else:
+                after = self.measure(model, tokenizer)
         return after, guard
 
     def save(self, model: Gemma3 | None, meta: dict[str, Any]) -> None:
