@@ -116,6 +116,17 @@ def global_weight(count: int, items: int) -> float:
     return float(totals[0]) * items / max(float(totals[1]), 1.0)
 
 
+def global_mean(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Means over this rank's `count` items made means over every rank's items, in one all-reduce; as they are in
+    one process."""
+    if not active():
+        return values
+    flat = values.detach().double().flatten()
+    both = torch.cat([flat * count, flat.new_tensor([count])]).to(_comm_device())
+    dist.all_reduce(both)
+    return (both[:-1] / both[-1].clamp(min=1)).to(values.device, values.dtype).view_as(values)
+
+
 def gather_metrics(extras: dict[str, list[float]]) -> dict[str, list[float]]:
     """Per-micro-batch metric values of every rank, concatenated by key (a key some ranks lack is kept)."""
     if not active():

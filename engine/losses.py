@@ -1,6 +1,6 @@
 """Training losses: chunked cross-entropy over the tied head, the per-layer hidden-state loss, the letter loss.
 
-Imports engine.errors and engine.model.
+Imports engine.distributed, engine.errors, engine.linear and engine.model.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from engine.distributed import full_tensor, global_mean
 from engine.errors import MedkoError
 from engine.linear import linear
 from engine.model import Gemma3
@@ -164,11 +165,16 @@ def layer_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence[
                          f"build it with teacher_layer_map(model)")
     mask = mask.bool()
     if kind == "mse":
-        gain = 1.0 + model.norm.weight.float() if model is not None else 1.0
-        losses = []
+        # The frozen gains, whole: under FSDP2 the norm's weight is a shard outside its module's forward.
+        gain = 1.0 + full_tensor(model.norm.weight).detach().float() if model is not None else 1.0
+        errors, scales = [], []
         for t, s in enumerate(layer_map):
             student, teacher = rms_normalize(student_states[s][mask]) * gain, rms_normalize(teacher_states[t][mask]) * gain
-            losses.append((student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12))
+            errors.append((student - teacher).pow(2).mean())
+            scales.append(teacher.pow(2).mean().detach())
+        # The teacher's mean square over every process's tokens, so N processes compute one process's loss.
+        scales = global_mean(torch.stack(scales), int(mask.sum()))
+        losses = [error / scale.clamp_min(1e-12) for error, scale in zip(errors, scales)]
     elif kind == "kl":
         if model is None:
             raise MedkoError("the kl layer loss needs the model for its logit lens; pass model=")
