@@ -35,8 +35,7 @@ from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import (MET, NOISE, NOT_MET, accuracy_summary, bootstrap_mean, bound_verdict, chrf, describe, judge,
-                          mean, overall_verdict, sentence_chrf)
+from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
 from engine.examples import Example, cut_middle_examples, text_examples
@@ -424,29 +423,6 @@ def english_only_loss(kind: str):
         count = int(targets.sum())
         return layer * distributed.global_weight(count, int(mask.bool().sum())), count, {"layer": float(layer.detach())}
     return loss_fn
-
-
-def guard_check(correct: Sequence[bool], drifts: Sequence[float], floor: float, tolerance: float,
-                drift_bound: float) -> dict[str, Any]:
-    """The English guard's decision on one state, with the intervals it is shown with: English dev accuracy
-    (Wilson) at or above floor - max(tolerance, one question), and mean English drift (bootstrap over texts) not
-    detectably above `drift_bound`. A tolerance finer than one question would turn a single answer into the
-    verdict; drift fails only when its whole 95% interval lies above the bound, the rule the stage verdicts use
-    (engine.stats.bound_verdict), so the guard and the report never disagree on the same numbers."""
-    acc = accuracy_summary(correct)
-    tolerance = max(tolerance, 1 / max(acc["n"], 1))
-    threshold = floor - tolerance
-    drift, (low, high) = mean(drifts), bootstrap_mean(drifts)
-    drift_verdict = bound_verdict(low, high, drift_bound, "below")
-    accuracy_ok, drift_ok = acc["value"] >= threshold - 1e-9, drift_verdict != NOT_MET
-    relation = {MET: "≤", NOISE: "within noise of", NOT_MET: "above"}[drift_verdict]
-    line = (f"English dev accuracy {acc['value']:.3f} (n {acc['n']}, 95% CI {acc['low']:.3f}–{acc['high']:.3f}) "
-            f"{'≥' if accuracy_ok else '<'} {threshold:.3f}; English drift {drift:.4f} nats/token (95% CI "
-            f"{low:.4f}–{high:.4f}) {relation} {drift_bound}")
-    return {"accuracy": acc["value"], "accuracy_ci": [acc["low"], acc["high"]], "n": acc["n"], "tolerance": tolerance,
-            "threshold": threshold, "drift": drift,
-            "drift_ci": [low, high], "accuracy_ok": accuracy_ok, "drift_ok": drift_ok,
-            "passed": accuracy_ok and drift_ok, "line": line}
 
 
 def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 MET, NOT_MET, NOISE = "met", "not met", "within noise"
@@ -182,3 +182,26 @@ def describe(name: str, j: dict) -> str:
     relation = "≤" if j["want"] == "below" else "≥"
     return (f"{name} {j['value']:.4f} (95% CI {j['low']:.4f}–{j['high']:.4f}, n {j['n']}) {relation} "
             f"{j['bound']}: {j['verdict']}")
+
+
+def guard_check(correct: Sequence[bool], drifts: Sequence[float], floor: float, tolerance: float,
+                drift_bound: float) -> dict[str, Any]:
+    """The English guard's decision on one state, with the intervals it is shown with: English dev accuracy
+    (Wilson) at or above floor - max(tolerance, one question), and mean English drift (bootstrap over texts) not
+    detectably above `drift_bound`. A tolerance finer than one question would turn a single answer into the
+    verdict; drift fails only when its whole 95% interval lies above the bound, the rule the stage verdicts use
+    (bound_verdict), so the guard and the report never disagree on the same numbers."""
+    acc = accuracy_summary(correct)
+    tolerance = max(tolerance, 1 / max(acc["n"], 1))
+    threshold = floor - tolerance
+    drift, (low, high) = mean(drifts), bootstrap_mean(drifts)
+    drift_verdict = bound_verdict(low, high, drift_bound, "below")
+    accuracy_ok, drift_ok = acc["value"] >= threshold - 1e-9, drift_verdict != NOT_MET
+    relation = {MET: "≤", NOISE: "within noise of", NOT_MET: "above"}[drift_verdict]
+    line = (f"English dev accuracy {acc['value']:.3f} (n {acc['n']}, 95% CI {acc['low']:.3f}–{acc['high']:.3f}) "
+            f"{'≥' if accuracy_ok else '<'} {threshold:.3f}; English drift {drift:.4f} nats/token (95% CI "
+            f"{low:.4f}–{high:.4f}) {relation} {drift_bound}")
+    return {"accuracy": acc["value"], "accuracy_ci": [acc["low"], acc["high"]], "n": acc["n"], "tolerance": tolerance,
+            "threshold": threshold, "drift": drift,
+            "drift_ci": [low, high], "accuracy_ok": accuracy_ok, "drift_ok": drift_ok,
+            "passed": accuracy_ok and drift_ok, "line": line}
