@@ -57,7 +57,7 @@ def _decisions(metas: dict[str, dict | None], titles: dict[str, str], training: 
             lines.append(f"- guard after {titles[stage]}: {guard.get('verdict_line', guard['passed'])}")
             lines.append(f"- kept state after {titles[stage]}: "
                          + ("the trained state" if guard["rounds"] == 0 else
-                            f"after {guard['rounds']} recovery rounds, "
+                            f"after {guard['rounds']} recovery round{'' if guard['rounds'] == 1 else 's'}, "
                             + ("the last" if guard["passed"] else "the best by English accuracy")))
     return lines + [""]
 
@@ -122,7 +122,9 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
                      f"{_change(m, 'en_loss')} | {_change(m, 'drift', 4)} | {verdict} |")
     lines.append("")
     if metas.get("s4") and "chrf" in metas["s4"].get("after", {}):
-        lines += [f"s4 translation of held-out pairs: chrF {_change(metas['s4'], 'chrf', 2)}.", ""]
+        # Corpus chrF pools the pairs' n-gram counts; the verdict tests the mean of per-pair chrF (paired over pairs).
+        lines += [f"s4 translation of held-out pairs: corpus chrF {_change(metas['s4'], 'chrf', 2)} (the verdict "
+                  f"below tests the mean of each pair's chrF, paired).", ""]
     if metas.get("s5"):
         lines += [f"s5 reasoning on the Korean dev exam: strict format compliance "
                   f"{_change(metas['s5'], 'reasoning_compliance')} (looser extraction "
