@@ -142,6 +142,32 @@ def test_guard_failure_runs_recovery_then_stops_with_the_best_state(gated_run, t
     assert "ended with status 'guard_failed'" in capsys.readouterr().err
 
 
+def test_a_guard_passed_after_recovery_keeps_the_measures_of_the_kept_state(gated_run, tiny_dir, tmp_path,
+                                                                           monkeypatch):
+    run_dir = copy_run(gated_run, tmp_path / "recovered")
+    for name in ("s1_1", "s2"):
+        assert stage(name, run_dir, tiny_dir) == 0
+    real, calls = sl.guard_check, {"n": 0}
+
+    def fails_first(*args, **kwargs):  # the trained state fails, the first recovery round passes
+        calls["n"] += 1
+        return {**real(*args, **kwargs), "passed": False} if calls["n"] == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(sl, "guard_check", fails_first)
+    assert stage("s3", run_dir, tiny_dir, "--tolerance", "1") == 0
+    m = meta(run_dir, "s3")
+    assert m["guard"]["passed"] and m["guard"]["rounds"] == 1 and "after_training" in m["guard"]
+    # "after" is the kept state's: its English measures come from the guard's last check, the rest measured anew
+    model, tokenizer, _ = sl.load_run_model_after(run_dir, "s3", "cpu", model=str(tiny_dir))
+    opts = sl.StageOptions(run_dir=str(run_dir), max_len=1024)
+    fresh = sl.measure(model, tokenizer, run_dir, sl.load_run_data(run_dir), opts)
+    assert set(m["after"]) == set(fresh)
+    for key in ("ko_correct", "en_correct"):
+        assert m["after"][key] == fresh[key], key
+    for key in ("ko_losses", "en_losses", "drifts"):
+        assert m["after"][key] == pytest.approx(fresh[key], abs=1e-4), key
+
+
 def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, tmp_path, monkeypatch, capsys):
     straight = copy_run(gated_run, tmp_path / "straight")
     killed = copy_run(gated_run, tmp_path / "killed")
