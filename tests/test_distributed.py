@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 import distributed_worker as worker
 from engine.errors import MedkoError
 
+# Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -22,6 +22,9 @@ from engine.model_card import RunSummary
 from engine.tokenizer import chat_prompt
 from test_adapters import mixed_ids, perturb, rel_err
 
+# Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
+pytestmark = pytest.mark.xdist_group("real-270m")
+
 ROOT = Path(__file__).resolve().parents[1]
 KO = ["정답은 C입니다", "답은 A", "정답：B 정답은 D입니다"]
 EN = ["The answer is C.", "First-line drug: A", "ECG shows ST elevation"]

@@ -24,6 +24,9 @@ from engine.generate import generate_ids
 from engine.model import PRESETS
 from engine.tokenizer import Tokenizer
 
+# Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
+pytestmark = pytest.mark.xdist_group("real-270m")
+
 
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 128, 2, 1, 32, 2

@@ -17,6 +17,9 @@ import pytest
 
 from conftest import hub_env
 
+# Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
+pytestmark = pytest.mark.xdist_group("hub-rehearsal")
+
 ROOT = Path(__file__).resolve().parents[1]
 FEW_TOKENS = ["--max-new-tokens", "8"]
 

@@ -12,6 +12,9 @@ from engine.checkpoints import load_base, read_checkpoint
 from engine.data import Source, load_texts, parse_field_map
 from engine.errors import MedkoError
 
+# Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
+pytestmark = pytest.mark.xdist_group("hub-rehearsal")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
