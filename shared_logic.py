@@ -610,18 +610,12 @@ class StageRun:
         s2 = stage_meta(self.run_dir, "s2")
         reference = s2["english_reference"] if s2 else None
         reference = reference if reference is not None else stage_meta(self.run_dir, "s1")["scores"][self.base["size"]]
-        exam, floor = self.dev("en"), min(o.gate, reference)
-
-        english: list[dict[str, Any]] = []  # each re-check's English measures: the kept state's "after" reuses them
+        floor, english_parts = min(o.gate, reference), ("en_exam", "en_text")
+        english: dict[str, Any] = {}  # the last re-check's English measures: the kept state's "after" reuses them
 
         def check() -> dict[str, Any]:
-            model.eval()
-            scored = evaluate(model, tokenizer, exam, "logits", "en", progress=False)
-            correct = [e["correct"] for e in scored.predictions]
-            en_losses, drifts = losses_and_drift(model, tokenizer, self.data.en_heldout, o.max_len)
-            english.append({"en_accuracy": scored.accuracy, "en_correct": correct, "en_loss": mean(en_losses),
-                            "en_losses": _rounded(en_losses), "drift": mean(drifts), "drifts": _rounded(drifts)})
-            return guard_check(correct, drifts, floor, o.tolerance, o.drift_bound)
+            english.update(self.measure(model, tokenizer, english_parts))
+            return guard_check(english["en_correct"], english["drifts"], floor, o.tolerance, o.drift_bound)
 
         rank = lambda c: (c["passed"], c["accuracy"], -c["drift"])  # noqa: E731
         checks = [guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)]  # this state
@@ -651,8 +645,8 @@ class StageRun:
         if rounds:
             guard["after_training"] = after
             if passed:  # the last check measured English on the kept state: measure the rest
-                rest = [p for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if p not in ("en_exam", "en_text")]
-                after = {**self.measure(model, tokenizer, rest), **english[-1]}
+                rest = [p for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if p not in english_parts]
+                after = {**self.measure(model, tokenizer, rest), **english}
             else:
                 after = self.measure(model, tokenizer)
         return after, guard
