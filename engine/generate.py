@@ -54,23 +54,49 @@ def _join(model: Gemma3, cache: KVCache | None, new: KVCache, capacity: int) -> 
     return joined
 
 
+def lookup_draft(context: Sequence[int], limit: int, ngrams: Sequence[int] = (3, 2)) -> list[int]:
+    """Prompt-lookup drafting: the up to `limit` tokens that followed the latest earlier occurrence of the
+    context's last n tokens (n tried longest first), or [] when none occurred. Greedy decoding that loops or
+    copies from its prompt is predicted exactly; a wrong draft only costs the wider forward pass."""
+    for n in ngrams:
+        if limit <= 0 or len(context) <= n:
+            continue
+        tail = list(context[-n:])
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start] == tail[0] and list(context[start:start + n]) == tail:
+                return list(context[start + n:start + n + limit])
+    return []
+
+
 @torch.no_grad()
 def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
                  pad_id: int, allowed_vocab: int, stop_check: Callable[[list[int]], bool] | None = None,
-                 batch_size: int | None = None, on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+                 batch_size: int | None = None, on_done: Callable[[int], None] | None = None,
+                 lookahead: int = 8) -> list[list[int]]:
     """Greedy continuations of token rows, decoded `batch_size` rows at a time with one KV cache.
 
     A row ends at a stop id (not included), when stop_check(row_ids) says so, or at max_new_tokens; it then
     leaves the batch (its cache rows are dropped, and the head and layers run only for rows still decoding),
     and waiting rows join in its place. Rows start longest first, so a joining prompt fits the cache's length.
     on_done(i) is called as row i finishes.
+
+    Each step feeds every row its next token and, when every row has one, up to `lookahead` drafted tokens
+    (lookup_draft over its prompt and output). The step keeps each row's argmax up to the first drafted token
+    that differs from it, the same for all rows (the fewest any row kept), and rolls the cache back past the
+    rest: the greedy tokens, several per forward pass while drafts hold. lookahead=0 decodes one at a time.
     """
     device = model_device(model)
     batch_size = batch_size or len(rows)
     waiting = sorted(range(len(rows)), key=lambda i: -len(rows[i]))[::-1]  # popped from the end: longest first
     out: list[list[int]] = [[] for _ in rows]
     active: list[int] = []
-    cache, hidden = None, None
+    pending: list[list[int]] = []  # per active row, the greedy tokens chosen but not yet appended
+    cache = None
+
+    def argmax(hidden: torch.Tensor) -> torch.Tensor:
+        # Embedding rows past the tokenizer's vocabulary are padding and never generated.
+        return model.logits(hidden)[..., :allowed_vocab].argmax(-1)
+
     while waiting or active:
         if waiting and len(active) < batch_size:
             joining = [waiting.pop() for _ in range(min(batch_size - len(active), len(waiting)))]
@@ -78,28 +104,39 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
             prefill = KVCache(model.config, len(joining), ids.shape[1], model_dtype(model), device)
             first = model(ids, mask, cache=prefill, return_logits=False).hidden[:, -1]
             cache = _join(model, cache, prefill, max_new_tokens)
-            hidden = first if hidden is None else torch.cat([hidden, first])
+            pending += [[t] for t in argmax(first).tolist()]
             active += joining
-        # Embedding rows past the tokenizer's vocabulary are padding and never generated.
-        nxt = model.logits(hidden)[:, :allowed_vocab].argmax(-1).tolist()
         going = []
-        for slot, (i, token) in enumerate(zip(active, nxt)):
-            if token not in stop_ids:
+        for slot, i in enumerate(active):
+            for token in pending[slot]:
+                if token in stop_ids:
+                    break
                 out[i].append(token)
-                if len(out[i]) < max_new_tokens and not (stop_check is not None and stop_check(out[i])):
-                    going.append(slot)
-                    continue
+                if len(out[i]) >= max_new_tokens or (stop_check is not None and stop_check(out[i])):
+                    break
+            else:
+                going.append(slot)
+                continue
             if on_done is not None:
                 on_done(i)
         if len(going) < len(active):
-            keep = torch.tensor(going, dtype=torch.long, device=device)
-            _keep_rows(cache, keep)
-            active, hidden = [active[s] for s in going], hidden[keep]
-        if active:
-            step = torch.tensor([nxt[s] for s in going], device=device)[:, None]
-            hidden = model(step, torch.ones_like(step, dtype=torch.bool), cache=cache, return_logits=False).hidden[:, -1]
-        else:
-            cache, hidden = None, None
+            _keep_rows(cache, torch.tensor(going, dtype=torch.long, device=device))
+            active = [active[s] for s in going]
+        if not active:
+            cache, pending = None, []
+            continue
+        # The cache holds each row's prompt and all but its last output token; a row may take max_new_tokens.
+        room = min([lookahead] + [max_new_tokens - len(out[i]) for i in active])
+        drafts = [lookup_draft(rows[i] + out[i], room) for i in active]
+        width = min(len(d) for d in drafts)
+        step = torch.tensor([[out[i][-1]] + d[:width] for i, d in zip(active, drafts)], device=device)
+        length, position = cache.length, cache.next_position.clone()
+        chosen = argmax(model(step, torch.ones_like(step, dtype=torch.bool), cache=cache,
+                              return_logits=False).hidden)
+        # kept: drafted tokens equal to the argmax before them, counted up to the first that is not
+        kept = int((step[:, 1:] == chosen[:, :-1]).long().cumprod(-1).sum(-1).min()) if width else 0
+        cache.length, cache.next_position = length + 1 + kept, position + 1 + kept
+        pending = chosen[:, :kept + 1].tolist()
     return out
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine.checkpoints import load_model
-from engine.generate import generate, generate_ids, left_pad
+from engine.generate import generate, generate_ids, left_pad, lookup_draft
 from engine.model import KVCache
 from engine.tokenizer import chat_prompt
 
@@ -28,6 +28,39 @@ def test_cached_batched_generation_equals_full_forward_loop(tiny_dir, tiny_token
     for row, ids in zip(rows, got):
         assert ids == naive_greedy(model, row, 20, stop, tiny_tokenizer.vocab_size)
     assert max(len(g) for g in got) > 0
+
+
+def test_lookup_draft_copies_what_followed_the_latest_earlier_ngram():
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 4) == [7, 8, 1, 2]  # the latest match, longest n
+    assert lookup_draft([5, 2, 3, 6, 4, 2, 3], 2) == [6, 4]  # only the last two tokens recur
+    assert lookup_draft([1, 2, 3, 4], 3) == []  # nothing recurs
+    assert lookup_draft([7, 7, 7], 5) == [7]  # a loop predicts itself, up to the context's end
+    assert lookup_draft([1, 2, 1, 2], 0) == []
+
+
+def forward_calls(model) -> list[int]:
+    """Counts the model's forward passes (a list, so a test reads it after the calls)."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_drafted_decoding_equals_one_token_at_a_time_in_fewer_passes(tiny_dir, tiny_tokenizer):
+    """Prompt-lookup drafts on a model that loops (as greedy decoding of this random model does) and on prompts
+    that repeat: the same tokens as lookahead=0, for several batch sizes, in fewer forward passes."""
+    model = load_model(tiny_dir)
+    texts = ["abc abc abc abc abc", "정답은 B입니다 정답은 B입니다 and a longer tail past the window", "x",
+             "Q: what? A: what? A:", "a much longer prompt that runs well beyond the tiny sliding window of eight"]
+    rows = tiny_tokenizer.encode_batch(texts)
+    args = ({tiny_tokenizer.eos_id}, tiny_tokenizer.pad_id, tiny_tokenizer.vocab_size)
+    calls = forward_calls(model)
+    for batch_size in (1, 2, None):
+        calls[0] = 0
+        plain = generate_ids(model, rows, 40, *args, batch_size=batch_size, lookahead=0)
+        plain_calls, calls[0] = calls[0], 0
+        assert generate_ids(model, rows, 40, *args, batch_size=batch_size) == plain
+        assert calls[0] < 0.75 * plain_calls, (batch_size, calls[0], plain_calls)
+    assert plain == [naive_greedy(model, row, 40, args[0], tiny_tokenizer.vocab_size) for row in rows]
 
 
 @torch.no_grad()
