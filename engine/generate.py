@@ -54,6 +54,11 @@ def _join(model: Gemma3, cache: KVCache | None, new: KVCache, capacity: int) -> 
     return joined
 
 
+# Drafts are fed while a pass holds at most this many tokens: up to there a decoding pass costs about what a
+# one-token pass does (reading the weights dominates), so a wrong draft costs little; a full batch gets none.
+PASS_TOKENS = 16
+
+
 def lookup_draft(context: Sequence[int], limit: int, ngrams: Sequence[int] = (3, 2)) -> list[int]:
     """Prompt-lookup drafting: the up to `limit` tokens that followed the latest earlier occurrence of the
     context's last n tokens (n tried longest first), or [] when none occurred. Greedy decoding that loops or
@@ -81,9 +86,10 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
     on_done(i) is called as row i finishes.
 
     Each step feeds every row its next token and, when every row has one, up to `lookahead` drafted tokens
-    (lookup_draft over its prompt and output). The step keeps each row's argmax up to the first drafted token
-    that differs from it, the same for all rows (the fewest any row kept), and rolls the cache back past the
-    rest: the greedy tokens, several per forward pass while drafts hold. lookahead=0 decodes one at a time.
+    (lookup_draft over its prompt and output) while the pass stays within PASS_TOKENS tokens. The step keeps
+    each row's argmax up to the first drafted token that differs from it, the same for all rows (the fewest any
+    row kept), and rolls the cache back past the rest: the greedy tokens, several per forward pass while drafts
+    hold. lookahead=0 decodes one token at a time.
     """
     device = model_device(model)
     batch_size = batch_size or len(rows)
@@ -126,7 +132,7 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
             cache, pending = None, []
             continue
         # The cache holds each row's prompt and all but its last output token; a row may take max_new_tokens.
-        room = min([lookahead] + [max_new_tokens - len(out[i]) for i in active])
+        room = min([lookahead, PASS_TOKENS // len(active) - 1] + [max_new_tokens - len(out[i]) for i in active])
         drafts = [lookup_draft(rows[i] + out[i], room) for i in active]
         width = min(len(d) for d in drafts)
         step = torch.tensor([[out[i][-1]] + d[:width] for i, d in zip(active, drafts)], device=device)
