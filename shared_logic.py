@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from engine import distributed
 from engine.adapters import (additions_state_dict, apply_surgery, load_additions, teacher_layer_map,
                              teacher_states)
 from engine.checkpoints import SIZES, load_base
 from engine import sources
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
+from engine.data import (KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
                          parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
@@ -370,12 +371,14 @@ def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, co
     return batch
 
 
-def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every_row: bool = True):
-    """Loss function of a training phase: CE on targets, the per-layer English loss, the letter loss.
+def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every_row: bool = True, ending: int = 0):
+    """Loss function of a training phase: CE on targets, the per-layer English loss, the letter loss and, with
+    `ending`, the answer-line loss: the mean cross-entropy of each row's last `ending` tokens (its answer line and
+    EOS), so that the format a reasoning example ends in weighs as much as its reasoning.
 
-    The per-layer and letter terms are means; each is scaled by the micro-batch's target count so that the
-    trainer's division by the accumulated target tokens leaves it at its weight per update, however many text
-    tokens share the batch (an exam row's letter would otherwise be one token among hundreds). With every_row
+    The per-layer, letter and answer-line terms are means; each is scaled by the micro-batch's target count so
+    that the trainer's division by the accumulated target tokens leaves it at its weight per update, however many
+    text tokens share the batch (an exam row's letter would otherwise be one token among hundreds). With every_row
     False, only rows that end in an answer letter (exam rows among texts) get the letter loss.
     """
     def loss_fn(model: Gemma3, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict[str, float]]:
@@ -402,6 +405,13 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every
                 letter = letter_loss(model, hidden[rows[has]], (eos - 2)[has], letters, gold)
                 loss = loss + letter * share
                 metrics["letter"] = float(letter.detach())
+            if ending and has.any():
+                # position p predicts token p + 1: the ending's tokens eos-ending+1 .. eos, from eos-ending .. eos-1
+                at = (eos[has, None] - torch.arange(ending, 0, -1, device=ids.device)).flatten()
+                r = rows[has].repeat_interleave(ending)
+                answer_line = F.cross_entropy(model.logits(hidden[r, at]).float(), ids[r, at + 1])
+                loss = loss + answer_line * share
+                metrics["answer_line"] = float(answer_line.detach())
         if "en_input_ids" in batch and weight:
             en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
             student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
@@ -445,6 +455,15 @@ def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) 
     return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
                                [f" {r.reasoning.strip()}" for r in rows],
                                [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
+
+
+def answer_line_tokens(tokenizer: Tokenizer) -> int:
+    """Tokens of the answer line reasoning examples end in, with their EOS: what s5's answer-line loss covers."""
+    counts = {len(tokenizer.encode(f"\n{ANSWER_CUE['ko']} {letter}", bos=False)) + 1 for letter in LETTERS}
+    if len(counts) != 1:
+        raise MedkoError(f"the answer line is {sorted(counts)} tokens long depending on its letter; this tokenizer "
+                         f"needs one length")
+    return counts.pop()
 
 
 @torch.no_grad()

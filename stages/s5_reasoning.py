@@ -1,5 +1,5 @@
 """s5 reasoning: the Korean train exam in a reasoning format ending in a one-letter answer (cross-entropy
-plus a letter loss, with the per-layer English loss); format compliance and accuracy on the Korean dev
+plus a letter loss and an answer-line loss, with the per-layer English loss); format compliance and accuracy on the Korean dev
 exam; then the English guard.
 """
 import sys
@@ -24,8 +24,9 @@ def main(run: sl.StageRun) -> None:
 
     before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}
     config = run.train_config()
-    letters = sl.letter_token_ids(tokenizer, chat=False)
-    phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight, letters),
+    loss = sl.stage_loss(opts.layer_loss, opts.layer_weight, sl.letter_token_ids(tokenizer, chat=False),
+                         ending=sl.answer_line_tokens(tokenizer))
+    phase = run.train_phase("train", model, patterns, loss,
                             sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     after.update(reasoning_scores())  # scored on the state the stage keeps, after any guard recovery

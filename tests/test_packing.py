@@ -68,7 +68,7 @@ def test_stage_loss_with_letters_and_layer_loss_is_the_same_packed(model, tiny_t
     reasoning, _ = sl.reasoning_examples(tiny_tokenizer, rows, 128)
     english = sl.text_examples(tiny_tokenizer, [f"english text {'y' * i}" for i in range(6)], 128)
     letters = sl.letter_token_ids(tiny_tokenizer, chat=False)
-    loss_fn = sl.stage_loss("mse", 1.0, letters)
+    loss_fn = sl.stage_loss("mse", 1.0, letters, ending=sl.answer_line_tokens(tiny_tokenizer))
     sums = []
     for packed in (False, True):
         config = TrainConfig(batch_size=6, max_len=128, pack=packed)
@@ -77,7 +77,8 @@ def test_stage_loss_with_letters_and_layer_loss_is_the_same_packed(model, tiny_t
         sums.append((float(loss.detach()), count, metrics))
     (a, na, ma), (b, nb, mb) = sums
     assert na == nb and abs(a - b) <= 1e-5 * abs(a)
-    assert ma["letter"] == pytest.approx(mb["letter"], rel=1e-5) and ma["layer"] == pytest.approx(mb["layer"], rel=1e-5)
+    for term in ("letter", "answer_line", "layer"):
+        assert ma[term] == pytest.approx(mb[term], rel=1e-5), term
 
 
 def test_packed_batches_hold_the_unpacked_examples_and_stay_pure(examples):

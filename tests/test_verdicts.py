@@ -1,4 +1,5 @@
-"""The curriculum's judgements: each stage's purpose decided above noise, and s1.1's letter loss on exam rows."""
+"""The curriculum's judgements: each stage's purpose decided above noise; s1.1's letter loss on exam rows and s5's
+answer-line loss on reasoning rows."""
 import pytest
 import torch
 
@@ -51,6 +52,29 @@ def test_exam_rows_among_texts_carry_the_letter_loss(tiny_model, tiny_tokenizer)
     with pytest.raises(sl.MedkoError, match="answer-letter"):
         sl.stage_loss("mse", 0.0, letters)(tiny_model, batch)
     assert torch.isfinite(loss)
+
+
+def test_reasoning_rows_carry_the_answer_line_loss_of_their_last_tokens(tiny_model, tiny_tokenizer):
+    """s5's answer-line loss is the mean cross-entropy of each row's answer line and EOS, weighted as one unit."""
+    rows = [MCQ(id=f"x/train/{i}", subset="x", question=f"Q {i}?", options={L: L.lower() for L in "ABCDE"},
+                answer="ACE"[i], reasoning="because " * (1 + 3 * i)) for i in range(3)]
+    examples, _ = sl.reasoning_examples(tiny_tokenizer, rows, 128)
+    batch = collate(examples)
+    ending = sl.answer_line_tokens(tiny_tokenizer)
+    letters = sl.letter_token_ids(tiny_tokenizer, chat=False)
+    loss, count, metrics = sl.stage_loss("mse", 0.0, letters, ending=ending)(tiny_model, batch)
+    plain, _, plain_metrics = sl.stage_loss("mse", 0.0, letters)(tiny_model, batch)
+    assert "answer_line" not in plain_metrics
+    assert float(loss.detach()) == pytest.approx(float(plain.detach()) + metrics["answer_line"] * count, rel=1e-5)
+    with torch.no_grad():
+        logits = tiny_model(batch["input_ids"], batch["attention_mask"]).logits
+    by_hand = []
+    for i, e in enumerate(examples):
+        last = len(e.ids) - 1  # EOS
+        assert tiny_tokenizer.decode(e.ids[last - ending + 1:last]).strip() == f"정답： {rows[i].answer}"
+        by_hand += [torch.nn.functional.cross_entropy(logits[i, p], batch["input_ids"][i, p + 1])
+                    for p in range(last - ending, last)]
+    assert metrics["answer_line"] == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-5)
 
 
 def test_held_out_sets_come_from_their_own_files_and_never_overlap_training(tmp_path):
