@@ -372,6 +372,13 @@ def teacher_mode(model: Gemma3, adapter: str = "teacher") -> Iterator[Gemma3]:
         model.train(was_training)
 
 
+def is_teacher(model: Gemma3, adapter: str = "teacher") -> bool:
+    """True when the model is its own teacher as it stands: no addition is on that teacher_mode would turn off."""
+    lang = model.language_embedding
+    return (all(m.active == {adapter} & set(m.specs) for m in lora_modules(model))
+            and (lang is None or not lang.enabled) and not any(layer.added for layer in model.layers))
+
+
 def teacher_states(model: Gemma3, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """Hidden states of the frozen teacher: the same modules with the student's additions off."""
     with torch.no_grad(), teacher_mode(model):

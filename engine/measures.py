@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import distributed
-from engine.adapters import teacher_mode
+from engine.adapters import is_teacher, teacher_mode
 from engine.losses import token_losses
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer
@@ -72,7 +72,8 @@ def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], 
     engine.adapters.teacher_mode) at up to `positions` positions spread evenly over each text, `chunk` positions
     of the batch's texts at a time: each position costs two full [vocab] head rows, which on a CPU would otherwise
     cost more than the forward passes. The forward KL is the distillation direction: it grows when the model drops
-    mass the teacher put somewhere.
+    mass the teacher put somewhere. A model that is its own teacher (no addition on) has no drift: every text's is
+    0.0, and the teacher's pass and the drift's head rows are skipped.
     """
     pairs = distributed.split_work(lambda part: list(zip(*_losses_and_drift(model, tokenizer, part, max_len,
                                                                            batch_size, positions, chunk))), texts, model)
@@ -88,9 +89,12 @@ def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str],
     for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
         ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         student = model(ids, mask, return_logits=False).hidden
+        losses += _per_text(*token_losses(model, student, ids, targets), len(ids))
+        if is_teacher(model):
+            drifts += [0.0] * len(ids)
+            continue
         with teacher_mode(model):
             teacher = model(ids, mask, return_logits=False).hidden
-        losses += _per_text(*token_losses(model, student, ids, targets), len(ids))
         # Position t predicts token t + 1: the last real position predicts nothing and is left out.
         picked = [_spread(int(mask[i].sum()) - 1, positions).to(ids.device) for i in range(len(ids))]
         rows = torch.cat([torch.full_like(p, i) for i, p in enumerate(picked)])

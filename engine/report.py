@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.files import atomic_write, write_text_atomic
-from engine.stats import accuracy_summary
+from engine.stats import accuracy_summary, describe, judge
 
 # (name, title, directory) of each stage in run order, as the curriculum's stage table gives them.
 StageRows = Sequence[tuple[str, str, str]]
@@ -125,6 +125,12 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
         # Corpus chrF pools the pairs' n-gram counts; the verdict tests the mean of per-pair chrF (paired over pairs).
         lines += [f"s4 translation of held-out pairs: corpus chrF {_change(metas['s4'], 'chrf', 2)} (the verdict "
                   f"below tests the mean of each pair's chrF, paired).", ""]
+    start, end = (metas.get("s2") or {}).get("before", {}), (metas.get("s5") or {}).get("after", {})
+    if "ko_correct" in start and "ko_correct" in end and len(start["ko_correct"]) == len(end["ko_correct"]):
+        # Measured where the curriculum starts and ends only: the stages between skip the Korean dev exam.
+        j = judge("accuracy", start["ko_correct"], end["ko_correct"], "up")
+        lines += [f"Korean dev accuracy across the curriculum (entering s2 → after s5, logits): "
+                  f"{describe('accuracy', j)}.", ""]
     if metas.get("s5"):
         lines += [f"s5 reasoning on the Korean dev exam: strict format compliance "
                   f"{_change(metas['s5'], 'reasoning_compliance')} (looser extraction "
@@ -154,9 +160,9 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
         m = metas.get(stage)
         if m and "after" in m:
             names.append(short[stage])
-            ko.append(m["after"]["ko_accuracy"])
+            ko.append(m["after"].get("ko_accuracy", float("nan")))  # measured at the curriculum's ends only
             en.append(m["after"]["en_accuracy"])
-    acc_ax.plot(names, ko, "o-", label="Korean dev")
+    acc_ax.plot([n for n, k in zip(names, ko) if k == k], [k for k in ko if k == k], "o-", label="Korean dev")
     acc_ax.plot(names, en, "s-", label="English dev")
     acc_ax.set_ylim(0, 1)
     acc_ax.set_title("accuracy after each stage")

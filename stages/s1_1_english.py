@@ -12,10 +12,12 @@ import shared_logic as sl  # noqa: E402
 def main(run: sl.StageRun) -> None:
     opts, data = run.opts, run.data
     model, tokenizer = run.load_previous()
+    # What s1.1 is judged on, measured before lora1 exists (a zero adapter changes nothing): the model is then its
+    # own teacher, so its drift is 0 without a teacher pass. s2 reads s1.1's "after".
+    before = run.measure(model, tokenizer, ("en_exam", "en_text"))
     sl.add_lora(model, "lora1", rank=opts.lora_rank, alpha=opts.lora_alpha)
     examples = (sl.exam_examples(tokenizer, run.english_exam("train"), "en", opts.max_len)
                 + sl.exam_examples(tokenizer, data.en_mcq, "en", opts.max_len) + run.text(tokenizer, data.en_text))
-    before = run.measure(model, tokenizer, ("en_exam", "en_text"))  # what s1.1 is judged on; s2 reads its "after"
     # Exam rows also carry the letter loss, so their answers weigh as much as a text's tokens do.
     letter_rows = sl.stage_loss(opts.layer_loss, 0.0, sl.letter_token_ids(tokenizer, chat=False), every_row=False)
     budget = run.steps()

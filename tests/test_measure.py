@@ -27,3 +27,25 @@ def test_drift_runs_in_bounded_batches_and_matches_one_batch(tiny_model, tiny_to
     assert all(d > 0 for d in batched[1])
     for a, b in zip(batched, whole):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_a_model_that_is_its_own_teacher_has_zero_drift_without_a_teacher_pass(tiny_model, tiny_tokenizer,
+                                                                                 monkeypatch):
+    from engine.adapters import is_teacher
+
+    texts = [f"text number {i} " * (1 + i % 3) for i in range(6)]
+    assert is_teacher(tiny_model)
+    add_lora(tiny_model, "lora1", rank=2, alpha=4.0)  # zero at the start: the same logits, the drift computed
+    assert not is_teacher(tiny_model)
+    computed = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64)
+    assert max(computed[1]) < 1e-6
+    for m in tiny_model.modules():  # every adapter off: its own teacher again
+        if hasattr(m, "active"):
+            m.active.clear()
+    assert is_teacher(tiny_model)
+    passes = []
+    forward = type(tiny_model).forward
+    monkeypatch.setattr(type(tiny_model), "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    skipped = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64)
+    assert len(passes) == 1 and skipped[1] == [0.0] * len(texts)  # the student's pass only
+    assert skipped[0] == pytest.approx(computed[0], rel=1e-6)
