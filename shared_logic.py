@@ -485,6 +485,14 @@ class StageRun:
         rows = self.data.exam["dev"] if lang == "ko" else self.english_exam("dev")
         return limited(rows, self.opts.eval_limit)
 
+    def gate_english(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
+        """The English dev exam's answers as s1 scored the chosen base (the model s1.1 starts from), else scored."""
+        gate = stage_meta(self.run_dir, "s1") or {}
+        correct = gate.get("en_correct", {}).get(gate.get("chosen"))
+        if correct is None or len(correct) != len(self.dev("en")):
+            return self.measure(model, tokenizer, ("en_exam",))
+        return {"en_accuracy": mean(correct), "en_correct": correct}
+
     def load_previous(self) -> tuple[Gemma3, Tokenizer]:
         """The model this stage starts from: the base with the previous stage's surgery and additions."""
         o = self.opts

@@ -57,6 +57,9 @@ def _join(model: Gemma3, cache: KVCache | None, new: KVCache, capacity: int) -> 
 # Drafts are fed while a pass holds at most this many tokens: up to there a decoding pass costs about what a
 # one-token pass does (reading the weights dominates), so a wrong draft costs little; a full batch gets none.
 PASS_TOKENS = 16
+# Prompts joining the batch are prefilled this many at a time, so a short prompt is not padded to a long one's length
+# (64 reasoning prompts of 64 to 162 tokens padded as one are 58% padding).
+PREFILL_ROWS = 16
 
 
 def lookup_draft(context: Sequence[int], limit: int, ngrams: Sequence[int] = (3, 2)) -> list[int]:
@@ -106,12 +109,15 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
     while waiting or active:
         if waiting and len(active) < batch_size:
             joining = [waiting.pop() for _ in range(min(batch_size - len(active), len(waiting)))]
-            ids, mask = left_pad([rows[i] for i in joining], pad_id, device)
-            prefill = KVCache(model.config, len(joining), ids.shape[1], model_dtype(model), device)
-            first = model(ids, mask, cache=prefill, return_logits=False).hidden[:, -1]
-            cache = _join(model, cache, prefill, max_new_tokens)
-            pending += [[t] for t in argmax(first).tolist()]
-            active += joining
+            # Prefilled PREFILL_ROWS at a time: rows of like length (they come longest first) pad little.
+            for start in range(0, len(joining), PREFILL_ROWS):
+                part = joining[start:start + PREFILL_ROWS]
+                ids, mask = left_pad([rows[i] for i in part], pad_id, device)
+                prefill = KVCache(model.config, len(part), ids.shape[1], model_dtype(model), device)
+                first = model(ids, mask, cache=prefill, return_logits=False).hidden[:, -1]
+                cache = _join(model, cache, prefill, max_new_tokens)
+                pending += [[t] for t in argmax(first).tolist()]
+                active += part
         going = []
         for slot, i in enumerate(active):
             for token in pending[slot]:

@@ -12,9 +12,9 @@ import shared_logic as sl  # noqa: E402
 def main(run: sl.StageRun) -> None:
     opts, data = run.opts, run.data
     model, tokenizer = run.load_previous()
-    # What s1.1 is judged on, measured before lora1 exists (a zero adapter changes nothing): the model is then its
-    # own teacher, so its drift is 0 without a teacher pass. s2 reads s1.1's "after".
-    before = run.measure(model, tokenizer, ("en_exam", "en_text"))
+    # What s1.1 is judged on, before lora1 exists (a zero adapter changes nothing): the English dev answers s1 gave
+    # for this very model, and the held-out texts, where the model is its own teacher (drift 0, no teacher pass).
+    before = {**run.gate_english(model, tokenizer), **run.measure(model, tokenizer, ("en_text",))}
     sl.add_lora(model, "lora1", rank=opts.lora_rank, alpha=opts.lora_alpha)
     examples = (sl.exam_examples(tokenizer, run.english_exam("train"), "en", opts.max_len)
                 + sl.exam_examples(tokenizer, data.en_mcq, "en", opts.max_len) + run.text(tokenizer, data.en_text))

@@ -13,7 +13,7 @@ import shared_logic as sl  # noqa: E402
 def main(run: sl.StageRun) -> None:
     opts, candidates = run.opts, sl.gate_candidates(run.opts)
     reference = sl.reference_translations(run.run_dir, opts)
-    scores, translated_with, translation = {}, None, {}
+    scores, correct, translated_with, translation = {}, {}, None, {}
     for name in reversed(candidates):  # the largest translates, as it translates best
         model, tokenizer, path = sl.load_candidate(name, opts)
         if translated_with is None:
@@ -25,13 +25,14 @@ def main(run: sl.StageRun) -> None:
                                              batch_size=16, max_new_tokens=opts.translate_tokens, progress=True,
                                              model_id=str(path), stats=translation))
                 sl.write_jsonl_atomic([sl.mcq_record(r) for r in english], run.out / f"en_exam_{split}.jsonl")
-        scores[name] = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=True).accuracy
+        report = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=True)
+        scores[name], correct[name] = report.accuracy, [p["correct"] for p in report.predictions]
         sl.log.info("gate: %s scores %.3f on the English dev exam (gate %.2f)", name, scores[name], opts.gate)
         del model
     passing = [c for c in candidates if scores[c] >= opts.gate]
     chosen = passing[0] if passing else max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
     sl.log.info("gate: chose %s; every later stage builds on it, whatever --size it is given", chosen)
-    run.save(None, {"scores": scores, "gate": opts.gate, "chosen": chosen,
+    run.save(None, {"scores": scores, "en_correct": correct, "gate": opts.gate, "chosen": chosen,
                     "base": {"size": "270m" if opts.model else chosen, "model": opts.model},
                     "needs_english": not passing, "translated_with": translated_with, "translation": translation})
 

@@ -89,7 +89,12 @@ def lockstep_greedy(model, rows, max_new_tokens, stop_ids, pad_id, vocab, stop_c
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7, None])
-def test_rows_leave_and_join_the_batch_without_changing_any_output(tiny_dir, tiny_tokenizer, batch_size):
+@pytest.mark.parametrize("prefill_rows", [3, 16])
+def test_rows_leave_and_join_the_batch_without_changing_any_output(tiny_dir, tiny_tokenizer, batch_size,
+                                                                   prefill_rows, monkeypatch):
+    import engine.generate
+
+    monkeypatch.setattr(engine.generate, "PREFILL_ROWS", prefill_rows)  # 3: joining rows prefill in parts
     model = load_model(tiny_dir)
     texts = ["abc", "정답은 B입니다 and a longer tail past the window", "x", "Q: what? A:", "zz top",
              "a much longer prompt that runs well beyond the tiny sliding window of eight", "B.", "hello"]
