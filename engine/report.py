@@ -19,9 +19,9 @@ StageRows = Sequence[tuple[str, str, str]]
 
 def _change(meta: dict[str, Any], key: str, digits: int = 3) -> str:
     before, after = meta.get("before", {}).get(key), meta.get("after", {}).get(key)
-    if before is None or after is None:
+    if after is None:
         return "–"
-    return f"{before:.{digits}f} → {after:.{digits}f}"
+    return f"{'–' if before is None else f'{before:.{digits}f}'} → {after:.{digits}f}"
 
 
 def _accuracy(summary: dict[str, float]) -> str:
