@@ -60,7 +60,6 @@ def test_drafted_decoding_equals_one_token_at_a_time_in_fewer_passes(tiny_dir, t
         plain_calls, calls[0] = calls[0], 0
         assert generate_ids(model, rows, 40, *args, batch_size=batch_size) == plain
         assert calls[0] < 0.75 * plain_calls, (batch_size, calls[0], plain_calls)
-    assert plain == [naive_greedy(model, row, 40, args[0], tiny_tokenizer.vocab_size) for row in rows]
 
 
 @torch.no_grad()
