@@ -18,8 +18,8 @@ from engine.model import Gemma3
 
 def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every_row: bool = True, ending: int = 0):
     """Loss function of a training phase: CE on targets, the per-layer English loss, the letter loss and, with
-    `ending`, the answer-line loss: the mean cross-entropy of each row's last `ending` tokens (its answer line and
-    EOS), so that the format a reasoning example ends in weighs as much as its reasoning.
+    `ending` (and letters), the answer-line loss: the mean cross-entropy of each row's last `ending` tokens (its
+    answer line and EOS), so that the format a reasoning example ends in weighs as much as its reasoning.
 
     The per-layer, letter and answer-line terms are means; each is scaled by the micro-batch's target count so
     that the trainer's division by the accumulated target tokens leaves it at its weight per update, however many
@@ -50,13 +50,13 @@ def stage_loss(kind: str, weight: float, letters: list[int] | None = None, every
                 letter = letter_loss(model, hidden[rows[has]], (eos - 2)[has], letters, gold)
                 loss = loss + letter * share
                 metrics["letter"] = float(letter.detach())
-            if ending and has.any():
-                # position p predicts token p + 1: the ending's tokens eos-ending+1 .. eos, from eos-ending .. eos-1
-                at = (eos[has, None] - torch.arange(ending, 0, -1, device=ids.device)).flatten()
-                r = rows[has].repeat_interleave(ending)
-                answer_line = F.cross_entropy(model.logits(hidden[r, at]).float(), ids[r, at + 1])
-                loss = loss + answer_line * share
-                metrics["answer_line"] = float(answer_line.detach())
+                if ending:
+                    # position p predicts token p + 1: the ending's tokens eos-ending+1 .. eos, from eos-ending .. eos-1
+                    at = (eos[has, None] - torch.arange(ending, 0, -1, device=ids.device)).flatten()
+                    r = rows[has].repeat_interleave(ending)
+                    answer_line = F.cross_entropy(model.logits(hidden[r, at]).float(), ids[r, at + 1])
+                    loss = loss + answer_line * share
+                    metrics["answer_line"] = float(answer_line.detach())
         if "en_input_ids" in batch and weight:
             en_ids, en_mask = batch["en_input_ids"], batch["en_attention_mask"]
             student = model(en_ids, en_mask, output_hidden_states=True, return_logits=False).hidden_states
