@@ -155,15 +155,17 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
     short = {name: title.split()[0] for name, title, _ in stages}
     directory = {name: d for name, _, d in stages}
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    names, ko, en = [], [], []
+    names, en, ko_names, ko = [], [], [], []
     for stage in training:
         m = metas.get(stage)
         if m and "after" in m:
             names.append(short[stage])
-            ko.append(m["after"].get("ko_accuracy", float("nan")))  # measured at the curriculum's ends only
             en.append(m["after"]["en_accuracy"])
-    acc_ax.plot([n for n, k in zip(names, ko) if k == k], [k for k in ko if k == k], "o-", label="Korean dev")
-    acc_ax.plot(names, en, "s-", label="English dev")
+            if "ko_accuracy" in m["after"]:  # measured at the curriculum's ends only
+                ko_names.append(short[stage])
+                ko.append(m["after"]["ko_accuracy"])
+    acc_ax.plot(names, en, "s-", label="English dev")  # first: it names every stage, in order, on the axis
+    acc_ax.plot(ko_names, ko, "o-", label="Korean dev")
     acc_ax.set_ylim(0, 1)
     acc_ax.set_title("accuracy after each stage")
     acc_ax.legend()
