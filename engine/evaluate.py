@@ -91,6 +91,7 @@ def extract_answer(text: str, extraction: str = "medko") -> str | None:
 
 # The answer line s5 trains: the cue, one space, one letter, alone on the generation's last line.
 ANSWER_LINE = re.compile(r"(?:^|\n)정답： ?([ABCDE])\s*$")
+CUE_NAMED = re.compile(r"정답\s*[:：]")  # the cue itself: "정답" inside a word ("비정답", "정답률") is not it
 
 
 def strict_answer(text: str) -> str | None:
@@ -100,7 +101,7 @@ def strict_answer(text: str) -> str | None:
     ("A. ...") is not an answer line, so it does not count as following the format.
     """
     found = ANSWER_LINE.search(text.rstrip())
-    return found.group(1) if found and text.count("정답") == 1 else None
+    return found.group(1) if found and len(CUE_NAMED.findall(text)) == 1 else None
 
 
 @torch.no_grad()

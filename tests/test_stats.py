@@ -77,7 +77,8 @@ def test_chrf_on_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("output", ["비타민 A가 원인이다", "E. coli", "A. 아스피린\nB. 헤파린\nC. 와파린\nD. 디곡신\nE. 아미오다론",
-                                    "정답： C 그리고 설명", "정답： B\n정답： C", "풀이 없이 C"])
+                                    "정답： C 그리고 설명", "정답： B\n정답： C", "정답: B라고 보면\n정답： C", "풀이 없이 C",
+                                    '"정답： C"'])
 def test_strict_answer_line_refuses_what_is_not_the_trained_line(output):
     assert strict_answer(output) is None
 
@@ -85,6 +86,8 @@ def test_strict_answer_line_refuses_what_is_not_the_trained_line(output):
 def test_strict_answer_line_accepts_the_trained_line():
     assert strict_answer("하벽 경색은 우관상동맥이 흔하다.\n정답： C") == "C"
     assert strict_answer("정답：D\n") == "D"
+    # A word that holds 정답 is not the cue (the 270M wrote this after s5, and it was once counted as a second cue)
+    assert strict_answer("비판막성 심방세동은 비정답이다. 비정답은 '아스피린'이다.\n정답： C") == "C"
 
 
 def test_per_text_losses_and_drift(tiny_model, tiny_tokenizer):
