@@ -192,7 +192,8 @@ class StageOptions:
     translate_tokens: int | None = option(None, "most new tokens per translated line, s1's exams and s4's held-out "
                                            "pairs (default: twice the line's source tokens plus 16)", COUNT,
                                            stages=["s1", "s4"])
-    english_rounds: int = option(2, "gate checks within the step budget", COUNT, stages=["s1_1"])
+    english_rounds: int | None = option(None, "gate checks within the step budget (default 2 on 4b and 27b, 1 on "
+                                         "the 270M and --model)", COUNT, stages=["s1_1"])
     korean_delta: bool = option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int | None = option(None, "most new tokens when scoring reasoning (default: the longest trained "
                                            "reasoning with its answer line)", COUNT, stages=["s5"])

@@ -86,6 +86,8 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert meta(run_dir, "s2")["english_reference"] == meta(run_dir, "s2")["before"]["en_accuracy"]
     # s1.1's "before" English answers are s1's for the same model, not a second scoring
     assert meta(run_dir, "s1_1")["before"]["en_correct"] == gate["en_correct"][gate["chosen"]]
+    # one gate check, at the end of the budget: the 270M's defaults (which --model takes) make no check at half of it
+    assert [c["steps"] for c in meta(run_dir, "s1_1")["gate_checks"]] == [2]
     assert meta(run_dir, "s3")["guard"]["passed"] and meta(run_dir, "s3")["guard"]["rounds"] == 0
     s4 = meta(run_dir, "s4")
     assert [e["op"] for e in s4["surgery"]] == ["add_lora", "snapshot_adapter", "add_language_embeddings",
