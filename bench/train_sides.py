@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from engine.adapters import LORA_TARGETS, add_lora, quantize_base_4bit
+from engine.adapters import LORA_TARGETS, add_lora
 from engine.checkpoints import load_model
 from engine.losses import layer_loss
 from engine.examples import Example, pack
@@ -57,9 +57,7 @@ def autocast(device: str) -> contextlib.AbstractContextManager:
 def medko_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Step]:
     """medko as a stage trains: packed rows (trainer.pack) and the stages' own loss (shared_logic.stage_loss: CE,
     plus the per-layer English loss against teacher_mode when the batch carries English rows)."""
-    model = load_model(Path(args.model_dir), device, dtype)
-    if args.quantize:
-        quantize_base_4bit(model)
+    model = load_model(Path(args.model_dir), device, dtype, quantize=bool(args.quantize))
     add_lora(model, "lora1", rank=RANK, alpha=ALPHA, dropout=0.0, targets=LORA_TARGETS)
     set_trainable(model, sl.LORA_PATTERNS)
     same_adapter_init(model)

@@ -190,12 +190,18 @@ def check_4bit(device: torch.device) -> None:
         raise MedkoError("4-bit base weights need a CUDA GPU with bitsandbytes; drop --quantize or run on a GPU")
 
 
-def quantize_base_4bit(model: Gemma3) -> Gemma3:
-    """NF4 base weights (QLoRA) for the projections of the original decoder layers; added layers stay dense."""
-    check_4bit(model_device(model))
+def quantize_base_4bit(model: Gemma3, device: torch.device | str | None = None) -> Gemma3:
+    """NF4 base weights (QLoRA) for the projections of the original decoder layers; added layers stay dense.
+
+    Given a device, each decoder layer moves there and is quantized before the next one moves: a model read on the
+    host never has its whole dense base on the GPU (27B: 54 GB in bf16, 15 GB in NF4). The rest stays where it is.
+    """
+    device = model_device(model) if device is None else torch.device(device)
+    check_4bit(device)
     import bitsandbytes as bnb
 
     for layer in model.layers:
+        layer.to(device)
         if layer.added:
             continue
         for _, proj in _projections(layer, LORA_TARGETS):

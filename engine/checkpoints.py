@@ -108,8 +108,9 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Gemma3:
-    """A Gemma 3 from a local HF-layout directory, built without a second copy of the weights."""
+               dtype: torch.dtype | None = None, quantize: bool = False) -> Gemma3:
+    """A Gemma 3 from a local HF-layout directory, built without a second copy of the weights. quantize: the base
+    projections in NF4, read on the host and moved to the GPU one quantized layer at a time."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dtype = compute_dtype(device, dtype)
@@ -120,8 +121,10 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu",
     if embed is not None and embed.shape[0] != config.vocab_size:
         raise MedkoError(f"{model_dir}: embedding has {embed.shape[0]} rows but config.json says vocab_size "
                          f"{config.vocab_size}; the checkpoint and its config disagree")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    state = {k: v.to(device="cpu" if quantize else device, dtype=dtype) for k, v in state.items()}
     load_strict(model, state, str(model_dir))
+    if quantize:
+        quantize_base_4bit(model, device).to(device)  # then the embedding and the norms
     return model.eval()
 
 
@@ -151,7 +154,5 @@ def load_base(size: str = "270m", model_dir: str | Path | None = None, device: s
         raise MedkoError(f"unknown --quantize {quantize!r}; the only choice is 4bit")
     if quantize:
         check_4bit(device)
-    model = load_model(path, device, dtype)
-    if quantize:
-        quantize_base_4bit(model)
+    model = load_model(path, device, dtype, quantize=quantize == "4bit")
     return model, Tokenizer(path / "tokenizer.json"), path

@@ -561,3 +561,14 @@ def test_4bit_base_trains_lora_close_to_the_dense_model(tiny_model):
     assert model.layers[0].self_attn.q_proj.lora_B["lora1"].grad.abs().max() > 0
     with torch.no_grad():
         assert rel_err(model(ids).logits.float(), dense) < 0.5  # NF4 error, far below a wiring mistake
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes")),
+                    reason="needs a CUDA GPU with bitsandbytes")
+def test_4bit_load_layer_by_layer_equals_quantizing_the_loaded_model(tiny_dir):
+    streamed = load_model(tiny_dir, "cuda", quantize=True)  # read on the host, one layer at a time to the GPU
+    whole = quantize_base_4bit(load_model(tiny_dir, "cuda"))
+    assert all(p.device.type == "cuda" for p in streamed.parameters())
+    ids = torch.randint(3, 500, (2, 20), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, whole(ids).logits)
