@@ -58,6 +58,7 @@ class TrainConfig:
     save_every: int = 100  # steps between checkpoints; one is also written at the end
     gradient_checkpointing: bool = False  # recompute each layer in backward to save activation memory
     device: str = "auto"  # "auto" is cuda when available, else cpu
+    added_lr_scale: float = 1.0  # the rate of added (duplicated) layers' parameters over lr
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every")
@@ -127,12 +128,18 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only, matrices decayed, everything else not."""
+    """AdamW over the trainable parameters only, matrices decayed, everything else not; the parameters of added
+    (duplicated) layers at added_lr_scale times the rate."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise MedkoError("the model has no trainable parameters; call set_trainable(model, patterns) first")
-    groups = [{"params": [p for n, p in params if not _no_decay(n, p)], "weight_decay": config.weight_decay},
-              {"params": [p for n, p in params if _no_decay(n, p)], "weight_decay": 0.0}]
+    added = tuple(f"layers.{i}." for i, layer in enumerate(getattr(model, "layers", ())) if getattr(layer, "added", False))
+    groups = []
+    for scale, in_added in ((1.0, False), (config.added_lr_scale, True)):
+        part = [(n, p) for n, p in params if n.startswith(added) == in_added]  # startswith(()) is False
+        groups += [{"params": [p for n, p in part if not _no_decay(n, p)], "weight_decay": config.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for n, p in part if _no_decay(n, p)], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
@@ -276,7 +283,7 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             updating = True  # an interrupt from here to the end of the update leaves no consistent state
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             if not distributed.sharded(model):  # FSDP2 sums them itself
                 distributed.sum_gradients([p for p in model.parameters() if p.requires_grad])
             grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(

@@ -18,7 +18,7 @@ def main(run: sl.StageRun) -> None:
     before = run.measure_entry(model, tokenizer)
     config = run.train_config()
     korean, english = run.text(tokenizer, run.data.ko_text), run.text(tokenizer, run.data.en_text)
-    phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight),
+    phase = run.train_phase("train", model, patterns, sl.stage_loss(opts.layer_loss, run.layer_weight()),
                             sl.mixed_batches(korean, english, config), config)
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
     run.save(model, {"before": before, "after": after, "phases": [phase], "guard": guard,

@@ -2,6 +2,7 @@
 then Korean-English translation, each with the per-layer English loss; then the English guard.
 """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,7 +17,7 @@ def main(run: sl.StageRun) -> None:
     patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
     before = {**run.measure_entry(model, tokenizer), **sl.translation_scores(model, tokenizer, data.pairs_heldout,
                                                                              opts.translate_tokens)}
-    config = run.train_config()
+    config = replace(run.train_config(), added_lr_scale=sl.ADDED_LR_SCALE)  # the duplicated layers' own rate
     english = run.text(tokenizer, data.en_text)
     # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
     exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], run.english_exam("train"))
@@ -24,7 +25,7 @@ def main(run: sl.StageRun) -> None:
     pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
     translation = sl.lm_examples(tokenizer, [sl.translation_prompt(k, "en") for k, _ in pairs],
                                  [f" {e}" for _, e in pairs], opts.max_len)
-    phases = [run.train_phase(name, model, patterns, sl.stage_loss(opts.layer_loss, opts.layer_weight),
+    phases = [run.train_phase(name, model, patterns, sl.stage_loss(opts.layer_loss, run.layer_weight()),
                               sl.mixed_batches(examples, english, config), config)
               for name, examples in (("korean", run.text(tokenizer, data.ko_text)), ("translation", translation))]
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))

@@ -24,7 +24,7 @@ def main(run: sl.StageRun) -> None:
 
     before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}
     config = run.train_config()
-    loss = sl.stage_loss(opts.layer_loss, opts.layer_weight, sl.letter_token_ids(tokenizer, chat=False),
+    loss = sl.stage_loss(opts.layer_loss, run.layer_weight(), sl.letter_token_ids(tokenizer, chat=False),
                          ending=sl.answer_line_tokens(tokenizer))
     phase = run.train_phase("train", model, patterns, loss,
                             sl.mixed_batches(reasoning, run.text(tokenizer, run.data.en_text), config), config)

@@ -93,6 +93,9 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert [e["op"] for e in s4["surgery"]] == ["add_lora", "snapshot_adapter", "add_language_embeddings",
                                                 "duplicate_edge_layers"]
     assert [ph["phase"] for ph in s4["phases"]] == ["korean", "translation"]
+    for phase in ("korean", "translation"):  # the duplicated layers at their own rate
+        state = next((run_dir / "s4_translate" / phase / "checkpoints").glob("step-*/state.json"))
+        assert json.loads(state.read_text())["config"]["added_lr_scale"] == sl.ADDED_LR_SCALE
     assert "reasoning_compliance" in meta(run_dir, "s5")["after"]
     # A stage's saved state reloads to the same architecture and weights.
     model, _, _ = sl.load_run_model_after(run_dir, "s5", "cpu", model=str(tiny_dir))

@@ -16,6 +16,7 @@ import engine.train_checkpoints
 from engine.errors import MedkoError
 import engine.files
 import engine.trainer
+from engine.adapters import duplicate_edge_layers
 from engine.model import Gemma3
 from engine.train_checkpoints import CHECKPOINTS, OPTIMIZER, STATE, WEIGHTS, latest_checkpoint, trainable_state
 from engine.examples import Example, collate, lm_examples
@@ -189,6 +190,28 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, examples, caplog):
 
     with pytest.raises(MedkoError, match="no_such"):
         set_trainable(model, ["layers.*.no_such.weight"])
+
+
+def test_added_layers_train_at_their_own_rate(tmp_path, examples):
+    """added_lr_scale multiplies the rate of the duplicated layers' parameters only: one AdamW step moves each
+    element by about its group's rate (the first step's m / sqrt(v) is the gradient's sign)."""
+    torch.manual_seed(0)
+    model = duplicate_edge_layers(randomize(Gemma3(tiny_config())))
+    last = len(model.layers) - 1
+    set_trainable(model, ["layers.0.*", f"layers.{last}.*", "layers.1.input_layernorm.weight",
+                          "layers.1.mlp.up_proj.weight"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, ce_loss, examples, config(max_steps=1, warmup_steps=0, lr=1e-4, weight_decay=0.0,
+                                           added_lr_scale=30.0), tmp_path)
+    now = dict(model.named_parameters())
+    moved = {n: float((now[n].detach() - old).abs().max()) for n, old in before.items()}
+    is_added = lambda name: name.startswith(("layers.0.", f"layers.{last}."))  # noqa: E731
+    for name, value in moved.items():  # an added layer's projections get no gradient until its norm gains move
+        assert value <= (30e-4 if is_added(name) else 1e-4) * 1.001, name
+    assert max(v for n, v in moved.items() if is_added(n)) == pytest.approx(30e-4, rel=1e-3)
+    assert max(v for n, v in moved.items() if not is_added(n)) == pytest.approx(1e-4, rel=1e-3)
+    assert {g["lr_scale"] for g in torch.load(only_checkpoint(tmp_path) / OPTIMIZER,
+                                              weights_only=True)["param_groups"]} == {1.0, 30.0}
 
 
 def test_cosine_schedule_with_warmup():
