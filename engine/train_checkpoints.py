@@ -157,7 +157,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any]) -> dict[str, Any]:
+                    config: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loads trainable weights and optimizer state in place; returns the loop state.
 
     The train config must be the saved one except for max_steps; this is checked before anything loads.
@@ -181,7 +181,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         log.warning("%s was written by a process with %d threads and this one has %d; float sums may round "
                     "differently, so the result can differ from an uninterrupted run by rounding (set "
                     "OMP_NUM_THREADS=%d for an exact resume)", path, threads, torch.get_num_threads(), threads)
-    saved = state["config"]
+    saved = {**(defaults or {}), **state["config"]}  # a field newer than the checkpoint ran at its default
     free = {"max_steps", "device", "log_every", "save_every", "gradient_checkpointing"}  # results do not depend on them
     changed = {k: (saved.get(k), v) for k, v in config.items() if k not in free and saved.get(k) != v}
     if changed:

@@ -235,7 +235,7 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     if resume:
         if found is None:
             raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
-        state = load_checkpoint(found, model, optimizer, asdict(config))
+        state = load_checkpoint(found, model, optimizer, asdict(config), asdict(TrainConfig()))
         _set_rng_state(state["rng"])
         distributed.on_main(_trim_metrics, out_dir, state["step"])
         log.info("resumed from %s at step %d", found, state["step"])

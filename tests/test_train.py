@@ -273,6 +273,15 @@ def test_resume_refusals(tmp_path, examples):
         train(fresh_model(), ce_loss, examples, config(max_steps=2), tmp_path)
     with pytest.raises(MedkoError, match="'lr'.*'seed'"):
         train(fresh_model(), ce_loss, examples, config(lr=1e-3, seed=6), tmp_path, resume=True)
+    # A checkpoint written before a config field existed ran at that field's default: it resumes at the default
+    # and is refused at another value.
+    state_file = only_checkpoint(tmp_path) / STATE
+    state = json.loads(state_file.read_text())
+    del state["config"]["added_lr_scale"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(MedkoError, match="'added_lr_scale': \\(1.0, 30.0\\)"):
+        train(fresh_model(), ce_loss, examples, config(max_steps=3, added_lr_scale=30.0), tmp_path, resume=True)
+    assert train(fresh_model(), ce_loss, examples, config(max_steps=3), tmp_path, resume=True)["steps"] == 3
     with pytest.raises(MedkoError, match="lr_max"):
         TrainConfig.from_dict({"lr_max": 1.0})
 
