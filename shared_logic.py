@@ -282,14 +282,19 @@ def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
 MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_losses",
             "en_losses", "drifts")  # what measure() returns with every part
 # measure()'s parts: the Korean and English dev exams, the Korean held-out texts (loss), the English held-out texts
-# (loss and drift). A stage measures what its purpose, the English guard and the next stage's "before" read:
-# s4 and s5 judge translation and the answer line, not Korean text loss, so they skip the Korean texts. Korean dev
-# accuracy is no stage's purpose: it is measured where the curriculum starts (s1.1's "after", or s2's entry) and
-# where it ends (s5), and the report compares the two on the same questions; the stages between skip it.
+# (loss and drift, or loss alone). A stage measures what its purpose, the English guard and the next stage's "before"
+# read. s1.1 skips the drift: its teacher would be the bare base and no verdict reads it (s2's teacher is the model
+# as it enters s2, so s2's entering drift is 0 by definition). s2 skips the English exam: it is not s2's purpose, and
+# the guard after s3 holds English dev accuracy to the accuracy entering s2. s4 and s5 judge translation and the
+# answer line, not Korean text loss, so they skip the Korean texts. Korean dev accuracy is no stage's purpose: it is
+# measured where the curriculum starts (s1.1's "after", or s2's entry) and where it ends (s5), and the report
+# compares the two on the same questions; the stages between skip it.
 MEASURE_PARTS = ("ko_exam", "en_exam", "ko_text", "en_text")
-PART_KEYS = {"ko_exam": "ko_correct", "en_exam": "en_correct", "ko_text": "ko_losses", "en_text": "drifts"}
-STAGE_MEASURES = {"s2": ("en_exam", "ko_text", "en_text"), "s3": ("en_exam", "ko_text", "en_text"),
-                  "s4": ("en_exam", "en_text"), "s5": ("ko_exam", "en_exam", "en_text")}
+PART_KEYS = {"ko_exam": "ko_correct", "en_exam": "en_correct", "ko_text": "ko_losses", "en_text": "drifts",
+             "en_loss": "en_losses"}
+STAGE_MEASURES = {"s1_1": ("ko_exam", "en_exam", "ko_text", "en_loss"), "s2": ("ko_text", "en_text"),
+                  "s3": ("en_exam", "ko_text", "en_text"), "s4": ("en_exam", "en_text"),
+                  "s5": ("ko_exam", "en_exam", "en_text")}
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
@@ -298,7 +303,8 @@ def _rounded(values: Sequence[float]) -> list[float]:
 
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions,
             parts: Sequence[str] = MEASURE_PARTS) -> dict[str, Any]:
-    """Korean and English dev accuracy, held-out text losses and English drift from the teacher (those of `parts`).
+    """Korean and English dev accuracy, held-out text losses and English drift from the teacher (those of `parts`;
+    "en_loss" is the English held-out loss without the drift's teacher pass).
 
     Means for the tables, and the per-item values behind them (each dev question right or wrong, each held-out
     text's loss and drift), so that a before → after change is tested on the same questions and texts.
@@ -314,6 +320,9 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, o
     if "ko_text" in parts:
         ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
         out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
+    if "en_loss" in parts and "en_text" not in parts:
+        en_losses = text_losses(model, tokenizer, data.en_heldout, opts.max_len)
+        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
     if "en_text" in parts:
         en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
         out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
@@ -518,15 +527,18 @@ class StageRun:
 
     def measure_entry(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
         """The model as it enters: the previous stage's "after", since every surgery starts at zero (the tests
-        assert unchanged logits); measured afresh, every part, when it lacks a part this stage compares (Korean dev
-        accuracy is compared across the curriculum, not within a stage)."""
+        assert unchanged logits); measured afresh, every part, when it lacks held-out text this stage compares. The
+        dev exams' answers come along where the previous stage scored them, for the report: no verdict compares
+        them within a stage (the guard holds English to a fixed floor; Korean dev is compared across the run)."""
         prev = stage_meta(self.run_dir, previous_stage(self.run_dir, self.stage))
-        needed = {PART_KEYS[p] for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if p != "ko_exam"}
-        if prev is None or not needed <= prev.get("after", {}).keys():
+        parts = [p for p in STAGE_MEASURES.get(self.stage, MEASURE_PARTS) if not p.endswith("_exam")]
+        if self.stage == "s2":  # the teacher is fixed here: it is the entering model, so its drift is 0
+            parts = ["en_loss" if p == "en_text" else p for p in parts]
+        if prev is None or not {PART_KEYS[p] for p in parts} <= prev.get("after", {}).keys():
             return self.measure(model, tokenizer, MEASURE_PARTS)
         entry = {k: prev["after"][k] for k in MEASURES if k in prev["after"]}
-        if self.stage == "s2":  # the teacher is fixed here: it is the entering model
-            entry.update(drift=0.0, drifts=[0.0] * len(entry["drifts"]))
+        if self.stage == "s2":
+            entry.update(drift=0.0, drifts=[0.0] * len(entry["en_losses"]))
         return entry
 
     def verdicts(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

@@ -155,17 +155,13 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
     short = {name: title.split()[0] for name, title, _ in stages}
     directory = {name: d for name, _, d in stages}
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    names, en, ko_names, ko = [], [], [], []
-    for stage in training:
-        m = metas.get(stage)
-        if m and "after" in m:
-            names.append(short[stage])
-            en.append(m["after"]["en_accuracy"])
-            if "ko_accuracy" in m["after"]:  # measured at the curriculum's ends only
-                ko_names.append(short[stage])
-                ko.append(m["after"]["ko_accuracy"])
-    acc_ax.plot(names, en, "s-", label="English dev")  # first: it names every stage, in order, on the axis
-    acc_ax.plot(ko_names, ko, "o-", label="Korean dev")
+    names = [short[s] for s in training if (metas.get(s) or {}).get("after")]
+    for lang, marker, label in (("en", "s-", "English dev"), ("ko", "o-", "Korean dev")):
+        # Each on the stages that scored it (s2 skips the English exam; Korean dev is scored at the run's ends)
+        points = [(names.index(short[s]), metas[s]["after"][f"{lang}_accuracy"]) for s in training
+                  if f"{lang}_accuracy" in ((metas.get(s) or {}).get("after") or {})]
+        acc_ax.plot([x for x, _ in points], [y for _, y in points], marker, label=label)
+    acc_ax.set_xticks(range(len(names)), names)
     acc_ax.set_ylim(0, 1)
     acc_ax.set_title("accuracy after each stage")
     acc_ax.legend()

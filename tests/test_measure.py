@@ -49,3 +49,24 @@ def test_a_model_that_is_its_own_teacher_has_zero_drift_without_a_teacher_pass(t
     skipped = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64)
     assert len(passes) == 1 and skipped[1] == [0.0] * len(texts)  # the student's pass only
     assert skipped[0] == pytest.approx(computed[0], rel=1e-6)
+
+
+def test_english_loss_part_is_en_text_loss_without_the_teacher_pass(tiny_model, tiny_tokenizer, tmp_path,
+                                                                     monkeypatch):
+    import shared_logic as sl
+
+    add_lora(tiny_model, "lora1", rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in tiny_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a student that differs from its teacher: en_text makes a teacher pass
+    texts = [f"held-out text {i} " * (1 + i % 3) for i in range(5)]
+    data = sl.RunData({}, [], [], [], [], texts, [], [])
+    opts = sl.StageOptions(run_dir=str(tmp_path), max_len=64)
+    full = sl.measure(tiny_model, tiny_tokenizer, tmp_path, data, opts, ("en_text",))
+    passes = []
+    forward = type(tiny_model).forward
+    monkeypatch.setattr(type(tiny_model), "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    loss_only = sl.measure(tiny_model, tiny_tokenizer, tmp_path, data, opts, ("en_loss",))
+    assert set(loss_only) == {"en_loss", "en_losses"} and len(passes) == 1  # one batch, the student's pass only
+    assert full["drift"] > 0 and loss_only["en_losses"] == pytest.approx(full["en_losses"], abs=2e-6)

@@ -70,9 +70,10 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
         assert m["status"] == "done"
         # Each stage measures what its purpose, the guard and the next stage read (sl.STAGE_MEASURES).
         every = {"ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift"}
-        entering = {"s1_1": {"en_accuracy", "en_loss", "drift"}, "s2": every, "s3": every - {"ko_accuracy"},
+        held_out = {"ko_loss", "en_loss", "drift"}
+        entering = {"s1_1": {"en_accuracy", "en_loss", "drift"}, "s2": every, "s3": held_out,
                     "s4": every - {"ko_accuracy"}, "s5": every - {"ko_accuracy", "ko_loss"}}
-        leaving = {"s1_1": every, "s2": every - {"ko_accuracy"}, "s3": every - {"ko_accuracy"},
+        leaving = {"s1_1": every - {"drift"}, "s2": held_out, "s3": every - {"ko_accuracy"},
                    "s4": every - {"ko_accuracy", "ko_loss"}, "s5": every - {"ko_loss"}}
         assert set(m["before"]) & every == entering[name], name
         assert set(m["after"]) & every == leaving[name], name
