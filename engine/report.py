@@ -177,7 +177,8 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
                 offset += rows[-1]["step"]
     loss_ax.set_title("training loss")
     loss_ax.set_xlabel("step (phases in order)")
-    loss_ax.legend(fontsize=7)
+    if loss_ax.lines:  # a run with no training phase yet has no curve to name
+        loss_ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_write(run_dir / "report.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -59,12 +59,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer in backward to save activation memory
     device: str = "auto"  # "auto" is cuda when available, else cpu
     added_lr_scale: float = 1.0  # the rate of added (duplicated) layers' parameters over lr
+    english_batch: int | None = None  # English texts per micro-batch for a per-layer loss (None: batch_size)
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "save_every")
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise MedkoError(f"train config fields {bad} must be at least 1; fix them")
+        if self.english_batch is not None and self.english_batch < 1:
+            raise MedkoError(f"train config english_batch is {self.english_batch}; give at least 1, or None")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise MedkoError(f"train config min_lr_ratio is {self.min_lr_ratio}; give a value in [0, 1]")
 

@@ -88,3 +88,16 @@ def test_packed_batches_hold_the_unpacked_examples_and_stay_pure(examples):
     unpacked = batch_at(examples, 2, 0, TrainConfig(batch_size=4, max_len=64, seed=3, pack=False))
     assert sorted(a["input_ids"][a["attention_mask"] != 0].tolist()) == \
         sorted(unpacked["input_ids"][unpacked["attention_mask"]].tolist())
+
+
+def test_english_batch_sets_the_english_texts_a_step_and_keeps_the_stream_pure(tiny_tokenizer):
+    english = sl.text_examples(tiny_tokenizer, [f"english text {i}" for i in range(10)], 128)
+    main = sl.text_examples(tiny_tokenizer, [f"korean text {i}" for i in range(10)], 128)
+    config = TrainConfig(batch_size=4, max_len=128, pack=False, english_batch=2)
+    batch = sl.mixed_batches(main, english, config)
+    assert batch(3, 0)["input_ids"].shape[0] == 4 and batch(3, 0)["en_input_ids"].shape[0] == 2
+    assert torch.equal(batch(3, 0)["en_input_ids"], batch(3, 0)["en_input_ids"])  # a pure function of the step
+    assert sl.mixed_batches(main, english, TrainConfig(batch_size=4, max_len=128, pack=False))(3, 0)[
+        "en_input_ids"].shape[0] == 4  # unset: as many as the stage's examples
+    with pytest.raises(sl.MedkoError, match="english_batch"):
+        TrainConfig(english_batch=0)

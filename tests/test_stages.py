@@ -98,6 +98,8 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
         state = next((run_dir / "s4_translate" / phase / "checkpoints").glob("step-*/state.json"))
         assert json.loads(state.read_text())["config"]["added_lr_scale"] == sl.ADDED_LR_SCALE
     assert "reasoning_compliance" in meta(run_dir, "s5")["after"]
+    state = next((run_dir / "s5_reasoning" / "train" / "checkpoints").glob("step-*/state.json"))
+    assert json.loads(state.read_text())["config"]["english_batch"] == sl.ENGLISH_BATCH["270m"]["s5"]
     # A stage's saved state reloads to the same architecture and weights.
     model, _, _ = sl.load_run_model_after(run_dir, "s5", "cpu", model=str(tiny_dir))
     assert model.config.num_layers == 4 and model.language_embedding is not None
