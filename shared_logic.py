@@ -324,12 +324,12 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, o
     if "ko_text" in parts:
         ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
         out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
-    if "en_loss" in parts and "en_text" not in parts:
-        en_losses = text_losses(model, tokenizer, data.en_heldout, opts.max_len)
-        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
     if "en_text" in parts:
         en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
         out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
+    elif "en_loss" in parts:
+        en_losses = text_losses(model, tokenizer, data.en_heldout, opts.max_len)
+        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
     model.train(was_training)
     return out
 

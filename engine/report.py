@@ -155,13 +155,12 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
     short = {name: title.split()[0] for name, title, _ in stages}
     directory = {name: d for name, _, d in stages}
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [short[s] for s in training if (metas.get(s) or {}).get("after")]
+    afters = [(short[s], metas[s]["after"]) for s in training if (metas.get(s) or {}).get("after")]
     for lang, marker, label in (("en", "s-", "English dev"), ("ko", "o-", "Korean dev")):
         # Each on the stages that scored it (s2 skips the English exam; Korean dev is scored at the run's ends)
-        points = [(names.index(short[s]), metas[s]["after"][f"{lang}_accuracy"]) for s in training
-                  if f"{lang}_accuracy" in ((metas.get(s) or {}).get("after") or {})]
+        points = [(x, after[f"{lang}_accuracy"]) for x, (_, after) in enumerate(afters) if f"{lang}_accuracy" in after]
         acc_ax.plot([x for x, _ in points], [y for _, y in points], marker, label=label)
-    acc_ax.set_xticks(range(len(names)), names)
+    acc_ax.set_xticks(range(len(afters)), [name for name, _ in afters])
     acc_ax.set_ylim(0, 1)
     acc_ax.set_title("accuracy after each stage")
     acc_ax.legend()
