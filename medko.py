@@ -12,7 +12,8 @@ from pathlib import Path
 import shared_logic as sl
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
-from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, agreement, format_table, translate
+from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, format_table, translate
+from engine.compare import compare, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
 from engine.files import read_json
@@ -21,6 +22,7 @@ from engine.hub import HUB_MODELS, hub_download
 from engine.options import COUNT, POSITIVE, ZERO_OR_MORE, add_options
 from engine.model import PRESETS
 from engine.plan import GIB, Setup, plan_table
+from engine.stats import describe_agreement, language_agreement
 from engine.model_card import RunSummary, base_model_id
 from engine.tokenizer import chat_prompt
 
@@ -89,26 +91,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
         rows = [r for r in rows if normalize_question(r.question) not in in_prompt]
         print(f"{len(left_out)} questions left out of scoring: they are the few-shot examples", file=sys.stderr)
     model, tokenizer, name = model_for(args)
-    modes = ["logits", "generate"] if args.mode == "both" else [args.mode]
+    if args.mode in ("cloze", "all") and (args.chat or fewshot):
+        raise sl.MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:`; drop --chat and --fewshot, "
+                            "or use --mode logits, generate or both")
+    modes = {"both": ["logits", "generate"], "all": list(EVAL_MODES)}.get(args.mode, [args.mode])
     reports = [sl.evaluate(model, tokenizer, rows, mode, args.lang, args.chat, fewshot, args.batch_size,
                            args.max_new_tokens, model_name=name, extraction=args.extraction) for mode in modes]
     report = reports[0]
     extra = {"left_out_as_shots": left_out}
-    if len(reports) == 2:
-        extra["mode_agreement"] = agreement(reports[0], reports[1])
-        extra["generate"] = asdict(reports[1])
+    for other in reports[1:]:
+        extra[f"{other.mode}_agreement"] = agreement(report, other)
+        extra[other.mode] = asdict(other)
     if args.agree_with:
-        extra["agreement_with"] = {"report": args.agree_with,
-                                   "agreement": agreement(report, read_json(args.agree_with))}
+        extra["agreement_with"] = agree_with(report, read_json(args.agree_with), args.agree_with)
     for r in reports:
-        print(format_table(r))
-    for key in ("mode_agreement",):
-        if key in extra:
-            print(f"agreement logits/generate: {extra[key]:.3f}")
+        print(f"{r.mode} ({r.lang}):\n{format_table(r)}")
+    for other in reports[1:]:
+        print(f"agreement {report.mode}/{other.mode}: {extra[f'{other.mode}_agreement']:.3f}")
     if "agreement_with" in extra:
-        print(f"agreement with {args.agree_with}: {extra['agreement_with']['agreement']:.3f}")
+        found = extra["agreement_with"]
+        print(f"agreement with {args.agree_with}: {found['agreement']:.3f}")
+        if "languages" in found:
+            print(f"EN↔KO ({report.mode}): {describe_agreement(found['languages'])}")
     if args.out:
         sl.write_json_atomic({**asdict(report), **extra}, Path(args.out))
+
+
+def agree_with(report, other: dict, path: str) -> dict:
+    """The share of shared questions answered alike; for the same exam in the other language (row-aligned ids,
+    same formulation), the EN↔KO table and McNemar on the gap too."""
+    found = {"report": path, "agreement": agreement(report, other)}
+    if other.get("lang") not in (None, report.lang) and other.get("mode") == report.mode:
+        ko, en = (report.predictions, other["predictions"]) if report.lang == "ko" else (other["predictions"],
+                                                                                          report.predictions)
+        found["languages"] = language_agreement(ko, en)
+    return found
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -156,8 +173,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     result = sl.score_test_split(Path(args.run_dir), args.device)
     english = "" if result["en_accuracy"] is None else f", English {result['en_accuracy']:.3f}"
-    print(f"test accuracy after {result['stage']}: Korean {result['accuracy']:.3f}{english} on {result['n']} "
-          f"questions; English drift {result['drift']:.4f} nats/token on held-out English text")
+    print(f"test accuracy after {result['stage']} ({result['formulation']}): Korean {result['accuracy']:.3f}{english} "
+          f"on {result['n']} questions; English drift {result['drift']:.4f} nats/token on held-out English text")
+    for mode, scored in result["formulations"].items():
+        if "languages" in scored:
+            print(f"EN↔KO ({mode}): {describe_agreement(scored['languages'])}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    if args.a == "base" and args.b == "base":
+        raise sl.MedkoError("compare needs at least one run directory; 'base' is the base of the other run")
+    a, unseen = sl.compare_side(args.a, args.b, args.device)
+    b, _ = sl.compare_side(args.b, args.a, args.device)
+    rows = compare(a, b, sorted(unseen))
+    print(compare_table(a, b, rows))
+    if args.out:
+        sl.write_json_atomic({"a": a.name, "b": b.name, "rows": rows}, Path(args.out))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -196,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="score a run's model: RUN_DIR (its last stage) or RUN_DIR/STAGE_DIR")
     p.add_argument("--data", default="kormedmcqa", help="'kormedmcqa' (hub), a directory laid out like it, or a file")
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
-    p.add_argument("--mode", default="logits", choices=["logits", "generate", "both"])
+    p.add_argument("--mode", default="logits", choices=["logits", "generate", "cloze", "both", "all"],
+                   help="logits: the next letter (MCF); generate: greedy answer, extracted; cloze: each option's text "
+                        "scored per character (OLMES CF, for small models); both: logits and generate; all: the three")
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
@@ -207,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extraction", default="medko", choices=sorted(EXTRACTIONS),
                    help="generate mode's answer extraction: ours, or lm-eval kormedmcqa v3.0's (IGNORECASE)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
-    p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
+    p.add_argument("--agree-with", default=None, help="another report to compare answers with; the same exam in the "
+                   "other language (row-aligned, same --mode) adds the EN↔KO table and McNemar on the gap")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(handler=cmd_eval)
 
@@ -242,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--device", default=None)
     p.set_defaults(handler=cmd_test)
+
+    p = sub.add_parser("compare", help="two runs (or a run and its base) paired on the test split: Korean and "
+                       "English accuracy in both formulations, the EN-KO gap, compliance, English loss and drift")
+    p.add_argument("a", help="a run directory, or 'base': the base model of the other run")
+    p.add_argument("b", help="a run directory, or 'base'")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
     p.add_argument("run_dir")

@@ -29,16 +29,18 @@ from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
 from engine.generate import generate
 from engine.phase_losses import english_only_loss
-from engine.measures import losses_and_drift, text_losses
+from engine.compare import Side
+from engine.measures import BASE, losses_and_drift, text_losses
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
+from engine.stats import (bootstrap_mean, chrf, describe, guard_check, judge, language_agreement, mean,
+                          overall_verdict, sentence_chrf)
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
 from engine.examples import Example, cut_middle_examples, text_examples
-from engine.trainer import TrainConfig, batch_at, set_trainable, train
+from engine.trainer import TrainConfig, batch_at, set_trainable, step_tokens, steps_for_tokens, train
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
@@ -47,6 +49,7 @@ from engine.adapters import snapshot_adapter as snapshot_adapter
 from engine.data import mcq_record as mcq_record, split_overlap as split_overlap
 from engine.phase_losses import stage_loss as stage_loss
 from engine.sources import held_out_sets as held_out_sets, reference_exam as reference_exam
+from engine.sources import unseen_answers as unseen_answers
 from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
 from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
@@ -72,14 +75,19 @@ STAGE_TABLE = (
     Stage("s3", "s3_korean", "s3 korean", "s2"),
     Stage("s4", "s4_translate", "s4 translate", "s3"),
     Stage("s5", "s5_reasoning", "s5 reasoning", "s4"),
+    Stage("sft", "lora_sft", "lora-sft baseline", "s1"),  # run.sh --recipe lora-sft: what users run without medko
 )
 STAGES = {s.name: s for s in STAGE_TABLE}
-TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and report before → after
+TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5", "sft")  # those that train and report before → after
 # (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's sized to run.sh's
 # 20-minute CPU budget (README, "The 270M's defaults", says why each); the MedGemmas' LoRA 2e-4, s2 1e-2.
+# The baseline's steps come from the curriculum's token budget (curriculum_tokens), so its entry names none (0);
+# its rate is the usual LoRA SFT one.
+SFT = (0, 4, 2e-4)
 _MEDGEMMA = {"s1_1": (300, 8, 2e-4), "s2": (300, 8, 1e-2), **dict.fromkeys(("s3", "s4", "s5"), (300, 8, 2e-4))}
 STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (8, 4, 1e-4), "s4": (6, 4, 5e-5),
-                           "s5": (24, 4, 4e-4)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
+                           "s5": (24, 4, 4e-4), "sft": SFT}, "4b": {**_MEDGEMMA, "sft": SFT},
+                  "27b": {**_MEDGEMMA, "sft": SFT}}
 # s4's duplicated layers start with their post-norm gains at 1 + w = 0; AdamW moves a gain by about the rate per step,
 # so at the LoRA's rate they stayed at identity (trained alone on the 270M: chrF +0.03). They train at 30 times it.
 # The translation rows' English outputs pull English most in s4, so its per-layer loss weighs 30 rather than 10.
@@ -206,7 +214,7 @@ class StageOptions:
                                          "the 270M and --model)", COUNT, stages=["s1_1"])
     korean_delta: bool = option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int | None = option(None, "most new tokens when scoring reasoning (default: the longest trained "
-                                           "reasoning with its answer line)", COUNT, stages=["s5"])
+                                           "reasoning with its answer line)", COUNT, stages=["s5", "sft"])
 
 
 def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str | None) -> StageOptions:
@@ -242,6 +250,12 @@ def load_run_data(run_dir: Path) -> RunData:
     return RunData(exam, list(load_mcq_file(d / "en_mcq.jsonl", lang="en")), texts("ko_text"), texts("en_text"),
                    texts("ko_heldout"), texts("en_heldout"), pairs("pairs.jsonl"),
                    list(load_reasoning(d / "reasoning.jsonl", lang="ko")), pairs("pairs_heldout.jsonl"))
+
+
+def run_formulation(run_dir: Path) -> str:
+    """The exam formulation s1 decided on for the run by OLMES's rule ("logits" or "cloze"); runs older than the
+    choice scored letters."""
+    return (stage_meta(run_dir, "s1") or {}).get("formulation", "logits")
 
 
 def english_exam(run_dir: Path, split: str) -> list[MCQ]:
@@ -283,8 +297,8 @@ def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
 
 # ───────────────────────────── measurements ─────────────────────────────
 
-MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_losses",
-            "en_losses", "drifts")  # what measure() returns with every part
+MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_preds",
+            "en_preds", "ko_losses", "en_losses", "drifts")  # what measure() returns with every part
 # measure()'s parts: the Korean and English dev exams, the Korean held-out texts (loss), the English held-out texts
 # (loss and drift, or loss alone). A stage measures what its purpose, the English guard and the next stage's "before"
 # read. s1.1 skips the drift: its teacher would be the bare base and no verdict reads it (s2's teacher is the model
@@ -298,7 +312,7 @@ PART_KEYS = {"ko_exam": "ko_correct", "en_exam": "en_correct", "ko_text": "ko_lo
              "en_loss": "en_losses"}
 STAGE_MEASURES = {"s1_1": ("ko_exam", "en_exam", "ko_text", "en_loss"), "s2": ("ko_text", "en_text"),
                   "s3": ("en_exam", "ko_text", "en_text"), "s4": ("en_exam", "en_text"),
-                  "s5": ("ko_exam", "en_exam", "en_text")}
+                  "s5": ("ko_exam", "en_exam", "en_text"), "sft": MEASURE_PARTS}
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
@@ -307,8 +321,8 @@ def _rounded(values: Sequence[float]) -> list[float]:
 
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions,
             parts: Sequence[str] = MEASURE_PARTS) -> dict[str, Any]:
-    """Korean and English dev accuracy, held-out text losses and English drift from the teacher (those of `parts`;
-    "en_loss" is the English held-out loss without the drift's teacher pass).
+    """Korean and English dev accuracy in the run's formulation, held-out text losses and English drift from the
+    teacher (those of `parts`; "en_loss" is the English held-out loss without the drift's teacher pass).
 
     Means for the tables, and the per-item values behind them (each dev question right or wrong, each held-out
     text's loss and drift), so that a before → after change is tested on the same questions and texts.
@@ -319,8 +333,10 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, o
     for lang in ("ko", "en"):
         if f"{lang}_exam" in parts:
             rows = data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev")
-            report = evaluate(model, tokenizer, limited(rows, opts.eval_limit), "logits", lang, progress=False)
-            out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions]})
+            report = evaluate(model, tokenizer, limited(rows, opts.eval_limit), run_formulation(run_dir), lang,
+                              progress=False)
+            out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions],
+                        f"{lang}_preds": [e["pred"] for e in report.predictions]})
     if "ko_text" in parts:
         ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
         out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
@@ -363,6 +379,8 @@ STAGE_PURPOSES = {
     "s5": (f"the trained answer line on the Korean dev exam (strict compliance ≥ {STRICT_COMPLIANCE}) while "
            "English stays with the teacher",
            [("reasoning_strict", "bound", "above"), ("drifts", "bound", "below"), ("en_losses", "change", "hold")]),
+    "sft": ("the baseline: Korean held-out loss down and the trained answer line, by LoRA cross-entropy alone",
+            [("ko_losses", "change", "down"), ("reasoning_strict", "bound", "above"), ("en_losses", "change", "hold")]),
 }
 
 
@@ -399,6 +417,29 @@ def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, co
 def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:
     """Exam questions with the answer letter as the only target, as the evaluator scores it."""
     return lm_examples(tokenizer, [mcq_prompt(r, lang) for r in rows], [f" {r.answer}" for r in rows], max_len)
+
+
+def translation_examples(run_dir: Path, data: RunData, tokenizer: Tokenizer, max_len: int) -> list[Example]:
+    """s4's translation rows: the train exam's translations from s1 (never dev or test) and any local pair file."""
+    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
+                  for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
+    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
+    return lm_examples(tokenizer, [translation_prompt(k, "en") for k, _ in pairs], [f" {e}" for _, e in pairs], max_len)
+
+
+def curriculum_tokens(opts: StageOptions, data: RunData, tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokens s2-s5 train on their own data (Korean text, translation pairs, reasoning) at these options, as
+    their configs choose the batches: the baseline's budget. The per-layer loss's English texts and the guard's
+    recovery rounds are not counted: they hold English, they teach nothing Korean."""
+    streams = {"s2": [text_examples(tokenizer, data.ko_text, opts.max_len)]}
+    streams["s3"] = streams["s2"]
+    streams["s4"] = streams["s2"] + [translation_examples(opts.run_dir, data, tokenizer, opts.max_len)]
+    streams["s5"] = [reasoning_examples(tokenizer, data.reasoning, opts.max_len)[0]]
+    out = {}
+    for stage, examples in streams.items():
+        config = StageRun(stage, opts).train_config()
+        out[stage] = sum(step_tokens(e, config, step) for e in examples for step in range(config.max_steps))
+    return out
 
 
 def added_layer_patterns(model: Gemma3) -> list[str]:
@@ -512,9 +553,10 @@ class StageRun:
         """The English dev exam's answers as s1 scored the chosen base (the model s1.1 starts from), else scored."""
         gate = stage_meta(self.run_dir, "s1") or {}
         correct = gate.get("en_correct", {}).get(gate.get("chosen"))
-        if correct is None or len(correct) != len(self.dev("en")):
+        preds = gate.get("en_preds", {}).get(gate.get("chosen"))
+        if correct is None or preds is None or len(correct) != len(self.dev("en")):
             return self.measure(model, tokenizer, ("en_exam",))
-        return {"en_accuracy": mean(correct), "en_correct": correct}
+        return {"en_accuracy": mean(correct), "en_correct": correct, "en_preds": preds}
 
     def load_previous(self) -> tuple[Gemma3, Tokenizer]:
         """The model this stage starts from: the base with the previous stage's surgery and additions."""
@@ -591,6 +633,7 @@ class StageRun:
         summary = train(model, loss_fn, batches, config, phase_dir, resume=resume)
         counts = dict(model.named_parameters())
         return {"phase": name, "steps": summary["steps"], "loss": summary["loss"], "seconds": summary["seconds"],
+                "tokens": summary["tokens"],
                 "tokens_per_s": summary["tokens_per_s"], "patterns": list(patterns),
                 "trainable": sum(counts[n].numel() for n in trained), "tensors": len(trained)}
 
@@ -752,6 +795,17 @@ def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
     return None if opts.english_exam == "model" else Path(opts.english_exam)
 
 
+def choose_formulation(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ]) -> dict[str, Any]:
+    """OLMES's rule: the English dev exam scored in both formulations, the letter (MCF) and the cloze (CF) one; the
+    higher decides for the gate, s1.1's stop and the English guard (a tie keeps the harness's letters)."""
+    reports = {mode: evaluate(model, tokenizer, rows, mode, "en", progress=True) for mode in ("logits", "cloze")}
+    chosen = "cloze" if reports["cloze"].accuracy > reports["logits"].accuracy else "logits"
+    other = "logits" if chosen == "cloze" else "cloze"
+    why = (f"English dev {reports[chosen].accuracy:.3f} in {chosen} against {reports[other].accuracy:.3f} in {other} "
+           f"(n {reports[chosen].n}; OLMES: the formulation in which the base scores higher)")
+    return {"formulation": chosen, "why": why, "reports": reports}
+
+
 def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Path]:
     """A gate candidate: a size, or the --model directory."""
     if opts.model:
@@ -761,26 +815,36 @@ def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Pa
 
 # ───────────────────────────── the test split and the run report ─────────────────────────────
 
-def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]:
-    """The test split, scored once at the end on the run's final model: Korean accuracy, English accuracy on the
-    reference translations when the run has them (the bundled data does), and English drift on held-out text.
+def test_english(run_dir: Path, rows: list[MCQ]) -> list[MCQ] | None:
+    """The English version of the test split: s1's (reference or model translation), else the data source's own
+    reference translations, else None."""
+    if (stage_dir(run_dir, "s1") / "en_exam_test.jsonl").is_file():
+        return english_exam(run_dir, "test")
+    reference = source_translations(run_dir)
+    return sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows}))) if reference \
+        else None
 
-    The drift is the final stage's own measurement of the same model on the same held-out English texts (the
-    texts the English guard decided on, which the report says), not a second identical pass."""
+
+def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]:
+    """The test split, scored once at the end on the run's final model: Korean and (where the run has the English
+    version) English, in both formulations, with EN↔KO agreement overall and on the questions whose answer no Korean
+    training text holds (s0's unseen_answers); strict answer-line compliance when the final stage trained it.
+
+    The top-level report is the Korean exam in the run's formulation. The drift is the final stage's own
+    measurement of the same model on the same held-out English texts (the texts the English guard decided on, which
+    the report says), not a second identical pass."""
     out = Path(run_dir) / "test_report.json"
     if out.exists():
         raise MedkoError(f"{out} exists: the test split is scored once per run; delete it to score again")
     stage = final_stage(run_dir)
     model, tokenizer, _ = load_run_model_after(run_dir, stage, device)
     data = load_run_data(run_dir)
-    rows = data.exam["test"]
-    report = asdict(evaluate(model, tokenizer, rows, "logits", "ko", progress=True, model_name=f"{run_dir}:{stage}"))
-    reference = source_translations(run_dir)
-    if reference is not None:
-        english = sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
-        en = evaluate(model, tokenizer, english, "logits", "en", progress=False)
-        report["english"] = {"accuracy": en.accuracy, "n": en.n, "correct": [e["correct"] for e in en.predictions]}
-    drifts = stage_meta(run_dir, stage).get("after", {}).get("drifts")
+    report = test_exams(model, tokenizer, run_dir, data, f"{run_dir}:{stage}")
+    meta = stage_meta(run_dir, stage)
+    if meta.get("reasoning_tokens"):  # the stage trained the answer line: score it on the test split too
+        scores = reasoning_eval(model, tokenizer, data.exam["test"], meta["reasoning_tokens"])
+        report["reasoning"] = {k: scores[k] for k in ("compliance", "accuracy", "strict", "correct")}
+    drifts = meta.get("after", {}).get("drifts")
     source = f"{stage}'s measurement of held-out English texts (the guard's)"
     if not drifts:
         drifts, source = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1], "held-out English texts"
@@ -788,7 +852,61 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     report["drift"] = {"value": mean(drifts), "low": low, "high": high, "n": len(drifts), "source": source}
     write_json_atomic(report, out)
     return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"],
-            "en_accuracy": report.get("english", {}).get("accuracy"), "drift": report["drift"]["value"]}
+            "formulation": report["formulation"], "en_accuracy": report.get("english", {}).get("accuracy"),
+            "drift": report["drift"]["value"], "formulations": report["formulations"]}
+
+
+def unseen_test_ids(run_dir: Path, rows: Sequence[MCQ]) -> set[str]:
+    """Ids of the test questions whose answer no Korean training text holds (s0's unseen_answers)."""
+    return {rows[i].id for i in (stage_meta(run_dir, "s0") or {}).get("unseen_answers", {}).get("test", [])}
+
+
+def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, name: str) -> dict[str, Any]:
+    """The Korean test exam and its English version, each in both formulations, with EN↔KO agreement overall and
+    on the unseen-answer questions; the top level is the Korean exam in the run's formulation."""
+    rows, english = data.exam["test"], test_english(run_dir, data.exam["test"])
+    formulation, unseen = run_formulation(run_dir), unseen_test_ids(run_dir, data.exam["test"])
+    formulations = {}
+    for mode in ("logits", "cloze"):
+        ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)
+        scored = {"ko": asdict(ko)}
+        if english is not None:
+            en = evaluate(model, tokenizer, english, mode, "en", progress=True, model_name=name)
+            scored["en"] = asdict(en)
+            scored["languages"] = language_agreement(ko.predictions, en.predictions)
+            if unseen:
+                pick = lambda preds: [p for p in preds if p["id"] in unseen]  # noqa: E731
+                scored["languages_unseen"] = language_agreement(pick(ko.predictions), pick(en.predictions))
+        formulations[mode] = scored
+    report = {**formulations[formulation]["ko"], "formulation": formulation, "formulations": formulations}
+    if "en" in formulations[formulation]:
+        en = formulations[formulation]["en"]
+        report["english"] = {"accuracy": en["accuracy"], "n": en["n"], "correct": [e["correct"] for e in en["predictions"]]}
+    return report
+
+
+def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side, set[str]]:
+    """A run directory's final model (its test_report.json, and English held-out loss and drift from its base), or
+    "base": the base model of the other run, its test split scored once and kept in OTHER/base_test_report.json.
+    Returns the side and the test ids whose answer no Korean training text holds."""
+    run_dir = Path(other if path == "base" else path)
+    data = load_run_data(run_dir)
+    if path == "base":
+        base = run_base(run_dir, None, None)
+        model, tokenizer, _ = load_base(base["size"], base["model"], device)
+        cached = run_dir / "base_test_report.json"
+        test = read_json(cached) if cached.is_file() else test_exams(model, tokenizer, run_dir, data, "base")
+        distributed.on_main(write_json_atomic, test, cached)
+        name = f"base ({base['model'] or base['size']})"
+    else:
+        report = run_dir / "test_report.json"
+        if not report.is_file():
+            raise MedkoError(f"{report} is missing: score the run's test split first (python medko.py test --run-dir "
+                             f"{run_dir})")
+        test, name = read_json(report), str(run_dir)
+        model, tokenizer, _ = load_run_model_after(run_dir, final_stage(run_dir), device)
+    losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512, teacher=BASE)
+    return Side(name, test, losses, drifts), unseen_test_ids(run_dir, data.exam["test"])
 
 
 def write_run_report(run_dir: Path) -> Path:

@@ -62,9 +62,13 @@ def _spread(length: int, count: int) -> torch.Tensor:
     return torch.linspace(0, length - 1, count).round().long().unique()
 
 
+BASE = "base"  # no adapter snapshot has this name: as a teacher it is the base with every addition off
+
+
 @torch.no_grad()
 def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int,
-                     batch_size: int = 16, positions: int = 16, chunk: int = 128) -> tuple[list[float], list[float]]:
+                     batch_size: int = 16, positions: int = 16, chunk: int = 128, teacher: str = "teacher"
+                     ) -> tuple[list[float], list[float]]:
     """Per text: the model's mean next-token loss, and its mean drift KL(teacher || model) in nats per position.
 
     The loss walks the head in slices over every target (engine.losses.token_losses). The drift compares the
@@ -73,16 +77,18 @@ def losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], 
     of the batch's texts at a time: each position costs two full [vocab] head rows, which on a CPU would otherwise
     cost more than the forward passes. The forward KL is the distillation direction: it grows when the model drops
     mass the teacher put somewhere. A model that is its own teacher (no addition on) has no drift: every text's is
-    0.0, and the teacher's pass and the drift's head rows are skipped.
+    0.0, and the teacher's pass and the drift's head rows are skipped. `teacher` names the frozen adapter snapshot
+    the teacher keeps (BASE: none, so the drift is from the bare base).
     """
     pairs = distributed.split_work(lambda part: list(zip(*_losses_and_drift(model, tokenizer, part, max_len,
-                                                                           batch_size, positions, chunk))), texts, model)
+                                                                           batch_size, positions, chunk, teacher))),
+                                   texts, model)
     return [loss for loss, _ in pairs], [drift for _, drift in pairs]
 
 
 @torch.no_grad()
 def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int,
-                      positions: int, chunk: int) -> tuple[list[float], list[float]]:
+                      positions: int, chunk: int, teacher: str) -> tuple[list[float], list[float]]:
     losses, drifts = [], []
     was_training = model.training
     model.eval()
@@ -90,10 +96,10 @@ def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str],
         ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         student = model(ids, mask, return_logits=False).hidden
         losses += _per_text(*token_losses(model, student, ids, targets), len(ids))
-        if is_teacher(model):
+        if is_teacher(model, teacher):
             drifts += [0.0] * len(ids)
             continue
-        with teacher_mode(model):
+        with teacher_mode(model, teacher):
             teacher = model(ids, mask, return_logits=False).hidden
         # Position t predicts token t + 1: the last real position predicts nothing and is left out.
         picked = [_spread(int(mask[i].sum()) - 1, positions).to(ids.device) for i in range(len(ids))]

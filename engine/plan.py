@@ -69,6 +69,7 @@ STAGE_WORK = (
     StageWork("s5", "s5 reasoning", True, lora=True, language=True, edge_layers=True, english=True,
               generate=(64, 256)),
     StageWork("test", "test scoring", False, lora=True, language=True, edge_layers=True),
+    StageWork("sft", "lora-sft baseline", True, lora=True, generate=(64, 256)),  # run.sh --recipe lora-sft
 )
 WORK = {w.name: w for w in STAGE_WORK}
 

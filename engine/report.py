@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.files import atomic_write, write_text_atomic
-from engine.stats import accuracy_summary, describe, judge
+from engine.stats import accuracy_summary, describe, describe_agreement, judge, language_agreement
 
 # (name, title, directory) of each stage in run order, as the curriculum's stage table gives them.
 StageRows = Sequence[tuple[str, str, str]]
@@ -75,12 +75,62 @@ def _verdicts(metas: dict[str, dict | None], titles: dict[str, str], training: S
     return lines + [""]
 
 
+def _paired(correct: Sequence[bool], preds: Sequence[str | None]) -> list[dict[str, Any]]:
+    """A measurement's per-question lists as prediction entries, the position as the id (dev rows are aligned)."""
+    return [{"id": i, "pred": p, "correct": c} for i, (c, p) in enumerate(zip(correct, preds))]
+
+
+def _gap_lines(point: dict[str, Any], unseen: Sequence[int]) -> list[str]:
+    if not all(k in point for k in ("ko_correct", "en_correct", "ko_preds", "en_preds")):
+        return ["not measured"]
+    ko, en = _paired(point["ko_correct"], point["ko_preds"]), _paired(point["en_correct"], point["en_preds"])
+    lines = [describe_agreement(language_agreement(ko, en))]
+    if unseen:
+        keep = set(unseen)
+        pick = lambda entries: [e for e in entries if e["id"] in keep]  # noqa: E731
+        lines.append("questions whose answer no Korean training text holds: "
+                     + describe_agreement(language_agreement(pick(ko), pick(en))))
+    return lines
+
+
+def _gap_section(metas: dict[str, dict | None], titles: dict[str, str], test: dict[str, Any] | None) -> list[str]:
+    """The mission in one section: the formulation s1 decided on, and the EN–KO gap on the dev exam where the
+    curriculum (or the baseline) starts and where it ends, then on the test split, with McNemar on each gap."""
+    gate = metas.get("s1")
+    if not gate or "formulation" not in gate:
+        return []
+    formulation = gate["formulation"]
+    lines = ["## The English–Korean gap", "",
+             f"Formulation: **{formulation}**, chosen at s1: {gate['formulation_why']}. The gate, s1.1's stop and the "
+             f"guard's accuracy arm use it. 'Answer not in Korean training text': questions whose right option's text "
+             f"appears in no Korean text, pair, reasoning or train question the run trains on (s0).", ""]
+    unseen = (metas.get("s0") or {}).get("unseen_answers", {})
+    end = next((s for s in ("s5", "sft") if metas.get(s)), None)
+    points = [("entering s2", (metas.get("s2") or {}).get("before", {})),
+              (f"after {titles[end]}" if end else "end", (metas.get(end) or {}).get("after", {}))]
+    if end == "sft":
+        points[0] = ("entering the baseline", metas["sft"].get("before", {}))
+    for label, point in points:
+        lines += [f"- dev, {label} ({formulation}): " + "; ".join(_gap_lines(point, unseen.get("dev", [])))]
+    for mode, scored in ((test or {}).get("formulations") or {}).items():
+        if "languages" in scored:
+            lines.append(f"- test, final model ({mode}): {describe_agreement(scored['languages'])}")
+            if "languages_unseen" in scored:
+                lines.append(f"  - answer not in Korean training text: {describe_agreement(scored['languages_unseen'])}")
+    return lines + [""]
+
+
 def _test_section(test: dict[str, Any]) -> list[str]:
     ko = accuracy_summary([p["correct"] for p in test["predictions"]])
-    lines = [f"## Test split (scored once, {test['model']})", "", f"- Korean accuracy {_accuracy(ko)}"]
+    lines = [f"## Test split (scored once, {test['model']}, {test.get('formulation', 'logits')})", "",
+             f"- Korean accuracy {_accuracy(ko)}"]
     english = test.get("english")
     if english:
         lines.append(f"- English accuracy {_accuracy(accuracy_summary(english['correct']))}")
+    reasoning = test.get("reasoning")
+    if reasoning:
+        lines.append(f"- strict answer-line compliance {_accuracy(accuracy_summary(reasoning['strict']))}, reasoning "
+                     f"accuracy {_accuracy(accuracy_summary(reasoning['correct']))}")
     drift = test.get("drift")
     if drift:
         # Held-out text has no test split: the drift is that of the texts the guard decided on, and says so.
@@ -129,14 +179,14 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
     if "ko_correct" in start and "ko_correct" in end and len(start["ko_correct"]) == len(end["ko_correct"]):
         # Measured where the curriculum starts and ends only: the stages between skip the Korean dev exam.
         j = judge("accuracy", start["ko_correct"], end["ko_correct"], "up")
-        lines += [f"Korean dev accuracy across the curriculum (entering s2 → after s5, logits): "
-                  f"{describe('accuracy', j)}.", ""]
+        lines += [f"Korean dev accuracy across the curriculum (entering s2 → after s5, "
+                  f"{(metas.get('s1') or {}).get('formulation', 'logits')}): {describe('accuracy', j)}.", ""]
     if metas.get("s5"):
         lines += [f"s5 reasoning on the Korean dev exam: strict format compliance "
                   f"{_change(metas['s5'], 'reasoning_compliance')} (looser extraction "
                   f"{_change(metas['s5'], 'reasoning_loose_compliance')}), accuracy "
                   f"{_change(metas['s5'], 'reasoning_accuracy')}.", ""]
-    lines += _verdicts(metas, titles, training) + _decisions(metas, titles, training)
+    lines += _gap_section(metas, titles, test) + _verdicts(metas, titles, training) + _decisions(metas, titles, training)
     if test:
         lines += _test_section(test)
     plot_run(run_dir, stages, training, metas)

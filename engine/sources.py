@@ -99,3 +99,20 @@ def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: st
         raise MedkoError(f"--english-exam {reference} lacks questions {missing[:5]}; give translations of every "
                          f"{split} question")
     return [by_id[r.id] for r in rows]
+
+
+def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> list[int]:
+    """Positions of the questions whose right option's text appears nowhere in the Korean text a run trains on: what the
+    model gets right there in Korean it did not read in Korean. On the bundled data these are the questions on the
+    conditions held out of every training text (data/README.md), and some others. One pass of str.find per
+    distinct answer over the joined text, so the cost is answers x text length."""
+    corpus = "\n".join(korean_training)
+    seen: dict[str, bool] = {}
+    out = []
+    for i, row in enumerate(questions):
+        answer = row.options[row.answer].strip()
+        if answer not in seen:
+            seen[answer] = answer in corpus
+        if not seen[answer]:
+            out.append(i)
+    return out

@@ -105,6 +105,23 @@ def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainCo
     return pack(chosen, config.max_len) if config.pack else collate(chosen)
 
 
+def step_tokens(examples: Sequence[Example], config: TrainConfig, step: int) -> int:
+    """The tokens update `step` reads from `examples` (all processes together), as batch_at chooses them: what a
+    phase trains on, counted without running it."""
+    n, per_step = len(examples), config.grad_accum * config.batch_size
+    return sum(len(examples[_epoch_order(n, config.seed, p // n)[p % n]].ids)
+               for p in range(step * per_step, (step + 1) * per_step))
+
+
+def steps_for_tokens(examples: Sequence[Example], config: TrainConfig, budget: int) -> int:
+    """The fewest updates whose tokens reach `budget` (at least one)."""
+    total, step = 0, 0
+    while total < budget or step == 0:
+        total += step_tokens(examples, config, step)
+        step += 1
+    return step
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
