@@ -15,6 +15,7 @@ from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load
 from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, agreement, format_table, translate
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
+from engine.faults import catch_sigterm, crash_report, interrupt_code, interrupt_word
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
@@ -246,20 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show an unexpected error's traceback here, not only in "
+                                                             "its crash log")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a MedkoError ends it in one line and exit code 1, any other exception in one line naming
+    its crash log in ~/.cache/medko (engine.faults), Ctrl-C with 130 and SIGTERM with 143."""
     sl.setup_logging()
+    catch_sigterm()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except sl.MedkoError as err:
         print(f"medko: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"medko: {args.command} interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # the files a command writes are atomic: nothing is left half-written
+        print(f"medko: {args.command} {interrupt_word(err)}", file=sys.stderr)
+        return interrupt_code(err)
+    except Exception as err:
+        print(f"medko: {crash_report(err, args.command, debug=args.debug)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine import distributed
+from engine import distributed, faults
 from engine.adapters import additions_state_dict, apply_surgery, load_additions
 from engine.checkpoints import SIZES, load_base
 from engine import sources
@@ -178,6 +178,7 @@ class StageOptions:
     layer_weight: float | None = option(None, "weight of the per-layer English loss (default 10; s4 30)",
                                         number(float, 0))
     eval_limit: int | None = option(None, "score at most this many questions per exam", COUNT)
+    debug: bool = option(False, "show an unexpected error's traceback here, not only in its crash log")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
     lora_rank: int = option(16, "rank of lora1 (when this stage adds it)", COUNT)
     lora_alpha: float = option(32.0, "alpha of lora1; scaling is alpha/rank", POSITIVE)
@@ -676,11 +677,13 @@ class StageRun:
 
 def stage_script(stage: str, description: str | None) -> Callable[[Callable[[StageRun], None]], Callable[..., int]]:
     """Makes a stage's recipe, recipe(run), its script's main(argv) -> exit code: options parsed, order checked,
-    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1."""
+    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1, any other exception in
+    one line naming its crash log (engine.faults), Ctrl-C with 130 and SIGTERM with 143."""
     def wrap(recipe: Callable[[StageRun], None]) -> Callable[..., int]:
         @functools.wraps(recipe)
         def main(argv: Sequence[str] | None = None) -> int:
             setup_logging()
+            faults.catch_sigterm()
             run = StageRun(stage, parse_stage_options(stage, argv, description))
             try:
                 distributed.init()
@@ -692,10 +695,17 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 if not isinstance(err, distributed.Relayed):  # rank 0 says what it relayed
                     print(f"medko: {err}", file=sys.stderr)
                 return 1
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer saved the last completed step
                 kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
-                print(f"medko: {stage} interrupted; {kept}", file=sys.stderr)
-                return 130
+                lost = f"{err.kept}; " if hasattr(err, "kept") else ""  # FSDP2: the steps since the last checkpoint
+                if distributed.is_main():
+                    print(f"medko: {stage} {faults.interrupt_word(err)}; {lost}{kept}", file=sys.stderr)
+                return faults.interrupt_code(err)
+            except Exception as err:  # unforeseen: one sentence, the traceback in a crash log
+                run.discard()
+                print(faults.crash_report(err, stage, run.out if run.out.is_dir() else None, run.opts.debug),
+                      file=sys.stderr)
+                return 1
             except BaseException:
                 run.discard()
                 raise

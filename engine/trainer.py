@@ -202,8 +202,8 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
 
     Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
     then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
-    divided by the target tokens of the whole accumulated batch. Ctrl-C saves a checkpoint at the last
-    completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
+    divided by the target tokens of the whole accumulated batch. Ctrl-C (or SIGTERM, under engine.faults) saves a
+    checkpoint at the last completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
     targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
     """
     out_dir = Path(out_dir)
@@ -321,12 +321,16 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
             if step % config.save_every == 0 or step == config.max_steps:
                 save(step)
-    except KeyboardInterrupt:
-        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others.
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (engine.faults.Terminated)
+        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others,
+        # so under FSDP2 the last periodic checkpoint stands, and err.kept says so for the command's one line.
         if updating:
             log.info("interrupted inside the update of step %d, which is not saved", step)
         elif step > saved_step and not distributed.sharded(model):
             save(step, alone=True)
+        elif step > saved_step:
+            err.kept = (f"under FSDP2 the last periodic checkpoint (step {saved_step}) stands and steps "
+                        f"{saved_step + 1}-{step} are lost")
         log.info("interrupted after step %d; resume to continue", step)
         raise
     finally:
