@@ -29,7 +29,6 @@ from engine.files import write_text_atomic
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
 from engine.examples import Example, collate, pack
 from engine.train_checkpoints import (
-    CHECKPOINTS,
     SLACK,
     _rng_state,
     _set_rng_state,
@@ -37,6 +36,7 @@ from engine.train_checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     prepare_directory,
+    resumable_checkpoint,
     save_checkpoint,
 )
 
@@ -229,15 +229,14 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             raise MedkoError("train got no examples; check the data files of this stage")
         next_batch = functools.partial(batch_at, examples, config=config)
 
-    found = latest_checkpoint(out_dir)
+    # A resume takes the newest checkpoint that verifies, falling back to the previous one with a warning.
+    found = resumable_checkpoint(out_dir) if resume else latest_checkpoint(out_dir)
     # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
     # last one, or the trainable weights plus AdamW's two moments; on a disk with room for one, it replaces the last.
     last = checkpoint_bytes(found) if found else 0
     needed = last if found else 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     distributed.on_main(prepare_directory, out_dir, needed + SLACK, last)
     if resume:
-        if found is None:
-            raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
         state = load_checkpoint(found, model, optimizer, asdict(config), asdict(TrainConfig()))
         _set_rng_state(state["rng"])
         distributed.on_main(_trim_metrics, out_dir, state["step"])
