@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,39 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
     assert not (killed / "s2_embed" / "meta.json").exists()
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
     assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0
+    a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
+    b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
+
+
+def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir, tmp_path):
+    """A real SIGTERM (a cluster's preemption) to a stage training in its own process, as SLURM sends it."""
+    entered = copy_run(gated_run, tmp_path / "entered")
+    assert stage("s1_1", entered, tiny_dir, "--max-steps", "4", "--english-rounds", "1") == 0
+    straight, killed = copy_run(entered, tmp_path / "straight"), copy_run(entered, tmp_path / "killed")
+    args = ["--model", str(tiny_dir), "--run-dir", str(killed), "--max-steps", "6", "--max-len", "1024"]
+    # Step 4 is done and its checkpoint not due (save_every is 3): the fifth step's forward pass waits for the signal.
+    waits = ("import sys, time, torch, engine.trainer as t, s2_embed; torch.set_num_threads(int(sys.argv[1])); "
+             "real, n = t.accumulate_gradients, [0]\n"
+             "def waits(*a):\n n[0] += 1\n if n[0] == 5: print('step 4 done', flush=True); time.sleep(120)\n"
+             " return real(*a)\n"
+             "t.accumulate_gradients = waits; sys.exit(s2_embed.main(sys.argv[2:]))")
+    child = subprocess.Popen([sys.executable, "-c", waits, str(torch.get_num_threads()), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'stages'}"})
+    try:
+        assert child.stdout.readline().strip() == "step 4 done"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-3000:]
+    assert err.splitlines()[-1] == f"medko: s2 terminated (SIGTERM); continue it with --resume ({killed / 's2_embed'})"
+    assert "Traceback" not in err
+    assert sl.latest_checkpoint(killed / "s2_embed" / "train").name == "step-00000004"  # the last completed step
+    assert stage("s2", killed, tiny_dir, "--max-steps", "6", "--resume") == 0
+    assert stage("s2", straight, tiny_dir, "--max-steps", "6") == 0
     a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
     b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
