@@ -56,12 +56,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
-def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool) -> list:
+def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool, encoding: str = "utf-8") -> list:
     """--data: 'kormedmcqa' (the hub), a directory laid out like it, or one MCQ file."""
     names = subsets.split(",")
     if data == "kormedmcqa" or Path(data).is_dir():
-        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
-    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad))
+        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad,
+                                    encoding=encoding))
+    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad, encoding=encoding))
 
 
 def model_for(args: argparse.Namespace):
@@ -75,13 +76,13 @@ def model_for(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad)[:args.limit]
+    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad, args.encoding)[:args.limit]
     fewshot = []
     if args.fewshot:
         if not (args.data == "kormedmcqa" or Path(args.data).is_dir()):
             raise sl.MedkoError("--fewshot takes examples from the fewshot split, so --data must be kormedmcqa or "
                                 "a directory laid out like it")
-        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False)
+        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False, args.encoding)
         fewshot = [r for s in args.subsets.split(",") for r in [x for x in shots if x.subset == s][:args.fewshot]]
     # KorMedMCQA's fewshot split is dev questions: a question whose answer sits in the prompt is not scored.
     in_prompt = {normalize_question(r.question) for r in fewshot}
@@ -116,12 +117,13 @@ def cmd_translate(args: argparse.Namespace) -> None:
     model, tokenizer, name = model_for(args)
     cache = Path(args.cache or f"{args.out}.cache.jsonl")
     if args.texts:
-        texts = list(load_texts(args.data, args.field))
+        texts = list(load_texts(args.data, args.field, encoding=args.encoding))
         out = translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
                            progress=True, model_id=name, chat=args.chat)
         records = [{"source": t, "translation": o} for t, o in zip(texts, out)]
     else:
-        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False)
+        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False,
+                              args.encoding)
         out = sl.translate_mcqs(rows, model, tokenizer, args.to, cache_path=cache, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, progress=True, model_id=name, chat=args.chat)
         records = [sl.mcq_record(r) for r in out]
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate mode's answer extraction: ours, or lm-eval kormedmcqa v3.0's (IGNORECASE)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
     p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(handler=cmd_eval)
 
@@ -218,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'kormedmcqa', a directory laid out like it, an MCQ file, or a text file")
     p.add_argument("--texts", action="store_true", help="--data is a text file (JSONL with --field)")
     p.add_argument("--field", default="text")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])

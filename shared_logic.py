@@ -33,6 +33,7 @@ from engine.measures import losses_and_drift, text_losses
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
+from engine.records import ENCODINGS
 from engine.report import write_run_report as render_run_report
 from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
@@ -189,7 +190,9 @@ class StageOptions:
     en_text: str | None = option(None, "English medical text file (JSONL with a text field)", stages=["s0"])
     pairs: str | None = option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = option(None, "Korean exam reasoning file", stages=["s0"])
-    skip_bad: bool = option(False, "count and skip bad rows instead of stopping", stages=["s0"])
+    skip_bad: bool = option(False, "count and skip bad rows and clashing repeats instead of stopping", stages=["s0"])
+    encoding: str = option("utf-8", "text files' encoding (a UTF-8 BOM is always read); auto tries UTF-8, then CP949",
+                           choices=ENCODINGS, stages=["s0"])
     max_bad: float = option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
                              stages=["s0"])
     map: str | None = option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
@@ -724,13 +727,13 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
     """s0's sources (engine.sources): the bundled sample data, a local directory (--data DIR) or the hub, each
     replaceable by a file and read through its field mapping (--map). Returns where the data came from, the rows
-    by role and per source the rows skipped as bad and dropped as repeats."""
+    by role and per source its row counts (engine.sources.read_sources)."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
     files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,
              "reasoning": opts.reasoning}
     rows, counts = sources.read_sources(root, files, parse_field_map(opts.map), opts.subsets.split(","),
-                                        opts.skip_bad, opts.max_bad)
+                                        opts.skip_bad, opts.max_bad, opts.encoding)
     return ("hub" if hub else str(root)), rows, counts
 
 

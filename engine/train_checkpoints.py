@@ -104,10 +104,10 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     (KEEP); returns its directory.
 
     The previous checkpoint stays as a fallback for a resume that finds the newest damaged; older ones go first
-    when the disk is short. On a disk with room for one checkpoint only, the previous one is removed first and the new one written in its place,
-    with a warning: a crash during that write leaves no checkpoint. When even one does not fit, this refuses
-    before writing anything, naming the bytes needed and free, and the previous checkpoint stays whole for
-    --resume. Any OSError of the write becomes a MedkoError naming the path. Under torchrun every rank calls it
+    when the disk is short. On a disk with room for one checkpoint only, the previous one is removed first and the
+    new one written in its place, with a warning: a crash during that write leaves no checkpoint. When even one
+    does not fit, this refuses before writing anything, naming the bytes needed and free, and the previous
+    checkpoint stays whole for --resume. Any OSError of the write becomes a MedkoError naming the path. Under torchrun every rank calls it
     and rank 0 writes; `alone` (after an interrupt, when the ranks stopped at different points) writes on rank 0
     without waiting for the others.
     """

@@ -203,8 +203,8 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
     then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
     divided by the target tokens of the whole accumulated batch. Ctrl-C (or SIGTERM, under engine.faults) saves a
-    checkpoint at the last completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
-    targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
+    checkpoint at the last completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last
+    update), tokens, targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
