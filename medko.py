@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medko: {args.command} {interrupt_word(err)}", file=sys.stderr)
         return interrupt_code(err)
     except Exception as err:
-        print(f"medko: {crash_report(err, args.command, debug=args.debug)}", file=sys.stderr)
+        print(crash_report(err, args.command, debug=args.debug), file=sys.stderr)
         return 1
     return 0
 

@@ -706,8 +706,8 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 return faults.interrupt_code(err)
             except Exception as err:  # unforeseen: one sentence, the traceback in a crash log
                 run.discard()
-                print(faults.crash_report(err, stage, run.out if run.out.is_dir() else None, run.opts.debug),
-                      file=sys.stderr)
+                kept_dir = next((d for d in (run.out, run.run_dir) if d.is_dir()), None)  # else ~/.cache/medko
+                print(faults.crash_report(err, stage, kept_dir, run.opts.debug), file=sys.stderr)
                 return 1
             except BaseException:
                 run.discard()

@@ -52,10 +52,10 @@ def crash_directory() -> Path:
 
 
 def crash_report(err: BaseException, what: str, directory: Path | None = None, debug: bool = False) -> str:
-    """One sentence for an exception nobody foresaw: what failed, the exception, and the crash log holding the
+    """One line for an exception nobody foresaw, "medko: " and a sentence: what failed, the exception, and the crash log holding the
     full traceback (written in `directory`, else crash_directory()). With debug the traceback comes first, inline."""
     text = "".join(traceback.format_exception(err))
-    name = f"crash-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    name = f"crash-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}.log"
     saved = ""
     for where in ([directory] if directory is not None else []) + [crash_directory()]:
         try:
@@ -66,6 +66,6 @@ def crash_report(err: BaseException, what: str, directory: Path | None = None, d
         except OSError:
             continue
     summary = str(err).splitlines()[0] if str(err) else "no message"
-    sentence = (f"{what} failed unexpectedly with {type(err).__name__}: {summary}{saved}; please report it with that "
+    sentence = (f"medko: {what} failed unexpectedly with {type(err).__name__}: {summary}{saved}; please report it with that "
                 f"file, or run again with --debug to see the traceback here")
     return f"{text}{sentence}" if debug else sentence
