@@ -157,3 +157,19 @@ def test_eval_reads_another_encoding_when_told(tiny_dir, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"medko: {path}:2: byte offset 24 ")
     assert medko.main(["eval", "--model", str(tiny_dir), "--data", str(path), "--encoding", "cp949"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["exam", "1"]  # the one question, decoded
+
+
+def test_the_commands_docs_faults_shows_run_as_written(tiny_dir, tmp_path):
+    """docs/faults.md's `python medko.py` lines, run where the files they name exist, on the tiny model."""
+    import re
+
+    commands = re.findall(r"^    (python medko\.py[^\n]*)$", (ROOT / "docs" / "faults.md").read_text(), re.M)
+    assert commands
+    (tmp_path / "exam_cp949.csv").write_bytes(f"question,A,B,C,D,answer\n{HANGUL},가,나,다,라,1\n".encode("cp949"))
+    for command in commands:
+        argv = [sys.executable, str(ROOT / "medko.py"), *command.split()[2:], "--model", str(tiny_dir)]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "MEDKO_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0 and "Traceback" not in done.stderr, f"{command}\n{done.stderr[-2000:]}"
+        if "exam_cp949.csv --encoding auto" in command:
+            assert "exam_cp949.csv: read as CP949 (--encoding auto)" in done.stderr

@@ -342,6 +342,33 @@ def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys
         "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")
 
 
+def test_s0_reads_other_encodings_and_records_repeats_and_nfc(tiny_dir, tmp_path, capsys):
+    import unicodedata
+
+    ko, en, pairs = tmp_path / "ko.jsonl", tmp_path / "en.jsonl", tmp_path / "pairs.jsonl"
+    lines = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
+    ko.write_text(lines([{"text": unicodedata.normalize("NFD", f"한국어 문장 {i}")} for i in range(3)]
+                        + [{"text": f"text {i}"} for i in range(17)] + [{"text": "text 0"}]))
+    en.write_bytes(b"\xef\xbb\xbf" + lines([{"text": f"English {i}"} for i in range(20)]).encode())  # a BOM
+    pair_rows = [{"ko": f"원문 {i}", "en": f"source {i}"} for i in range(20)] + [{"ko": "원문 3", "en": "other"}]
+    pairs.write_bytes(lines(pair_rows).encode("cp949"))
+    args = ["--ko-text", str(ko), "--en-text", str(en), "--pairs", str(pairs)]
+    assert stage("s0", tmp_path / "strict", tiny_dir, *args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"medko: {pairs}:1: byte offset 8 ")
+    assert stage("s0", tmp_path / "auto", tiny_dir, *args, "--encoding", "auto") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"medko: pairs: {pairs}:21 repeats {pairs}:4 with another translation ('other', there 'source 3'); fix one "
+        f"of them, or drop both with --skip-bad")
+    run_dir = tmp_path / "kept"
+    assert stage("s0", run_dir, tiny_dir, *args, "--encoding", "auto", "--skip-bad") == 0
+    left_out = meta(run_dir, "s0")["left_out"]
+    assert left_out["ko_text"] == {"skipped": 0, "dropped": 0, "conflicting": 0, "repeated": 1, "normalized": 3}
+    assert left_out["pairs"]["conflicting"] == 2 and meta(run_dir, "s0")["counts"]["pairs.jsonl"] == 19
+    assert "한국어 문장 0" in (run_dir / "s0_data" / "ko_text.jsonl").read_text()  # composed (NFC) again
+    assert ("Rows within a source: ko_text 1 repeated, 0 dropped for another answer, 3 NFC-normalised, pairs 0 "
+            "repeated, 2 dropped for another answer, 0 NFC-normalised.") in sl.write_run_report(run_dir).read_text()
+
+
 def test_gate_compares_small_and_large_for_hub_sizes():
     options = lambda *a: sl.parse_stage_options("s1", list(a), None)  # noqa: E731
     assert sl.gate_candidates(options("--size", "4b")) == ["4b", "27b"]
