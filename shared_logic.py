@@ -21,8 +21,8 @@ from engine import distributed, faults
 from engine.adapters import additions_state_dict, apply_surgery, load_additions
 from engine.checkpoints import SIZES, load_base
 from engine import sources
-from engine.data import (KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
-                         parse_field_map)
+from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
+                         load_texts, parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
                              strict_answer, translation_prompt)
@@ -33,7 +33,6 @@ from engine.measures import losses_and_drift, text_losses
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
-from engine.records import ENCODINGS
 from engine.report import write_run_report as render_run_report
 from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
@@ -191,8 +190,7 @@ class StageOptions:
     pairs: str | None = option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = option(None, "Korean exam reasoning file", stages=["s0"])
     skip_bad: bool = option(False, "count and skip bad rows and clashing repeats instead of stopping", stages=["s0"])
-    encoding: str = option("utf-8", "text files' encoding (a UTF-8 BOM is always read); auto tries UTF-8, then CP949",
-                           choices=ENCODINGS, stages=["s0"])
+    encoding: str = option("utf-8", "text files' encoding; auto tries UTF-8, then CP949", choices=ENCODINGS, stages=["s0"])
     max_bad: float = option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
                              stages=["s0"])
     map: str | None = option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
@@ -680,8 +678,8 @@ class StageRun:
 
 def stage_script(stage: str, description: str | None) -> Callable[[Callable[[StageRun], None]], Callable[..., int]]:
     """Makes a stage's recipe, recipe(run), its script's main(argv) -> exit code: options parsed, order checked,
-    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1, any other exception in
-    one line naming its crash log (engine.faults), Ctrl-C with 130 and SIGTERM with 143."""
+    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1, another exception in one
+    naming its crash log, Ctrl-C and SIGTERM (engine.faults) in one after the trainer's save, exit 130 and 143."""
     def wrap(recipe: Callable[[StageRun], None]) -> Callable[..., int]:
         @functools.wraps(recipe)
         def main(argv: Sequence[str] | None = None) -> int:
@@ -700,14 +698,12 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 return 1
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer saved the last completed step
                 kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
-                lost = f"{err.kept}; " if hasattr(err, "kept") else ""  # FSDP2: the steps since the last checkpoint
                 if distributed.is_main():
-                    print(f"medko: {stage} {faults.interrupt_word(err)}; {lost}{kept}", file=sys.stderr)
+                    print(faults.interrupt_line(err, stage, kept), file=sys.stderr)
                 return faults.interrupt_code(err)
             except Exception as err:  # unforeseen: one sentence, the traceback in a crash log
                 run.discard()
-                kept_dir = next((d for d in (run.out, run.run_dir) if d.is_dir()), None)  # else ~/.cache/medko
-                print(faults.crash_report(err, stage, kept_dir, run.opts.debug), file=sys.stderr)
+                print(faults.crash_report(err, stage, [run.out, run.run_dir], run.opts.debug), file=sys.stderr)
                 return 1
             except BaseException:
                 run.discard()
@@ -725,9 +721,8 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
-    """s0's sources (engine.sources): the bundled sample data, a local directory (--data DIR) or the hub, each
-    replaceable by a file and read through its field mapping (--map). Returns where the data came from, the rows
-    by role and per source its row counts (engine.sources.read_sources)."""
+    """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a file
+    and read through --map. Returns where the data came from, the rows by role and engine.sources' counts."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
     files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,

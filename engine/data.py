@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine.errors import MedkoError, log
 from engine.hub import hub_snapshot
-from engine.records import BadRow, decode, nfc, read_records
+from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
 
 LETTERS = "ABCDE"
 KORMEDMCQA = "sean0042/KorMedMCQA"

@@ -14,6 +14,7 @@ import os
 import signal
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 from engine.errors import log
 
@@ -46,18 +47,26 @@ def interrupt_word(err: KeyboardInterrupt) -> str:
     return "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
 
 
+def interrupt_line(err: KeyboardInterrupt, what: str, then: str) -> str:
+    """The one line of an interrupted stage: what stopped, how, what was lost (err.kept, set by the trainer when
+    FSDP2 could not save the last step) and what to do `then`."""
+    lost = f"{err.kept}; " if hasattr(err, "kept") else ""
+    return f"medko: {what} {interrupt_word(err)}; {lost}{then}"
+
+
 def crash_directory() -> Path:
     """Where commands without a stage directory keep their crash logs: ~/.cache/medko, or $MEDKO_CACHE."""
     return Path(os.environ.get("MEDKO_CACHE", "~/.cache/medko")).expanduser()
 
 
-def crash_report(err: BaseException, what: str, directory: Path | None = None, debug: bool = False) -> str:
-    """One line for an exception nobody foresaw, "medko: " and a sentence: what failed, the exception, and the crash log holding the
-    full traceback (written in `directory`, else crash_directory()). With debug the traceback comes first, inline."""
+def crash_report(err: BaseException, what: str, directories: Sequence[Path] = (), debug: bool = False) -> str:
+    """One line for an exception nobody foresaw, "medko: " and a sentence: what failed, the exception, and the crash
+    log holding the full traceback, written in the first of `directories` that exists, else crash_directory(). With
+    debug the traceback comes first, inline."""
     text = "".join(traceback.format_exception(err))
     name = f"crash-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}.log"
     saved = ""
-    for where in ([directory] if directory is not None else []) + [crash_directory()]:
+    for where in [d for d in directories if d.is_dir()][:1] + [crash_directory()]:
         try:
             where.mkdir(parents=True, exist_ok=True)
             (where / name).write_text(text, encoding="utf-8")
