@@ -16,6 +16,7 @@ from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, a
 from engine.compare import compare, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
+from engine.faults import catch_sigterm, crash_report, interrupt_code, interrupt_word
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
@@ -57,12 +58,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
-def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool) -> list:
+def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool, encoding: str = "utf-8") -> list:
     """--data: 'kormedmcqa' (the hub), a directory laid out like it, or one MCQ file."""
     names = subsets.split(",")
     if data == "kormedmcqa" or Path(data).is_dir():
-        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
-    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad))
+        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad,
+                                    encoding=encoding))
+    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad, encoding=encoding))
 
 
 def model_for(args: argparse.Namespace):
@@ -76,13 +78,13 @@ def model_for(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad)[:args.limit]
+    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad, args.encoding)[:args.limit]
     fewshot = []
     if args.fewshot:
         if not (args.data == "kormedmcqa" or Path(args.data).is_dir()):
             raise sl.MedkoError("--fewshot takes examples from the fewshot split, so --data must be kormedmcqa or "
                                 "a directory laid out like it")
-        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False)
+        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False, args.encoding)
         fewshot = [r for s in args.subsets.split(",") for r in [x for x in shots if x.subset == s][:args.fewshot]]
     # KorMedMCQA's fewshot split is dev questions: a question whose answer sits in the prompt is not scored.
     in_prompt = {normalize_question(r.question) for r in fewshot}
@@ -132,12 +134,13 @@ def cmd_translate(args: argparse.Namespace) -> None:
     model, tokenizer, name = model_for(args)
     cache = Path(args.cache or f"{args.out}.cache.jsonl")
     if args.texts:
-        texts = list(load_texts(args.data, args.field))
+        texts = list(load_texts(args.data, args.field, encoding=args.encoding))
         out = translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
                            progress=True, model_id=name, chat=args.chat)
         records = [{"source": t, "translation": o} for t, o in zip(texts, out)]
     else:
-        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False)
+        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False,
+                              args.encoding)
         out = sl.translate_mcqs(rows, model, tokenizer, args.to, cache_path=cache, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, progress=True, model_id=name, chat=args.chat)
         records = [sl.mcq_record(r) for r in out]
@@ -242,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
     p.add_argument("--agree-with", default=None, help="another report to compare answers with; the same exam in the "
                    "other language (row-aligned, same --mode) adds the EN↔KO table and McNemar on the gap")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(handler=cmd_eval)
 
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'kormedmcqa', a directory laid out like it, an MCQ file, or a text file")
     p.add_argument("--texts", action="store_true", help="--data is a text file (JSONL with --field)")
     p.add_argument("--field", default="text")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])
@@ -288,20 +293,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show an unexpected error's traceback here, not only in "
+                                                             "its crash log")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a MedkoError ends it in one line and exit code 1, any other exception in one line naming
+    its crash log in ~/.cache/medko (engine.faults), Ctrl-C with 130 and SIGTERM with 143."""
     sl.setup_logging()
+    catch_sigterm()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except sl.MedkoError as err:
         print(f"medko: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"medko: {args.command} interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # the files a command writes are atomic: nothing is left half-written
+        print(f"medko: {args.command} {interrupt_word(err)}", file=sys.stderr)
+        return interrupt_code(err)
+    except Exception as err:
+        print(crash_report(err, args.command, debug=args.debug), file=sys.stderr)
+        return 1
     return 0
 
 

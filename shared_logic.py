@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine import distributed
+from engine import distributed, faults
 from engine.adapters import additions_state_dict, apply_surgery, load_additions
 from engine.checkpoints import SIZES, load_base
 from engine import sources
-from engine.data import (KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
-                         parse_field_map)
+from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
+                         load_texts, parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
                              strict_answer, translation_prompt)
@@ -186,6 +186,7 @@ class StageOptions:
     layer_weight: float | None = option(None, "weight of the per-layer English loss (default 10; s4 30)",
                                         number(float, 0))
     eval_limit: int | None = option(None, "score at most this many questions per exam", COUNT)
+    debug: bool = option(False, "show an unexpected error's traceback here, not only in its crash log")
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
     lora_rank: int = option(16, "rank of lora1 (when this stage adds it)", COUNT)
     lora_alpha: float = option(32.0, "alpha of lora1; scaling is alpha/rank", POSITIVE)
@@ -196,7 +197,8 @@ class StageOptions:
     en_text: str | None = option(None, "English medical text file (JSONL with a text field)", stages=["s0"])
     pairs: str | None = option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = option(None, "Korean exam reasoning file", stages=["s0"])
-    skip_bad: bool = option(False, "count and skip bad rows instead of stopping", stages=["s0"])
+    skip_bad: bool = option(False, "count and skip bad rows and clashing repeats instead of stopping", stages=["s0"])
+    encoding: str = option("utf-8", "text files' encoding; auto tries UTF-8, then CP949", choices=ENCODINGS, stages=["s0"])
     max_bad: float = option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
                              stages=["s0"])
     map: str | None = option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
@@ -719,11 +721,13 @@ class StageRun:
 
 def stage_script(stage: str, description: str | None) -> Callable[[Callable[[StageRun], None]], Callable[..., int]]:
     """Makes a stage's recipe, recipe(run), its script's main(argv) -> exit code: options parsed, order checked,
-    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1."""
+    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1, another exception in one
+    naming its crash log, Ctrl-C and SIGTERM (engine.faults) in one after the trainer's save, exit 130 and 143."""
     def wrap(recipe: Callable[[StageRun], None]) -> Callable[..., int]:
         @functools.wraps(recipe)
         def main(argv: Sequence[str] | None = None) -> int:
             setup_logging()
+            faults.catch_sigterm()
             run = StageRun(stage, parse_stage_options(stage, argv, description))
             try:
                 distributed.init()
@@ -735,10 +739,15 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 if not isinstance(err, distributed.Relayed):  # rank 0 says what it relayed
                     print(f"medko: {err}", file=sys.stderr)
                 return 1
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer saved the last completed step
                 kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
-                print(f"medko: {stage} interrupted; {kept}", file=sys.stderr)
-                return 130
+                if distributed.is_main():
+                    print(faults.interrupt_line(err, stage, kept), file=sys.stderr)
+                return faults.interrupt_code(err)
+            except Exception as err:  # unforeseen: one sentence, the traceback in a crash log
+                run.discard()
+                print(faults.crash_report(err, stage, [run.out, run.run_dir], run.opts.debug), file=sys.stderr)
+                return 1
             except BaseException:
                 run.discard()
                 raise
@@ -755,15 +764,14 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
-    """s0's sources (engine.sources): the bundled sample data, a local directory (--data DIR) or the hub, each
-    replaceable by a file and read through its field mapping (--map). Returns where the data came from, the rows
-    by role and per source the rows skipped as bad and dropped as repeats."""
+    """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a file
+    and read through --map. Returns where the data came from, the rows by role and engine.sources' counts."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
     files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,
              "reasoning": opts.reasoning}
     rows, counts = sources.read_sources(root, files, parse_field_map(opts.map), opts.subsets.split(","),
-                                        opts.skip_bad, opts.max_bad)
+                                        opts.skip_bad, opts.max_bad, opts.encoding)
     return ("hub" if hub else str(root)), rows, counts
 
 

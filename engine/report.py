@@ -141,6 +141,15 @@ def _test_section(test: dict[str, Any]) -> list[str]:
     return lines + [f"| all (micro) | {test['n']} | {test['accuracy']:.3f} |"]
 
 
+def _row_checks(counts: dict[str, dict[str, int]]) -> list[str]:
+    """s0's checks of rows within a source: repeats kept, repeats with another answer dropped, rows NFC changed."""
+    parts = [f"{k} {v.get('repeated', 0)} repeated, {v.get('conflicting', 0)} dropped for another answer, "
+             f"{v.get('normalized', 0)} NFC-normalised" for k, v in counts.items()
+             if v.get("repeated") or v.get("conflicting") or v.get("normalized")]
+    return ["Rows within a source: " + (", ".join(parts) or "no repeats, no conflicting answers, all text in NFC") + ".",
+            ""]
+
+
 def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None],
                      test: dict[str, Any] | None) -> Path:
     """report.md and report.png: data, gate, a summary table, purposes and verdicts, decisions, the test split."""
@@ -153,6 +162,7 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
         lines += [f"Data from {m['source']}: " + ", ".join(f"{k.removesuffix('.jsonl')} {v}" for k, v in m["counts"].items())
                   + ". Rows left out: " + (", ".join(left_out) or "none")
                   + ". Question overlap between splits: " + ", ".join(f"{k} {v}" for k, v in m["overlap"].items()) + ".", ""]
+        lines += _row_checks(m.get("left_out", {}))
     if metas.get("s1"):
         lines += [f"English exam translated by {metas['s1']['translated_with']}{_translation_note(metas['s1'])}.", ""]
     lines += ["## Summary (dev split and held-out text)", "",

@@ -29,7 +29,6 @@ from engine.files import write_text_atomic
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
 from engine.examples import Example, collate, pack
 from engine.train_checkpoints import (
-    CHECKPOINTS,
     SLACK,
     _rng_state,
     _set_rng_state,
@@ -37,6 +36,7 @@ from engine.train_checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     prepare_directory,
+    resumable_checkpoint,
     save_checkpoint,
 )
 
@@ -219,9 +219,9 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
 
     Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
     then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
-    divided by the target tokens of the whole accumulated batch. Ctrl-C saves a checkpoint at the last
-    completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
-    targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
+    divided by the target tokens of the whole accumulated batch. Ctrl-C (or SIGTERM, under engine.faults) saves a
+    checkpoint at the last completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last
+    update), tokens, targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,15 +246,14 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             raise MedkoError("train got no examples; check the data files of this stage")
         next_batch = functools.partial(batch_at, examples, config=config)
 
-    found = latest_checkpoint(out_dir)
+    # A resume takes the newest checkpoint that verifies, falling back to the previous one with a warning.
+    found = resumable_checkpoint(out_dir) if resume else latest_checkpoint(out_dir)
     # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
     # last one, or the trainable weights plus AdamW's two moments; on a disk with room for one, it replaces the last.
     last = checkpoint_bytes(found) if found else 0
     needed = last if found else 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     distributed.on_main(prepare_directory, out_dir, needed + SLACK, last)
     if resume:
-        if found is None:
-            raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
         state = load_checkpoint(found, model, optimizer, asdict(config), asdict(TrainConfig()))
         _set_rng_state(state["rng"])
         distributed.on_main(_trim_metrics, out_dir, state["step"])
@@ -338,12 +337,16 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
             if step % config.save_every == 0 or step == config.max_steps:
                 save(step)
-    except KeyboardInterrupt:
-        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others.
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (engine.faults.Terminated)
+        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others,
+        # so under FSDP2 the last periodic checkpoint stands, and err.kept says so for the command's one line.
         if updating:
             log.info("interrupted inside the update of step %d, which is not saved", step)
         elif step > saved_step and not distributed.sharded(model):
             save(step, alone=True)
+        elif step > saved_step:
+            err.kept = (f"under FSDP2 the last periodic checkpoint (step {saved_step}) stands and steps "
+                        f"{saved_step + 1}-{step} are lost")
         log.info("interrupted after step %d; resume to continue", step)
         raise
     finally:

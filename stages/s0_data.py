@@ -17,7 +17,7 @@ def main(run: sl.StageRun) -> None:
     for pair_name, found in overlap.items():
         if found:
             sl.log.warning("question overlap %s: %d pairs, e.g. %s", pair_name, len(found), found[0])
-    held = sl.held_out_sets(source, rows)  # never trained on: losses, drift and chrF before → after
+    held = sl.held_out_sets(source, rows, run.opts.encoding)  # never trained on: losses, drift and chrF before → after
     (ko_train, ko_heldout), (en_train, en_heldout), (pairs, pairs_heldout) = held.values()
     files = {f"exam_{split}.jsonl": [sl.mcq_record(r) for r in questions] for split, questions in exam.items()}
     files.update({"en_mcq.jsonl": [sl.mcq_record(r) for r in rows["en_mcq"]],

@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,39 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
     assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
 
 
+def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir, tmp_path):
+    """A real SIGTERM (a cluster's preemption) to a stage training in its own process, as SLURM sends it."""
+    entered = copy_run(gated_run, tmp_path / "entered")
+    assert stage("s1_1", entered, tiny_dir, "--max-steps", "4", "--english-rounds", "1") == 0
+    straight, killed = copy_run(entered, tmp_path / "straight"), copy_run(entered, tmp_path / "killed")
+    args = ["--model", str(tiny_dir), "--run-dir", str(killed), "--max-steps", "6", "--max-len", "1024"]
+    # Step 4 is done and its checkpoint not due (save_every is 3): the fifth step's forward pass waits for the signal.
+    waits = ("import sys, time, torch, engine.trainer as t, s2_embed; torch.set_num_threads(int(sys.argv[1])); "
+             "real, n = t.accumulate_gradients, [0]\n"
+             "def waits(*a):\n n[0] += 1\n if n[0] == 5: print('step 4 done', flush=True); time.sleep(120)\n"
+             " return real(*a)\n"
+             "t.accumulate_gradients = waits; sys.exit(s2_embed.main(sys.argv[2:]))")
+    child = subprocess.Popen([sys.executable, "-c", waits, str(torch.get_num_threads()), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'stages'}"})
+    try:
+        assert child.stdout.readline().strip() == "step 4 done"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-3000:]
+    assert err.splitlines()[-1] == f"medko: s2 terminated (SIGTERM); continue it with --resume ({killed / 's2_embed'})"
+    assert "Traceback" not in err
+    assert sl.latest_checkpoint(killed / "s2_embed" / "train").name == "step-00000004"  # the last completed step
+    assert stage("s2", killed, tiny_dir, "--max-steps", "6", "--resume") == 0
+    assert stage("s2", straight, tiny_dir, "--max-steps", "6") == 0
+    a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
+    b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
+
+
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
     run_dir = tmp_path / "smoke"
     env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
@@ -306,6 +340,33 @@ def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys
     assert stage("s0", tmp_path / "too_bad", tiny_dir, *args, "--skip-bad", "--max-bad", "0.01") == 1
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")
+
+
+def test_s0_reads_other_encodings_and_records_repeats_and_nfc(tiny_dir, tmp_path, capsys):
+    import unicodedata
+
+    ko, en, pairs = tmp_path / "ko.jsonl", tmp_path / "en.jsonl", tmp_path / "pairs.jsonl"
+    lines = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
+    ko.write_text(lines([{"text": unicodedata.normalize("NFD", f"한국어 문장 {i}")} for i in range(3)]
+                        + [{"text": f"text {i}"} for i in range(17)] + [{"text": "text 0"}]))
+    en.write_bytes(b"\xef\xbb\xbf" + lines([{"text": f"English {i}"} for i in range(20)]).encode())  # a BOM
+    pair_rows = [{"ko": f"원문 {i}", "en": f"source {i}"} for i in range(20)] + [{"ko": "원문 3", "en": "other"}]
+    pairs.write_bytes(lines(pair_rows).encode("cp949"))
+    args = ["--ko-text", str(ko), "--en-text", str(en), "--pairs", str(pairs)]
+    assert stage("s0", tmp_path / "strict", tiny_dir, *args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"medko: {pairs}:1: byte offset 8 ")
+    assert stage("s0", tmp_path / "auto", tiny_dir, *args, "--encoding", "auto") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"medko: pairs: {pairs}:21 repeats {pairs}:4 with another translation ('other', there 'source 3'); fix one "
+        f"of them, or drop both with --skip-bad")
+    run_dir = tmp_path / "kept"
+    assert stage("s0", run_dir, tiny_dir, *args, "--encoding", "auto", "--skip-bad") == 0
+    left_out = meta(run_dir, "s0")["left_out"]
+    assert left_out["ko_text"] == {"skipped": 0, "dropped": 0, "conflicting": 0, "repeated": 1, "normalized": 3}
+    assert left_out["pairs"]["conflicting"] == 2 and meta(run_dir, "s0")["counts"]["pairs.jsonl"] == 19
+    assert "한국어 문장 0" in (run_dir / "s0_data" / "ko_text.jsonl").read_text()  # composed (NFC) again
+    assert ("Rows within a source: ko_text 1 repeated, 0 dropped for another answer, 3 NFC-normalised, pairs 0 "
+            "repeated, 2 dropped for another answer, 0 NFC-normalised.") in sl.write_run_report(run_dir).read_text()
 
 
 def test_gate_compares_small_and_large_for_hub_sizes():
