@@ -2,6 +2,7 @@
 any download, NF4 chosen only when bf16 weights fit nothing, and evaluation batches cut to what the GPU holds."""
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,3 +103,30 @@ def test_a_missing_bitsandbytes_is_one_sentence_naming_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MedkoError, match="bitsandbytes package, which is missing: `pip install -r requirements.txt`"):
         check_4bit("cuda")
+
+
+def test_plan_hours_names_the_source_of_every_throughput_and_sums_its_stages():
+    from engine import costs
+
+    out = subprocess.run([sys.executable, str(ROOT / "medko.py"), "plan", "--size", "27b", "--gpu", "h200", "--hours"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(tuple(w.title for w in plan.STAGE_WORK)) and " h" not in line
+            and "M" in line]
+    assert len(rows) == len(plan.STAGE_WORK)
+    total = float(next(line for line in lines if line.startswith("run ")).split()[-1])
+    assert total == pytest.approx(sum(float(r.split()[-1]) for r in rows), abs=0.1)
+    sources = [line for line in lines if line.startswith("  ") and ": " in line]
+    assert len(sources) == 3 and all("measured" in s for s in sources)  # measured, or not measured (estimate ...)
+    assert all("not measured (estimate from" in s for s in sources)  # no 27B figure was ever measured
+    assert costs.THROUGHPUTS[("h200", "train")].source.startswith("measured: bench/train.py")
+
+
+def test_hours_grow_with_the_work_and_with_checkpointing():
+    from engine import costs
+
+    fit = plan.fitting_settings(PRESETS["27b"], plan.WORK["s3"], Setup("cuda"), 80 * GIB)
+    plain = costs.stage_hours("27b", "80gb", "s3", None)["train"]
+    assert fit.checkpointing and costs.stage_hours("27b", "80gb", "s3", fit)["train"] == pytest.approx(plain * 4 / 3)
+    assert costs.stage_hours("27b", "80gb", "s3", None)["train"] > costs.stage_hours("4b", "80gb", "s3", None)["train"]
