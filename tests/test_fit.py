@@ -130,3 +130,22 @@ def test_hours_grow_with_the_work_and_with_checkpointing():
     plain = costs.stage_hours("27b", "80gb", "s3", None)["train"]
     assert fit.checkpointing and costs.stage_hours("27b", "80gb", "s3", fit)["train"] == pytest.approx(plain * 4 / 3)
     assert costs.stage_hours("27b", "80gb", "s3", None)["train"] > costs.stage_hours("4b", "80gb", "s3", None)["train"]
+
+
+def test_the_hub_fixture_at_a_hundredth_of_the_real_volumes_reads_every_row_once(tmp_path, monkeypatch):
+    """The reduced-volume check of bench/volumes.py: every source at REAL_ROWS x 0.01, read by s0 with no row
+    dropped as a repeat and no question overlap between splits."""
+    import huggingface_hub.constants as hub_constants
+    from hub_cache import REAL_ROWS, SUBSETS, build_hub_cache
+
+    cache = build_hub_cache(tmp_path / "cache", 0.01)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    assert importlib.import_module("s0_data").main(["--size", "4b", "--run-dir", str(run_dir)]) == 0
+    meta = json.loads((run_dir / "s0_data" / "meta.json").read_text())
+    for split in ("train", "dev", "test"):
+        assert meta["counts"][f"exam_{split}.jsonl"] == len(SUBSETS) * round(REAL_ROWS[split] / len(SUBSETS) * 0.01)
+    assert meta["counts"]["ko_text.jsonl"] + meta["counts"]["ko_heldout.jsonl"] == round(REAL_ROWS["asan"] * 0.01)
+    assert all(c["dropped"] == 0 for c in meta["left_out"].values())
+    assert all(n == 0 for name, n in meta["overlap"].items() if "fewshot" not in name)
