@@ -11,6 +11,7 @@ from pathlib import Path
 
 import shared_logic as sl
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
+from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
 from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, format_table, translate
 from engine.compare import compare, table as compare_table
@@ -49,7 +50,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     defaults = sl.StageOptions()
     setup = Setup(device=args.device, batch=max(b for _, b, _ in sl.STAGE_DEFAULTS[args.size].values()), max_len=defaults.max_len,
                   lora_rank=defaults.lora_rank, quantize=args.quantize == "4bit", nproc=args.nproc)
-    print(plan_table(PRESETS[args.size], setup, int(args.gpu_memory * GIB), f"--size {args.size}"))
+    gib = args.gpu_memory or GPUS[args.gpu]["memory_gib"]
+    print(plan_table(PRESETS[args.size], setup, int(gib * GIB), f"--size {args.size}"))
+    if args.hours:
+        print()
+        print(hours_table(args.size, args.gpu, gib))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -212,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimated peak memory per stage, by part, and the settings that fit a GPU")
     p.add_argument("--size", default="27b", choices=sorted(sl.STAGE_DEFAULTS))
-    p.add_argument("--gpu-memory", type=POSITIVE, default=80.0, help="GiB per GPU")
+    p.add_argument("--gpu-memory", type=POSITIVE, default=None, help="GiB per GPU (default: --gpu's)")
+    p.add_argument("--gpu", default="80gb", choices=sorted(GPUS), help="the GPU --hours costs (and its memory)")
+    p.add_argument("--hours", action="store_true", help="also each stage's GPU hours at the real data volumes")
     p.add_argument("--nproc", type=COUNT, default=1, help="GPUs sharing the model (FSDP2 shards)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: float32, as measured on a CPU")
     p.add_argument("--quantize", default=None, choices=["4bit"], help="plan with an NF4 base")

@@ -53,6 +53,7 @@ from engine.sources import unseen_answers as unseen_answers
 from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
 from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
+from engine.fit import base_plan as base_plan, candidates_that_fit as candidates_that_fit
 from engine.examples import lm_examples as lm_examples
 
 
@@ -285,7 +286,7 @@ def load_run_model_after(run_dir: Path, stage: str, device: str | None = None, q
     from safetensors.torch import load_file
 
     base = run_base(run_dir, size, model)
-    net, tokenizer, _ = load_base(base["size"], base["model"], device, quantize=quantize)
+    net, tokenizer, _ = load_base(base["size"], base["model"], device, quantize=quantize or base.get("quantize"))
     meta = stage_meta(run_dir, stage)
     if meta and meta.get("surgery"):
         apply_surgery(net, meta["surgery"], tokenizer)
@@ -612,7 +613,8 @@ class StageRun:
         batch, accum, checkpointing = o.batch_size or batch, o.grad_accum or 1, o.gradient_checkpointing
         if o.batch_size is None and o.grad_accum is None and not checkpointing:  # explicit flags override the plan
             batch, accum, checkpointing = stage_settings(self.stage, self.base["size"], self.base["model"], o.device,
-                                                         batch, o.max_len, o.lora_rank, o.quantize == "4bit")
+                                                         batch, o.max_len, o.lora_rank,
+                                                         (o.quantize or self.base.get("quantize")) == "4bit")
         return TrainConfig(max_steps=steps, batch_size=distributed.world() * batch, grad_accum=accum, lr=o.lr or lr,
                            warmup_steps=1, max_len=o.max_len, seed=o.seed, log_every=1, save_every=max(1, steps // 2),
                            gradient_checkpointing=checkpointing, device=o.device or "auto",
@@ -814,11 +816,10 @@ def choose_formulation(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ])
     return {"formulation": chosen, "why": why, "reports": reports}
 
 
-def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Path]:
-    """A gate candidate: a size, or the --model directory."""
-    if opts.model:
-        return load_base("270m", name, opts.device, quantize=opts.quantize)
-    return load_base(name, None, opts.device, quantize=opts.quantize)
+def load_candidate(name: str, opts: StageOptions, nf4: bool) -> tuple[Gemma3, Tokenizer, Path]:
+    """A gate candidate: a size, or the --model directory; nf4: its base in NF4 (engine.fit.candidates_that_fit)."""
+    size, model = ("270m", name) if opts.model else (name, None)
+    return load_base(size, model, opts.device, quantize="4bit" if nf4 else None)
 
 
 # ───────────────────────────── the test split and the run report ─────────────────────────────

@@ -1,6 +1,6 @@
 """The multiple-choice evaluator (lm-evaluation-harness kormedmcqa prompt and extraction) and translation.
 
-Imports engine.distributed, engine.errors, engine.files, engine.model, engine.tokenizer, engine.data and
+Imports engine.distributed, engine.errors, engine.files, engine.fit, engine.model, engine.tokenizer, engine.data and
 engine.generate.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from engine.cloze import cloze_logprobs, cloze_predictions
 from engine.data import LETTERS, MCQ
 from engine.errors import MedkoError
 from engine.files import write_json_atomic
+from engine.fit import rows_that_fit
 from engine.generate import generate, left_pad
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer, chat_prompt
@@ -126,6 +127,7 @@ def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: list[list[int]]
 
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     scores = torch.empty(len(encoded), len(LETTERS))
+    batch_size = rows_that_fit(model, "logits", batch_size, max((len(e) for e in encoded), default=1))
     for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch", disable=not progress,
                       file=sys.stderr):
         chunk = order[start:start + batch_size]

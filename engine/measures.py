@@ -7,7 +7,8 @@ keeps measurement affordable on a CPU.
 
 Under torchrun each rank measures its share of the texts and the values are gathered in order.
 
-Imports engine.adapters, engine.distributed, engine.losses, engine.model, engine.tokenizer and engine.trainer.
+Imports engine.adapters, engine.distributed, engine.fit, engine.losses, engine.model, engine.tokenizer and
+engine.trainer.
 """
 from __future__ import annotations
 
@@ -18,16 +19,20 @@ import torch.nn.functional as F
 
 from engine import distributed
 from engine.adapters import is_teacher, teacher_mode
+from engine.fit import rows_that_fit
 from engine.losses import token_losses
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer
 from engine.examples import collate, text_examples
 
 
-def _batches(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device: torch.device):
+def _batches(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int):
+    """Collated batches of the texts on the model's device, `batch_size` at once or what the memory plan fits."""
     examples = text_examples(tokenizer, texts, max_len)
     if len(examples) != len(texts):
         raise ValueError(f"{len(texts) - len(examples)} of {len(texts)} texts have no token to measure")
+    device = model_device(model)
+    batch_size = rows_that_fit(model, "measures", batch_size, max((len(e.ids) for e in examples), default=1))
     for start in range(0, len(examples), batch_size):
         yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size]).items()}
 
@@ -48,7 +53,7 @@ def text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_l
 def _text_losses(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int
                  ) -> list[float]:
     out = []
-    for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
+    for batch in _batches(model, tokenizer, texts, max_len, batch_size):
         ids, targets = batch["input_ids"], batch["target_mask"]
         hidden = model(ids, batch["attention_mask"], return_logits=False).hidden
         out += _per_text(*token_losses(model, hidden, ids, targets), len(ids))
@@ -92,7 +97,7 @@ def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str],
     losses, drifts = [], []
     was_training = model.training
     model.eval()
-    for batch in _batches(tokenizer, texts, max_len, batch_size, model_device(model)):
+    for batch in _batches(model, tokenizer, texts, max_len, batch_size):
         ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         student = model(ids, mask, return_logits=False).hidden
         losses += _per_text(*token_losses(model, student, ids, targets), len(ids))

@@ -24,7 +24,7 @@ Imports engine.checkpoints, engine.errors and engine.model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,10 +37,12 @@ CUDA_CONTEXT = 1 * GIB  # the CUDA context and cuBLAS workspaces, outside PyTorc
 CUDA_SLACK = 0.05  # share of the GPU the caching allocator's fragmentation may take
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64 weights, an fp32 one per 256 absmax
 EVAL_ROWS = 16  # engine.evaluate's default batch of questions
+GPU_MEMORY_ENV = "MEDKO_GPU_MEMORY_GIB"  # GiB of GPU memory to plan for, in place of torch.cuda's (gpu_memory)
 CPU_HEAP_RETENTION = 0.45  # glibc heap kept resident in a CPU training step, per byte of kept activations (measured)
 CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threads, oneDNN's kernels (measured)
-MEASURE_ROWS = 4  # engine.measures' held-out texts per forward
-DRIFT_POSITIONS = 32  # engine.measures' drift positions per text
+MEASURE_ROWS = 16  # engine.measures' held-out texts per forward (its batch_size)
+DRIFT_POSITIONS = 16  # engine.measures' drift positions per text
+DRIFT_CHUNK = 128  # engine.measures' drift positions whose [vocab] rows are alive at once
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class StageWork:
     language: bool = False  # language vectors exist and train; they make every layer's activations need gradients
     edge_layers: bool = False  # the two duplicated edge layers exist, dense and trainable
     english: bool = False  # the per-layer English loss: a student English graph and a teacher pass per micro-batch
-    generate: tuple[int, int] = (0, 0)  # greedy generation the stage runs: (rows at once, most new tokens)
+    generate: tuple[int, int] = (0, 0)  # greedy generation the stage runs: (most rows at once, most new tokens)
     measures: bool = True  # held-out losses and drift (engine.measures) before and after
 
 
@@ -104,6 +106,7 @@ class Estimate:
     evaluation: int  # the largest of logits scoring, held-out measures and generation with its KV cache
     weights_only: int  # trainable weights alone (what evaluation holds besides the base)
     allocator: int = 0  # on a CPU, what glibc's heaps and the runtime keep resident beyond the tensors in training
+    eval_rows: dict[str, int] = field(default_factory=dict)  # rows at once of each evaluation (logits, measures, ...)
 
     @property
     def training(self) -> int:
@@ -233,26 +236,48 @@ def logits_scoring_bytes(c: ModelConfig, s: Setup, rows: int = EVAL_ROWS) -> int
     return layer_working(c, s, rows, s.max_len) + rows * s.max_len * c.hidden_size * s.width
 
 
-def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup) -> dict[str, int]:
-    """Working memory of each evaluation the stage runs: logits scoring (EVAL_ROWS prompts of max_len), held-out
-    measures (engine.measures: the student's and teacher's hidden states and each text's drift logits) and
-    generation, whose prefill cache is still held when the joined cache with room for the new tokens is made
-    (engine.generate._join)."""
+def evaluation_bytes(c: ModelConfig, s: Setup, kind: str, rows: int, new_tokens: int = 0, layers: int = 0) -> int:
+    """Working memory of `rows` at once of one evaluation, prompts of max_len, through `layers` (default c's):
+    "logits" (letter scoring), "measures" (engine.measures: the student's and teacher's hidden states and the
+    drift's [vocab] rows) or "generate", whose prefill cache is still held when the joined cache with room for the
+    new tokens is made (engine.generate._join)."""
+    v, h, e, n = c.vocab_size, c.hidden_size, s.width, rows * s.max_len
+    if kind == "logits":
+        return logits_scoring_bytes(c, s, rows)
+    if kind == "measures":
+        return layer_working(c, s, rows, s.max_len) + 3 * n * h * e + 5 * min(rows * DRIFT_POSITIONS, DRIFT_CHUNK) * v * 4
+    layers = layers or c.num_layers
+    cache = kv_cache_bytes(c, s, rows, s.max_len, layers) + kv_cache_bytes(c, s, rows, s.max_len + new_tokens, layers)
+    return cache + layer_working(c, s, rows, s.max_len) + rows * v * 4
+
+
+def rows_within(c: ModelConfig, s: Setup, kind: str, wanted: int, budget: int | None, new_tokens: int = 0,
+                layers: int = 0) -> int:
+    """The most rows, `wanted` halved until they fit, whose evaluation fits `budget` bytes (None: no limit); at
+    least one: a single row that does not fit is the caller's to refuse."""
+    rows = wanted
+    while budget is not None and rows > 1 and evaluation_bytes(c, s, kind, rows, new_tokens, layers) > budget:
+        rows //= 2
+    return rows
+
+
+def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup, budget: int | None = None) -> dict[str, tuple[int, int]]:
+    """(rows at once, bytes) of each evaluation the stage runs: logits scoring, held-out measures and generation,
+    each at its default rows, halved while it passes `budget` (what the GPU leaves beside the base and the
+    stage's weights), as engine.generate, engine.evaluate and engine.measures size their batches on CUDA."""
     layers = c.num_layers + (2 if w.edge_layers else 0)
-    v, h, e = c.vocab_size, c.hidden_size, s.width
-    parts = {"logits": logits_scoring_bytes(c, s)}
-    if w.measures:
-        n = MEASURE_ROWS * s.max_len
-        parts["measures"] = layer_working(c, s, MEASURE_ROWS, s.max_len) + 3 * n * h * e + 5 * DRIFT_POSITIONS * v * 4
-    rows, new = w.generate
-    if rows:
-        cache = kv_cache_bytes(c, s, rows, s.max_len, layers) + kv_cache_bytes(c, s, rows, s.max_len + new, layers)
-        parts["generate"] = cache + layer_working(c, s, rows, s.max_len) + rows * v * 4
+    wanted = {"logits": (EVAL_ROWS, 0), "measures": (MEASURE_ROWS, 0) if w.measures else (0, 0), "generate": w.generate}
+    parts = {}
+    for kind, (rows, new) in wanted.items():
+        if rows:
+            rows = rows_within(c, s, kind, rows, budget, new, layers)
+            parts[kind] = (rows, evaluation_bytes(c, s, kind, rows, new, layers))
     return parts
 
 
-def estimate(c: ModelConfig, w: StageWork, s: Setup) -> Estimate:
-    """One stage's estimated peak, by part, for this rank."""
+def estimate(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int | None = None) -> Estimate:
+    """One stage's estimated peak, by part, for this rank; given the GPU's bytes, each evaluation at the rows that
+    fit beside the base and the stage's weights."""
     weights, trainable = trainable_bytes(c, w, s)
     base = base_bytes(c, s)
     if s.nproc > 1:
@@ -260,9 +285,12 @@ def estimate(c: ModelConfig, w: StageWork, s: Setup) -> Estimate:
         base, trainable, weights = base // s.nproc + gathered, trainable // s.nproc, weights // s.nproc
     kept, transient = activation_bytes(c, w, s) if w.trains else (0, 0)
     allocator = int(CPU_HEAP_RETENTION * kept) + CPU_RUNTIME if s.device == "cpu" and w.trains else 0
+    budget = None if gpu_bytes is None else usable_bytes(gpu_bytes) - base - weights
+    parts = evaluation_parts(c, w, s, budget)
     return Estimate(base=base, trainable=trainable, activations=kept, transient=transient,
                     teacher=teacher_bytes(c, w, s) if w.trains else 0,
-                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights, allocator=allocator)
+                    evaluation=max(b for _, b in parts.values()), weights_only=weights, allocator=allocator,
+                    eval_rows={kind: rows for kind, (rows, _) in parts.items()})
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -296,7 +324,7 @@ def fitting_settings(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int, all
     limit = usable_bytes(gpu_bytes)
     choices = (False, True) if allow_quantize and s.device == "cuda" and not s.quantize else (s.quantize,)
     for batch, accum, checkpointing, quantize in candidates(s.batch, choices):
-        found = estimate(c, w, replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize))
+        found = estimate(c, w, replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize), gpu_bytes)
         if getattr(found, part) <= limit:
             return Fit(batch, accum, checkpointing, quantize, found)
     return None
@@ -324,12 +352,13 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
         fit = fitting_settings(c, w, s, gpu_bytes)
         if fit is None:
             how = "nothing: use more GPUs (--nproc) or a larger GPU"
-        elif not w.trains:
-            how = f"as is{', --quantize 4bit' if fit.quantize else ''} ({_gib(fit.estimate.peak)})"
         else:
-            how = (f"micro-batch {fit.batch}, accumulation {fit.grad_accum}, checkpointing "
-                   f"{'on' if fit.checkpointing else 'off'}{', --quantize 4bit' if fit.quantize else ''} "
-                   f"({_gib(fit.estimate.peak)})")
+            nf4 = ", NF4 base (chosen: bf16 does not fit)" if fit.quantize and not s.quantize else ""
+            rows = "".join(f", {kind} {n} rows" for kind, n in fit.estimate.eval_rows.items()
+                           if n < plain.eval_rows.get(kind, n))
+            how = "as is" if not w.trains else (f"micro-batch {fit.batch}, accumulation {fit.grad_accum}, "
+                                                f"checkpointing {'on' if fit.checkpointing else 'off'}")
+            how += f"{nf4}{rows} ({_gib(fit.estimate.peak)})"
         act = _gib(plain.activations + plain.transient) if w.trains else "-"
         act_ckpt = _gib(ckpt.activations + ckpt.transient) if w.trains else "-"
         lines.append(f"{w.title:<14}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}{act_ckpt:>9}"
@@ -337,7 +366,8 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
     lines.append("trainable weights are float32 (LoRA, language vectors) or the weights' dtype (duplicated layers); "
                  "gradients and AdamW's two states take their dtype. peak = base + the larger of training "
                  "(train+opt + act, with the teacher pass in place of act's transient part when larger) and eval, "
-                 "without checkpointing" + ("; on cpu training adds glibc's retained heap and the runtime "
+                 "without checkpointing, eval at its default rows (logits 16, measures 16, generation s1 16, s4 32, "
+                 "s5 64); 'fits with' names the rows an evaluation is cut to" + ("; on cpu training adds glibc's retained heap and the runtime "
                                             "(CPU_HEAP_RETENTION, CPU_RUNTIME)" if s.device == "cpu" else ""))
     return "\n".join(lines)
 
@@ -347,7 +377,8 @@ def auto_settings(c: ModelConfig, stage: str, s: Setup, gpu_bytes: int) -> Fit:
     one sentence, and one whose evaluation alone overflows is warned about."""
     fit = fitting_settings(c, WORK[stage], s, gpu_bytes, allow_quantize=False, part="training")
     quantized = fitting_settings(c, WORK[stage], s, gpu_bytes)
-    hint = "pass --quantize 4bit" if quantized and quantized.quantize else "use more GPUs or a larger one"
+    hint = ("pass --quantize 4bit" if quantized and quantized.quantize and not s.quantize
+            else "use more GPUs or a larger one")
     if fit is None:
         raise MedkoError(f"{stage} does not fit {gpu_bytes / GIB:.0f} GiB by the memory plan even at micro-batch 1 "
                          f"with checkpointing; {hint}, or give --batch-size to override the plan")
@@ -356,13 +387,23 @@ def auto_settings(c: ModelConfig, stage: str, s: Setup, gpu_bytes: int) -> Fit:
              "override it)", stage, fit.batch, fit.grad_accum, "on" if fit.checkpointing else "off",
              _gib(fit.estimate.training), _gib(gpu_bytes))
     if fit.estimate.peak > usable_bytes(gpu_bytes):
-        log.warning("memory plan: %s's evaluation is estimated at %s GiB with the base, beyond this GPU; %s",
-                    stage, _gib(fit.estimate.peak), hint)
+        log.warning("memory plan: %s's evaluation is estimated at %s GiB with the base even one row at a time, "
+                    "beyond this GPU; %s", stage, _gib(fit.estimate.peak), hint)
     return fit
 
 
-def gpu_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).total_memory
+def gpu_memory(device: torch.device | str) -> int | None:
+    """Bytes of GPU memory to plan for: MEDKO_GPU_MEMORY_GIB when set (a share of a GPU, or a smaller GPU
+    simulated, e.g. on a CPU in the tests), else torch.cuda's total on a CUDA device, else None (nothing to fit)."""
+    value = os.environ.get(GPU_MEMORY_ENV)
+    if value:
+        try:
+            return int(float(value) * GIB)
+        except ValueError:
+            raise MedkoError(f"{GPU_MEMORY_ENV}={value!r} is not a number of GiB; set it to e.g. 24 or unset "
+                             f"it") from None
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def stage_settings(stage: str, size: str, model_dir: str | None, device: str | None, batch: int, max_len: int,
@@ -374,5 +415,5 @@ def stage_settings(stage: str, size: str, model_dir: str | None, device: str | N
         return batch, 1, False
     config = read_config(resolve_model_dir(size, model_dir)) if model_dir else PRESETS[size]
     setup = Setup("cuda", batch, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
-    fit = auto_settings(config, stage, setup, gpu_bytes(resolved))
+    fit = auto_settings(config, stage, setup, gpu_memory(resolved))
     return fit.batch, fit.grad_accum, fit.checkpointing

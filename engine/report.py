@@ -46,6 +46,9 @@ def _decisions(metas: dict[str, dict | None], titles: dict[str, str], training: 
         lines.append("- gate: English dev accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in gate["scores"].items())
                      + f" against {gate['gate']} → {gate['chosen']} chosen, s1.1 "
                      + ("ran" if gate["needs_english"] else "skipped"))
+        lines += [f"- gate: {skip} skipped, it cannot run on this GPU by the memory plan" for skip in gate.get("skipped", [])]
+        if gate.get("plan"):
+            lines.append(f"- cost: {gate['plan']['line']}")
     s11 = metas.get("s1_1")
     if s11:
         checks = ", ".join(f"{c['en_accuracy']:.3f} at step {c['steps']}" for c in s11.get("gate_checks", []))

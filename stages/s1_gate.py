@@ -13,11 +13,16 @@ import shared_logic as sl  # noqa: E402
 
 @sl.stage_script("s1", __doc__)
 def main(run: sl.StageRun) -> None:
-    opts, candidates = run.opts, sl.gate_candidates(run.opts)
+    opts, names = run.opts, sl.gate_candidates(run.opts)
+    # Before any download, each candidate against this GPU by the memory plan: one that cannot run the curriculum is
+    # skipped (it would win the gate and fail later); NF4 only for a model the user named that fits no other way.
+    asked = set(names) if opts.candidates or opts.model else {opts.size or "270m"}
+    nf4 = sl.candidates_that_fit(names, asked, opts.quantize == "4bit", opts.device, opts.model)
+    candidates = [name for name in names if name in nf4]
     reference = sl.reference_translations(run.run_dir, opts)
     scores, correct, preds, formulations, translated_with, translation = {}, {}, {}, {}, None, {}
     for name in reversed(candidates):  # the largest translates, as it translates best
-        model, tokenizer, path = sl.load_candidate(name, opts)
+        model, tokenizer, path = sl.load_candidate(name, opts, nf4[name])
         if translated_with is None:
             translated_with = f"reference {reference}" if reference else name
             for split in ("dev", "train", "test"):  # test: for the EN↔KO gap at the end; never trained on
@@ -37,10 +42,14 @@ def main(run: sl.StageRun) -> None:
     passing = [c for c in candidates if scores[c] >= opts.gate]
     chosen = passing[0] if passing else max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
     sl.log.info("gate: chose %s; every later stage builds on it, whatever --size it is given", chosen)
+    plan = sl.base_plan(chosen, nf4[chosen], opts.device, opts.model)  # what training it costs here, for the report
+    if plan:
+        sl.log.info("gate: %s", plan["line"])
     run.save(None, {"scores": scores, "en_correct": correct, "en_preds": preds, "gate": opts.gate, "chosen": chosen,
                     "formulation": formulations[chosen]["formulation"], "formulation_why": formulations[chosen]["why"],
-                    "formulations": formulations,
-                    "base": {"size": "270m" if opts.model else chosen, "model": opts.model},
+                    "formulations": formulations, "plan": plan, "skipped": [name for name in names if name not in nf4],
+                    "base": {"size": "270m" if opts.model else chosen, "model": opts.model,
+                             "quantize": "4bit" if nf4[chosen] else None},
                     "needs_english": not passing, "translated_with": translated_with, "translation": translation})
 
 

@@ -105,7 +105,7 @@ def test_nproc_shards_weights_and_optimizer_but_not_activations():
 
 def test_stages_take_the_plan_on_cuda_and_flags_override_it(monkeypatch):
     monkeypatch.setattr(plan, "resolve_device", lambda device: torch.device("cuda"))
-    monkeypatch.setattr(plan, "gpu_bytes", lambda device: 80 * GIB)
+    monkeypatch.setattr(plan, "gpu_memory", lambda device: 80 * GIB)
 
     def config(**flags):
         run = sl.StageRun("s3", sl.StageOptions(**flags))
@@ -120,7 +120,7 @@ def test_stages_take_the_plan_on_cuda_and_flags_override_it(monkeypatch):
     explicit = config(batch_size=8)
     assert (explicit.batch_size, explicit.grad_accum, explicit.gradient_checkpointing) == (8, 1, False)
     with pytest.raises(sl.MedkoError, match="does not fit 20 GiB"):
-        monkeypatch.setattr(plan, "gpu_bytes", lambda device: 20 * GIB)
+        monkeypatch.setattr(plan, "gpu_memory", lambda device: 20 * GIB)
         config()
 
 
