@@ -19,7 +19,7 @@ def main(run: sl.StageRun) -> None:
     examples = run.text(tokenizer, data.ko_text) + reasoning
     budget = sl.curriculum_tokens(opts, data, tokenizer)
     config = run.train_config(1)
-    steps = opts.max_steps or sl.steps_for_tokens(examples, config, sum(budget.values()))
+    steps = sl.steps_for_tokens(examples, config, sum(budget.values()))  # --max-steps sets the curriculum's phases
     sl.log.info("lora-sft: %d steps to match the curriculum's %d tokens (s2-s5: %s)", steps, sum(budget.values()),
                 budget)
     tokens = opts.reasoning_tokens or max(sum(e.target_mask) for e in reasoning)

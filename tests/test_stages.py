@@ -19,9 +19,9 @@ import shared_logic as sl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 EXTRA = {"s1_gate": ["--translate-tokens", "4", "--english-exam", "model"], "s4_translate": ["--translate-tokens", "4"],
-         "s5_reasoning": ["--reasoning-tokens", "4"]}
+         "s5_reasoning": ["--reasoning-tokens", "4"], "lora_sft": ["--reasoning-tokens", "4"]}
 SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
-           "s4": "s4_translate", "s5": "s5_reasoning"}
+           "s4": "s4_translate", "s5": "s5_reasoning", "sft": "lora_sft"}
 
 
 SMALL: Path | None = None  # the bundled data cut to a few rows (conftest.small_data): the mechanics, fast
@@ -71,6 +71,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
         assert m["status"] == "done"
         # Each stage measures what its purpose, the guard and the next stage read (sl.STAGE_MEASURES).
         every = {"ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift"}
+        assert {"ko_preds", "ko_correct"} <= set(m["after"]) or "ko_accuracy" not in m["after"]
         held_out = {"ko_loss", "en_loss", "drift"}
         entering = {"s1_1": {"en_accuracy", "en_loss", "drift"}, "s2": every, "s3": held_out,
                     "s4": every - {"ko_accuracy"}, "s5": every - {"ko_accuracy", "ko_loss"}}
@@ -111,13 +112,50 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert "scored once" in capsys.readouterr().err
     assert medko.main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
-    assert "Korean dev accuracy across the curriculum (entering s2 → after s5, logits): accuracy " in report
+    formulation = gate["formulation"]
+    assert formulation in ("logits", "cloze") and set(gate["formulations"][gate["chosen"]]) == {"formulation", "why"}
+    assert f"Korean dev accuracy across the curriculum (entering s2 → after s5, {formulation}): accuracy " in report
+    assert "## The English–Korean gap" in report and "dev, entering s2" in report and "test, final model (cloze)" in report
+    test = json.loads((run_dir / "test_report.json").read_text())
+    assert test["formulation"] == formulation and set(test["formulations"]) == {"logits", "cloze"}
+    for scored in test["formulations"].values():
+        assert scored["ko"]["n"] == scored["en"]["n"] == 12 and scored["languages"]["n"] == 12
+    assert len(test["reasoning"]["strict"]) == 12  # s5 trained the answer line: scored on test too
+    # The baseline's budget: what s2-s5 trained on their own data, counted without training.
+    opts = sl.StageOptions(run_dir=run_dir, model=str(tiny_dir), max_steps=2, max_len=1024)
+    budget = sl.curriculum_tokens(opts, sl.load_run_data(run_dir), sl.Tokenizer(tiny_dir / "tokenizer.json"))
+    assert budget == {name: sum(ph["tokens"] for ph in meta(run_dir, name)["phases"]) for name in ("s2", "s3", "s4", "s5")}
     for title in ("s1.1 english", "s2 embed", "s3 korean", "s4 translate", "s5 reasoning", "Test split", "dentist"):
         assert title in report
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     export = tmp_path / "export"
     assert medko.main(["export", str(run_dir / "s5_reasoning"), "--out", str(export)]) == 0
     assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_lora_sft_baseline_trains_the_curriculums_tokens_and_compares(gated_run, tiny_dir, tmp_path, capsys):
+    run_dir = copy_run(gated_run, tmp_path / "sft")
+    assert stage("sft", run_dir, tiny_dir) == 0
+    m = meta(run_dir, "sft")
+    assert [e["op"] for e in m["surgery"]] == ["add_lora"]  # no language vectors, no added layers, no teacher
+    assert m["trained_tokens"] >= sum(m["curriculum_tokens"].values()) and "guard" not in m
+    assert m["before"]["drift"] == 0.0 and m["after"]["drift"] > 0 and "reasoning_compliance" in m["after"]
+    import medko
+    assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    assert medko.main(["report", str(run_dir)]) == 0
+    assert "lora-sft baseline" in (run_dir / "report.md").read_text()
+    capsys.readouterr()
+    out = tmp_path / "compare.json"
+    assert medko.main(["compare", "base", str(run_dir), "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["measure"]: r for r in json.loads(out.read_text())["rows"]}
+    for measure in ("Korean cloze", "English cloze", "EN−KO gap cloze", "answered alike EN/KO cloze", "Korean logits",
+                    "English held-out loss", "English drift from the base"):
+        assert measure in rows and f"| {measure} (n " in printed, measure
+    assert rows["English drift from the base"]["a"]["value"] == 0.0  # the base against itself
+    assert (run_dir / "base_test_report.json").is_file()  # the base's test split, scored once and kept
+    sft_ko = json.loads((run_dir / "test_report.json").read_text())["formulations"]["cloze"]["ko"]["accuracy"]
+    assert rows["Korean cloze"]["b"]["value"] == sft_ko
 
 
 def test_gate_pass_skips_the_english_stage(tiny_dir, tmp_path, capsys):
