@@ -202,6 +202,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
                                                        f"({killed / 's2_embed'})"
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", real)
     assert not (killed / "s2_embed" / "meta.json").exists()
+    assert not list(killed.glob(".*.lock"))  # an interrupted stage takes its lock file with it
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
     assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0
     a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
@@ -219,6 +220,13 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "report.md").is_file()
+    # A colleague can read what the run wrote (the test runs under whatever umask pytest has: compare with it).
+    mask = os.umask(0)
+    os.umask(mask)
+    shared = [run_dir / n for n in ("report.md", "report.png", "test_report.json")] + list(run_dir.glob("s*/meta.json"))
+    modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777) for f in shared}
+    assert len(modes) == 10 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert not list(run_dir.glob(".*.lock"))
     test = json.loads((run_dir / "test_report.json").read_text())
     assert test["n"] == 12 and test["english"]["n"] == 12  # the data directory's own kormedmcqa_en was used
 
@@ -249,6 +257,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tm
     taken = run_script("s0", "--run-dir", str(run_dir), "--model", str(tiny_dir), "--resume")
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert meta(run_dir, "s0")["status"] == "done"
+    assert not (run_dir / ".s0_data.lock").exists()  # and removes it when it ends
 
 
 def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gated_run, tiny_dir, tmp_path):
@@ -266,6 +275,7 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gate
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert hub.returncode == 1 and "is not in the local cache" in hub.stderr.splitlines()[-1]
     assert not (offline / "s1_gate").exists() and (offline / "s0_data" / "meta.json").is_file()
+    assert not list(offline.glob(".*.lock"))  # a failed stage leaves no lock file, nor does a finished one
 
     run_dir = copy_run(gated_run, tmp_path / "clash")
     assert stage("s1_1", run_dir, tiny_dir) == 0
