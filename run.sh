@@ -4,7 +4,7 @@
 #
 #   bash run.sh                                  # embedded 270M, bundled sample data, offline, CPU
 #   bash run.sh --size 27b --run-dir runs/27b    # MedGemma 27B from the hub, on a GPU
-#   bash run.sh --max-steps 1 --run-dir runs/smoke
+#   bash run.sh --smoke                          # a few minutes: every stage and the report, numbers meaningless
 #   bash run.sh --size 27b --nproc 4             # s1 to s5 under torchrun on 4 GPUs of one machine
 #
 # Every option goes to every stage (see `python stages/s3_korean.py --help`); options of one stage go in
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-run_dir=runs/default
+run_dir=
 nproc=1
 args=()
 while [ $# -gt 0 ]; do
@@ -21,10 +21,12 @@ while [ $# -gt 0 ]; do
     --nproc=*) nproc="${1#--nproc=}"; shift; continue ;;
     --run-dir) run_dir="$2" ;;
     --run-dir=*) run_dir="${1#--run-dir=}" ;;
+    --smoke) run_dir="${run_dir:-runs/smoke}" ;;  # a smoke run keeps out of the default run's directory
   esac
   args+=("$1")
   shift
 done
+run_dir="${run_dir:-runs/default}"
 mkdir -p "$run_dir"
 
 report() { python medko.py report "$run_dir" || true; }

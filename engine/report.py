@@ -2,7 +2,8 @@
 stage shows its purpose and a verdict above noise, the report names the numbers that made decisions (all on the
 dev split or held-out text), and it ends with the test split, scored once.
 
-Imports engine.data (the exam's letters), engine.files and engine.stats; the curriculum hands it the stage table, so it imports nothing above it.
+Imports engine.data (the exam's letters), engine.files and engine.stats; the curriculum hands it the stage table,
+so it imports nothing above it.
 """
 from __future__ import annotations
 

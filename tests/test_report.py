@@ -6,7 +6,8 @@ import stat
 import engine.report as report
 from engine.stats import wilson
 
-STAGES = [("s1_1", "s1.1 english", "s1_1_english"), ("s2", "s2 embed", "s2_embed"), ("s5", "s5 reasoning", "s5_reasoning")]
+STAGES = [("s1_1", "s1.1 english", "s1_1_english"), ("s2", "s2 embed", "s2_embed"),
+          ("s5", "s5 reasoning", "s5_reasoning")]
 TRAINING = ("s1_1", "s2", "s5")
 
 

@@ -212,23 +212,47 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
 
 
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
+    """`bash run.sh --smoke --log-to tensorboard` as a user runs it: every stage, the cut measurements, a report
+    that says it is a smoke run, files others can read, no lock left, and each stage's curves in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.smoke import SMOKE_HELD_OUT, SMOKE_TEST_QUESTIONS
+
     run_dir = tmp_path / "smoke"
     env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
            "S4_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
-                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--smoke", "--log-to", "tensorboard",
+                          "--max-len", "1024", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run_dir / "report.md").is_file()
+    assert "its numbers mean nothing" in (run_dir / "report.md").read_text().splitlines()[2]
     # A colleague can read what the run wrote (the test runs under whatever umask pytest has: compare with it).
     mask = os.umask(0)
     os.umask(mask)
     shared = [run_dir / n for n in ("report.md", "report.png", "test_report.json")] + list(run_dir.glob("s*/meta.json"))
+    shared += list(run_dir.glob("s*/*/metrics.jsonl"))
     modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777) for f in shared}
-    assert len(modes) == 10 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert len(modes) == 16 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
     assert not list(run_dir.glob(".*.lock"))
     test = json.loads((run_dir / "test_report.json").read_text())
-    assert test["n"] == 12 and test["english"]["n"] == 12  # the data directory's own kormedmcqa_en was used
+    assert test["n"] == SMOKE_TEST_QUESTIONS < 12 and test["english"]["n"] == SMOKE_TEST_QUESTIONS  # of 12
+    for name in ("s1_1", "s2", "s3", "s4", "s5"):
+        m = meta(run_dir, name)
+        assert m["smoke"] and all(ph["steps"] == 1 for ph in m["phases"]), name
+        assert len(m["after"]["en_losses"]) == SMOKE_HELD_OUT < meta(run_dir, "s0")["counts"]["en_heldout.jsonl"]
+        # Each stage is a TensorBoard run; its event file holds each phase's loss curve as metrics.jsonl has it,
+        # the measures entering and leaving it, and the guard's checks.
+        events = EventAccumulator(str(run_dir / "tensorboard" / sl.STAGES[name].directory))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        for phase in m["phases"]:
+            logged = [json.loads(line) for line in
+                      (run_dir / sl.STAGES[name].directory / phase["phase"] / "metrics.jsonl").read_text().splitlines()]
+            curve = [(e.step, e.value) for e in events.Scalars(f"{phase['phase']}/loss")]
+            assert curve == [(r["step"], pytest.approx(r["loss"])) for r in logged], (name, phase["phase"])
+        assert {"eval/en_loss", "eval/drift"} <= set(tags) or name == "s1_1", (name, tags)
+        assert ("guard/drift" in tags) == (name in ("s3", "s4", "s5")), (name, tags)
+    assert [ph["phase"] for ph in meta(run_dir, "s4")["phases"]] == ["korean", "translation"]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
