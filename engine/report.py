@@ -198,8 +198,9 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
     acc_ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label=f"chance ({CHANCE:.1f})")
     acc_ax.set_xticks(range(len(slots)), [name for name, _ in slots])
     acc_ax.set_ylim(0, 1)
-    acc_ax.set_title("accuracy after each stage (dev) and on test, 95% Wilson intervals"
-                     + (" (SMOKE RUN: meaningless)" if smoke else ""))
+    acc_ax.set_title("accuracy after each stage (dev) and on test, 95% Wilson intervals", fontsize=10)
+    if smoke:
+        fig.suptitle("SMOKE RUN (--smoke): these numbers mean nothing", color="red")
     acc_ax.legend(fontsize=7)
     offset = 0
     for stage in training:
@@ -208,8 +209,8 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if "loss" in r and "step" in r]
             if rows:
-                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows],
-                             label=f"{short[stage]} {metrics.parent.name}")
+                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3,
+                             label=f"{short[stage]} {metrics.parent.name}")  # a marker: a 1-step phase is one point
                 offset += rows[-1]["step"]
     loss_ax.set_title("training loss")
     loss_ax.set_xlabel("step (phases in order)")
