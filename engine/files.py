@@ -30,9 +30,19 @@ def fsync(path: Path) -> None:
 def umask_mode(directory: bool = False) -> int:
     """The mode an ordinary open() or mkdir() gives under the process umask: 0644 and 0755 with the usual 022.
     mkstemp and mkdtemp give 0600 and 0700 whatever the umask, which would keep a run's reports from colleagues."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where Linux shows it: setting it to read it back would, for that moment,
+    give files made by other threads (TensorBoard's writer) the wrong mode."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask
 
 
 @contextmanager
