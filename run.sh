@@ -4,7 +4,7 @@
 #
 #   bash run.sh                                  # embedded 270M, bundled sample data, offline, CPU
 #   bash run.sh --size 27b --run-dir runs/27b    # MedGemma 27B from the hub, on a GPU
-#   bash run.sh --max-steps 1 --run-dir runs/smoke
+#   bash run.sh --smoke                          # a few minutes: every stage and the report, numbers meaningless
 #   bash run.sh --size 27b --nproc 4             # s1 to s5 under torchrun on 4 GPUs of one machine
 #   bash run.sh --recipe lora-sft                # the baseline: s0, s1, then plain LoRA SFT (runs/lora-sft)
 #
@@ -16,6 +16,7 @@ cd "$(dirname "$0")"
 run_dir=
 nproc=1
 recipe=curriculum
+smoke=
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --recipe=*) recipe="${1#--recipe=}"; shift; continue ;;
     --run-dir) run_dir="$2" ;;
     --run-dir=*) run_dir="${1#--run-dir=}" ;;
+    --smoke) smoke=1 ;;  # a smoke run keeps out of the real run's directory
   esac
   args+=("$1")
   shift
@@ -36,6 +38,8 @@ case "$recipe" in
 esac
 if [ -z "$run_dir" ]; then
   run_dir=$default_dir
+  [ -n "$smoke" ] && run_dir=${default_dir/runs\//runs/smoke-}
+  [ "$run_dir" = runs/smoke-default ] && run_dir=runs/smoke
   args+=(--run-dir "$run_dir")
 fi
 mkdir -p "$run_dir"

@@ -27,6 +27,8 @@ from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
                              strict_answer, translation_prompt)
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
+from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
+from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
 from engine.generate import generate
 from engine.phase_losses import english_only_loss
 from engine.compare import Side
@@ -188,6 +190,8 @@ class StageOptions:
                                         number(float, 0))
     eval_limit: int | None = option(None, "score at most this many questions per exam", COUNT)
     debug: bool = option(False, "show an unexpected error's traceback here, not only in its crash log")
+    smoke: bool = option(False, "quick install check: 1 step a phase, 8 questions, 4 held-out texts; meaningless")
+    log_to: str | None = option(None, "live curves also in TensorBoard or W&B (metrics.jsonl stays)", choices=LOG_TO)
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
     lora_rank: int = option(16, "rank of lora1 (when this stage adds it)", COUNT)
     lora_alpha: float = option(32.0, "alpha of lora1; scaling is alpha/rank", POSITIVE)
@@ -225,7 +229,7 @@ def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str
     parser = argparse.ArgumentParser(description=description)
     add_options(parser, StageOptions, stage=stage)
     values = vars(parser.parse_args(argv))
-    return StageOptions(**values)
+    return smoke_options(StageOptions(**values))
 
 
 # ───────────────────────────── a run: data and model ─────────────────────────────
@@ -500,12 +504,14 @@ class StageRun:
         self._base: dict[str, Any] | None = None
         self._start = time.perf_counter()
         self._lock, self._made = None, []  # the stage's lock file; the directories this process made
+        self.logger = MetricLogger()  # live curves (--log-to), opened by start() on the process that writes
 
     def start(self) -> None:
         """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
         directory (under torchrun rank 0 alone does, and holds the lock)."""
         made_run = not self.run_dir.exists()
         self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
+        self.logger = open_logger(self.opts.log_to, self.run_dir, STAGES[self.stage].directory, asdict(self.opts))
         self._made = [self.run_dir] if made_run else []
         require_previous(self.run_dir, self.stage)
         meta = stage_meta(self.run_dir, self.stage)
@@ -534,7 +540,7 @@ class StageRun:
     def data(self) -> RunData:
         """The run's normalised data (s0's output)."""
         if self._data is None:
-            self._data = load_run_data(self.run_dir)
+            self._data = smoke_data(load_run_data(self.run_dir), self.opts.smoke)
         return self._data
 
     @property
@@ -634,7 +640,7 @@ class StageRun:
         trained = set_trainable(model, patterns)
         phase_dir = self.out / name
         resume = (self.opts.resume if resume is None else resume) and latest_checkpoint(phase_dir) is not None
-        summary = train(model, loss_fn, batches, config, phase_dir, resume=resume)
+        summary = train(model, loss_fn, batches, config, phase_dir, resume=resume, logger=self.logger, log_group=name)
         counts = dict(model.named_parameters())
         return {"phase": name, "steps": summary["steps"], "loss": summary["loss"], "seconds": summary["seconds"],
                 "tokens": summary["tokens"],
@@ -699,7 +705,7 @@ class StageRun:
     def save(self, model: Gemma3 | None, meta: dict[str, Any]) -> None:
         """adapter.safetensors (the additions only, never base weights) and meta.json, each written atomically;
         then a failed guard stops the run in one sentence."""
-        meta = {"stage": self.stage, "status": "done", **meta}
+        meta = {"stage": self.stage, "status": "done", **({"smoke": True} if self.opts.smoke else {}), **meta}
         guard = meta.get("guard")
         if guard is not None and not guard["passed"]:
             meta["status"] = "guard_failed"
@@ -715,6 +721,7 @@ class StageRun:
         else:
             meta.setdefault("surgery", [])
         distributed.on_main(write_json_atomic, meta, self.out / "meta.json")
+        log_stage(self.logger, meta)
         if guard is not None and not guard["passed"]:
             raise MedkoError(f"English guard failed after {self.stage} ({guard['verdict_line']}; accuracy history "
                              f"{[round(h, 3) for h in guard['history']]}); the best state is kept in {self.out}; "
@@ -755,6 +762,7 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 raise
             finally:
                 distributed.shutdown()
+                run.logger.close()
                 if run._lock is not None:
                     run._lock.close()
             log.info("%s done in %.0f s: %s", stage, time.perf_counter() - run._start, run.out)
@@ -848,6 +856,8 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     stage = final_stage(run_dir)
     model, tokenizer, _ = load_run_model_after(run_dir, stage, device)
     data = load_run_data(run_dir)
+    if stage_meta(run_dir, "s0").get("smoke"):
+        data.exam["test"] = data.exam["test"][:SMOKE_TEST_QUESTIONS]
     report = test_exams(model, tokenizer, run_dir, data, f"{run_dir}:{stage}")
     meta = stage_meta(run_dir, stage)
     if meta.get("reasoning_tokens"):  # the stage trained the answer line: score it on the test split too

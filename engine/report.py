@@ -2,7 +2,8 @@
 stage shows its purpose and a verdict above noise, the report names the numbers that made decisions (all on the
 dev split or held-out text), and it ends with the test split, scored once.
 
-Imports engine.files and engine.stats; the curriculum hands it the stage table, so it imports nothing above it.
+Imports engine.data (the exam's letters), engine.files and engine.stats; the curriculum hands it the stage table,
+so it imports nothing above it.
 """
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine.data import LETTERS
 from engine.files import atomic_write, write_text_atomic
 from engine.stats import accuracy_summary, describe, describe_agreement, judge, language_agreement
 
+# How the plot names each formulation a stage scores (its per-question answers under X_correct in meta.json).
+FORMULATIONS = {"ko_correct": "Korean exam, logits", "en_correct": "English exam, logits",
+                "reasoning_correct": "Korean exam, generated reasoning"}
+CHANCE = 1 / len(LETTERS)  # a uniform guess among the exam's options
 # (name, title, directory) of each stage in run order, as the curriculum's stage table gives them.
 StageRows = Sequence[tuple[str, str, str]]
 
@@ -153,11 +159,19 @@ def _row_checks(counts: dict[str, dict[str, int]]) -> list[str]:
             ""]
 
 
+SMOKE_NOTE = ("**This is a smoke run (`--smoke`): one training step a phase, a handful of questions and texts per "
+              "measurement, a cut reasoning budget. It checks that every stage and the report run; its numbers mean "
+              "nothing.**")
+
+
 def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None],
                      test: dict[str, Any] | None) -> Path:
     """report.md and report.png: data, gate, a summary table, purposes and verdicts, decisions, the test split."""
     titles = {name: title for name, title, _ in stages}
     lines = [f"# medko run report: {run_dir}", ""]
+    smoke = any((m or {}).get("smoke") for m in metas.values())
+    if smoke:
+        lines += [SMOKE_NOTE, ""]
     if metas.get("s0"):
         m = metas["s0"]
         left_out = [f"{k} {v['skipped']} bad, {v['dropped']} repeated" for k, v in m.get("left_out", {}).items()
@@ -202,14 +216,30 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
     lines += _gap_section(metas, titles, test) + _verdicts(metas, titles, training) + _decisions(metas, titles, training)
     if test:
         lines += _test_section(test)
-    plot_run(run_dir, stages, training, metas)
+    plot_run(run_dir, stages, training, metas, test, smoke)
     lines += ["", "![accuracy and training loss](report.png)", ""]
     out = run_dir / "report.md"
     write_text_atomic("\n".join(lines), out)
     return out
 
 
-def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None]) -> None:
+def accuracy_series(slots: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Every accuracy formulation the slots scored (each list of right/wrong answers, `X_correct`), as points
+    (slot, accuracy, Wilson low, Wilson high) on the slots that scored it: s2 skips the English exam, Korean dev is
+    scored at the run's ends, s5 alone generates reasoning."""
+    series: dict[str, list[tuple[int, float, float, float]]] = {}
+    for x, (_, measured) in enumerate(slots):
+        for key, correct in measured.items():
+            if key.endswith("_correct") and correct:
+                s = accuracy_summary(correct)
+                label = FORMULATIONS.get(key, key.removesuffix("_correct").replace("_", " "))
+                series.setdefault(label, []).append((x, s["value"], s["low"], s["high"]))
+    return series
+
+
+def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: dict[str, dict | None],
+             test: dict[str, Any] | None = None, smoke: bool = False) -> None:
+    """report.png: each accuracy with its 95% Wilson interval and the chance line, and the training loss curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,16 +247,24 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
 
     short = {name: title.split()[0] for name, title, _ in stages}
     directory = {name: d for name, _, d in stages}
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    afters = [(short[s], metas[s]["after"]) for s in training if (metas.get(s) or {}).get("after")]
-    for lang, marker, label in (("en", "s-", "English dev"), ("ko", "o-", "Korean dev")):
-        # Each on the stages that scored it (s2 skips the English exam; Korean dev is scored at the run's ends)
-        points = [(x, after[f"{lang}_accuracy"]) for x, (_, after) in enumerate(afters) if f"{lang}_accuracy" in after]
-        acc_ax.plot([x for x, _ in points], [y for _, y in points], marker, label=label)
-    acc_ax.set_xticks(range(len(afters)), [name for name, _ in afters])
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    slots = [(short[s], metas[s]["after"]) for s in training if (metas.get(s) or {}).get("after")]
+    if test:
+        slots.append(("test", {"ko_correct": [p["correct"] for p in test["predictions"]],
+                               "en_correct": (test.get("english") or {}).get("correct")}))
+    series = accuracy_series(slots)
+    for i, (label, points) in enumerate(series.items()):
+        shift = (i - (len(series) - 1) / 2) * 0.08  # side by side, so the interval bars do not hide each other
+        xs, ys = [x + shift for x, *_ in points], [y for _, y, _, _ in points]
+        acc_ax.errorbar(xs, ys, yerr=[[y - low for _, y, low, _ in points], [high - y for _, y, _, high in points]],
+                        fmt="o", capsize=3, label=label)  # no lines: a line would suggest a trend
+    acc_ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label=f"chance ({CHANCE:.1f})")
+    acc_ax.set_xticks(range(len(slots)), [name for name, _ in slots])
     acc_ax.set_ylim(0, 1)
-    acc_ax.set_title("accuracy after each stage")
-    acc_ax.legend()
+    acc_ax.set_title("accuracy after each stage (dev) and on test, 95% Wilson intervals", fontsize=10)
+    if smoke:
+        fig.suptitle("SMOKE RUN (--smoke): these numbers mean nothing", color="red")
+    acc_ax.legend(fontsize=7)
     offset = 0
     for stage in training:
         d = run_dir / directory[stage]
@@ -234,8 +272,8 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if "loss" in r and "step" in r]
             if rows:
-                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows],
-                             label=f"{short[stage]} {metrics.parent.name}")
+                loss_ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3,
+                             label=f"{short[stage]} {metrics.parent.name}")  # a marker: a 1-step phase is one point
                 offset += rows[-1]["step"]
     loss_ax.set_title("training loss")
     loss_ax.set_xlabel("step (phases in order)")

@@ -4,7 +4,7 @@ Under torchrun (engine.distributed) each rank trains on its contiguous share of 
 loss is divided by the global target count and the gradients are summed over the ranks, so N processes with
 micro-batches of b examples take the same updates as one process with N*b (config.batch_size is that N*b).
 
-Imports engine.distributed, engine.errors, engine.examples, engine.files, engine.model and
+Imports engine.distributed, engine.errors, engine.examples, engine.files, engine.loggers, engine.model and
 engine.train_checkpoints.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from engine import distributed
 from engine.errors import MedkoError, log
 from engine.files import write_text_atomic
+from engine.loggers import MetricLogger
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
 from engine.examples import Example, collate, pack
 from engine.train_checkpoints import (
@@ -214,13 +215,15 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[di
 
 
 def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Example] | BatchFn,
-          config: TrainConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+          config: TrainConfig, out_dir: Path, resume: bool = False, logger: MetricLogger | None = None,
+          log_group: str = "train") -> dict[str, Any]:
     """Trains the model's trainable parameters for config.max_steps updates and returns a summary.
 
     Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
     then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
     divided by the target tokens of the whole accumulated batch. Ctrl-C (or SIGTERM, under engine.faults) saves a
-    checkpoint at the last completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last
+    checkpoint at the last completed step and re-raises KeyboardInterrupt. Each metrics.jsonl line also goes to
+    `logger` under `log_group` (live curves; metrics.jsonl stays the record). Returns steps, loss (of the last
     update), tokens, targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
     """
     out_dir = Path(out_dir)
@@ -333,6 +336,8 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
                           "elapsed": earlier_seconds + now - run_start}
                 record.update({k: sum(v) / len(v) for k, v in window["extras"].items()})
                 distributed.on_main(_append_metrics, out_dir, record)
+                if logger is not None:
+                    logger.log(log_group, record, step)
                 state["metrics"] = record
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
             if step % config.save_every == 0 or step == config.max_steps:

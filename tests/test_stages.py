@@ -241,6 +241,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
                                                        f"({killed / 's2_embed'})"
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", real)
     assert not (killed / "s2_embed" / "meta.json").exists()
+    assert not list(killed.glob(".*.lock"))  # an interrupted stage takes its lock file with it
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
     assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0
     a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
@@ -283,16 +284,47 @@ def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir,
 
 
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
+    """`bash run.sh --smoke --log-to tensorboard` as a user runs it: every stage, the cut measurements, a report
+    that says it is a smoke run, files others can read, no lock left, and each stage's curves in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.smoke import SMOKE_HELD_OUT, SMOKE_TEST_QUESTIONS
+
     run_dir = tmp_path / "smoke"
     env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
            "S4_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
-                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--smoke", "--log-to", "tensorboard",
+                          "--max-len", "1024", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run_dir / "report.md").is_file()
+    assert "its numbers mean nothing" in (run_dir / "report.md").read_text().splitlines()[2]
+    # A colleague can read what the run wrote (the test runs under whatever umask pytest has: compare with it).
+    mask = os.umask(0)
+    os.umask(mask)
+    shared = [run_dir / n for n in ("report.md", "report.png", "test_report.json")] + list(run_dir.glob("s*/meta.json"))
+    shared += list(run_dir.glob("s*/*/metrics.jsonl"))
+    modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777) for f in shared}
+    assert len(modes) == 16 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert not list(run_dir.glob(".*.lock"))
     test = json.loads((run_dir / "test_report.json").read_text())
-    assert test["n"] == 12 and test["english"]["n"] == 12  # the data directory's own kormedmcqa_en was used
+    assert test["n"] == SMOKE_TEST_QUESTIONS < 12 and test["english"]["n"] == SMOKE_TEST_QUESTIONS  # of 12
+    for name in ("s1_1", "s2", "s3", "s4", "s5"):
+        m = meta(run_dir, name)
+        assert m["smoke"] and all(ph["steps"] == 1 for ph in m["phases"]), name
+        assert len(m["after"]["en_losses"]) == SMOKE_HELD_OUT < meta(run_dir, "s0")["counts"]["en_heldout.jsonl"]
+        # Each stage is a TensorBoard run; its event file holds each phase's loss curve as metrics.jsonl has it,
+        # the measures entering and leaving it, and the guard's checks.
+        events = EventAccumulator(str(run_dir / "tensorboard" / sl.STAGES[name].directory))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        for phase in m["phases"]:
+            logged = [json.loads(line) for line in
+                      (run_dir / sl.STAGES[name].directory / phase["phase"] / "metrics.jsonl").read_text().splitlines()]
+            curve = [(e.step, e.value) for e in events.Scalars(f"{phase['phase']}/loss")]
+            assert curve == [(r["step"], pytest.approx(r["loss"])) for r in logged], (name, phase["phase"])
+        assert {"eval/en_loss", "eval/drift"} <= set(tags) or name == "s1_1", (name, tags)
+        assert ("guard/drift" in tags) == (name in ("s3", "s4", "s5")), (name, tags)
+    assert [ph["phase"] for ph in meta(run_dir, "s4")["phases"]] == ["korean", "translation"]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -321,6 +353,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tm
     taken = run_script("s0", "--run-dir", str(run_dir), "--model", str(tiny_dir), "--resume")
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert meta(run_dir, "s0")["status"] == "done"
+    assert not (run_dir / ".s0_data.lock").exists()  # and removes it when it ends
 
 
 def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gated_run, tiny_dir, tmp_path):
@@ -338,6 +371,7 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gate
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert hub.returncode == 1 and "is not in the local cache" in hub.stderr.splitlines()[-1]
     assert not (offline / "s1_gate").exists() and (offline / "s0_data" / "meta.json").is_file()
+    assert not list(offline.glob(".*.lock"))  # a failed stage leaves no lock file, nor does a finished one
 
     run_dir = copy_run(gated_run, tmp_path / "clash")
     assert stage("s1_1", run_dir, tiny_dir) == 0
