@@ -11,7 +11,7 @@ import functools
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,28 +21,28 @@ from engine import distributed, faults
 from engine.adapters import additions_state_dict, apply_surgery, load_additions
 from engine.checkpoints import SIZES, load_base
 from engine import sources
-from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
+from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
                          load_texts, parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
-from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
-                             strict_answer, translation_prompt)
+from engine.evaluate import (translation_prompt)
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
 from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
 from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
-from engine.generate import generate
+from engine.guard import guard_record, recover
 from engine.phase_losses import english_only_loss
-from engine.compare import Side
-from engine.measures import BASE, losses_and_drift, text_losses
+from engine.compare import Side, score_exams
+from engine.measures import BASE, losses_and_drift, measure_parts
+from engine.measures import translation_scores as translation_scores
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import (bootstrap_mean, chrf, describe, guard_check, judge, language_agreement, mean,
-                          overall_verdict, sentence_chrf)
+from engine.stats import (bootstrap_mean, describe, guard_check, judge, mean,
+                          overall_verdict)
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.examples import Example, cut_middle_examples, text_examples
-from engine.trainer import TrainConfig, batch_at, set_trainable, step_tokens, steps_for_tokens, train
+from engine.examples import Example, text_examples
+from engine.trainer import TrainConfig, set_trainable, step_tokens, train
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
@@ -57,6 +57,10 @@ from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
 from engine.fit import base_plan as base_plan, candidates_that_fit as candidates_that_fit
 from engine.examples import lm_examples as lm_examples
+from engine.evaluate import choose_formulation as choose_formulation
+from engine.reasoning import answer_line_tokens as answer_line_tokens, exam_examples as exam_examples
+from engine.reasoning import reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples
+from engine.trainer import mixed_batches as mixed_batches, steps_for_tokens as steps_for_tokens
 
 
 # ───────────────────────────── the stage table ─────────────────────────────
@@ -322,54 +326,14 @@ STAGE_MEASURES = {"s1_1": ("ko_exam", "en_exam", "ko_text", "en_loss"), "s2": ("
                   "s5": ("ko_exam", "en_exam", "en_text"), "sft": MEASURE_PARTS}
 
 
-def _rounded(values: Sequence[float]) -> list[float]:
-    return [round(v, 6) for v in values]
-
-
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions,
             parts: Sequence[str] = MEASURE_PARTS) -> dict[str, Any]:
-    """Korean and English dev accuracy in the run's formulation, held-out text losses and English drift from the
-    teacher (those of `parts`; "en_loss" is the English held-out loss without the drift's teacher pass).
-
-    Means for the tables, and the per-item values behind them (each dev question right or wrong, each held-out
-    text's loss and drift), so that a before → after change is tested on the same questions and texts.
-    """
-    was_training = model.training
-    model.eval()
-    out: dict[str, Any] = {}
-    for lang in ("ko", "en"):
-        if f"{lang}_exam" in parts:
-            rows = data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev")
-            report = evaluate(model, tokenizer, limited(rows, opts.eval_limit), run_formulation(run_dir), lang,
-                              progress=False)
-            out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions],
-                        f"{lang}_preds": [e["pred"] for e in report.predictions]})
-    if "ko_text" in parts:
-        ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
-        out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
-    if "en_text" in parts:
-        en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
-        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
-    elif "en_loss" in parts:
-        en_losses = text_losses(model, tokenizer, data.en_heldout, opts.max_len)
-        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None
-                       ) -> dict[str, Any]:
-    """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF. The budget is s1's:
-    twice the longest source's tokens plus TRANSLATION_MARGIN, at most --translate-tokens when given."""
-    model.eval()
-    prompts = [translation_prompt(p.src, "en") for p in pairs]
-    budget = max((2 * len(tokenizer.encode(p.src, bos=False)) + TRANSLATION_MARGIN for p in pairs), default=1)
-    budget = min(budget, max_new_tokens or budget)
-    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=32)]
-    references = [p.tgt for p in pairs]
-    return {"chrf": chrf(outputs, references), "chrf_pairs": _rounded(sentence_chrf(outputs, references)),
-            "translations": outputs}
+    """engine.measures.measure_parts on the run's dev exams (in its formulation, cut to --eval-limit) and held-out
+    texts: the means for the tables and the per-item values behind them."""
+    exams = {lang: limited(data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev"), opts.eval_limit)
+             for lang in ("ko", "en") if f"{lang}_exam" in parts}
+    return measure_parts(model, tokenizer, parts, exams, run_formulation(run_dir), data.ko_heldout, data.en_heldout,
+                         opts.max_len)
 
 
 # What each training stage exists for, and the held-out measures that decide it: (measure, kind, want). Drift is
@@ -408,24 +372,6 @@ def stage_verdicts(stage: str, before: dict[str, Any], after: dict[str, Any], dr
 
 # ───────────────────────────── training phases ─────────────────────────────
 
-def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, config: TrainConfig):
-    """Batch function: a micro-batch of the stage's data, plus English text (prefixed en_) for the layer loss,
-    config.english_batch texts of it when set, else as many as the stage's micro-batch."""
-    en_config = replace(config, batch_size=config.english_batch) if config.english_batch else config
-
-    def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        out = batch_at(main, step, micro, config)
-        if english:
-            out.update({f"en_{k}": v for k, v in batch_at(english, step, micro, en_config).items()})
-        return out
-    return batch
-
-
-def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:
-    """Exam questions with the answer letter as the only target, as the evaluator scores it."""
-    return lm_examples(tokenizer, [mcq_prompt(r, lang) for r in rows], [f" {r.answer}" for r in rows], max_len)
-
-
 def translation_examples(run_dir: Path, data: RunData, tokenizer: Tokenizer, max_len: int) -> list[Example]:
     """s4's translation rows: the train exam's translations from s1 (never dev or test) and any local pair file."""
     exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
@@ -451,42 +397,6 @@ def curriculum_tokens(opts: StageOptions, data: RunData, tokenizer: Tokenizer) -
 
 def added_layer_patterns(model: Gemma3) -> list[str]:
     return [f"layers.{i}.*" for i, layer in enumerate(model.layers) if layer.added]
-
-
-def reasoning_prompt(row: MCQ) -> str:
-    """The harness question block with a worked-reasoning cue in place of the answer cue."""
-    return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
-
-
-def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
-    """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
-    middle, never the prompt or the answer line. Returns the examples and how many were cut."""
-    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
-                               [f" {r.reasoning.strip()}" for r in rows],
-                               [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
-
-
-def answer_line_tokens(tokenizer: Tokenizer) -> int:
-    """Tokens of the answer line reasoning examples end in, with their EOS: what s5's answer-line loss covers."""
-    counts = {len(tokenizer.encode(f"\n{ANSWER_CUE['ko']} {letter}", bos=False)) + 1 for letter in LETTERS}
-    if len(counts) != 1:
-        raise MedkoError(f"the answer line is {sorted(counts)} tokens long depending on its letter; this tokenizer "
-                         f"needs one length")
-    return counts.pop()
-
-
-@torch.no_grad()
-def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy reasoning on the dev exam: strict format compliance (the generation ends in the trained answer line,
-    which it names once), the extraction cascade's looser compliance, and accuracy, with the per-question values."""
-    model.eval()
-    # One batch: decoding is step-bound on a CPU, so 24 rows cost about what 8 do.
-    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=64)
-    preds = [extract_answer(o) for o in outputs]
-    strict = [strict_answer(o) is not None for o in outputs]
-    correct = [p == r.answer for p, r in zip(preds, rows)]
-    return {"compliance": mean(strict), "loose_compliance": sum(p is not None for p in preds) / len(rows),
-            "accuracy": mean(correct), "strict": strict, "correct": correct}
 
 
 # ───────────────────────────── a stage of a run ─────────────────────────────
@@ -668,30 +578,17 @@ class StageRun:
             english.update(self.measure(model, tokenizer, english_parts))
             return guard_check(english["en_correct"], english["drifts"], floor, o.tolerance, o.drift_bound)
 
-        rank = lambda c: (c["passed"], c["accuracy"], -c["drift"])  # noqa: E731
-        checks = [guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)]  # this state
-        best = (checks[0], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
         config = self.train_config()
         examples = self.text(tokenizer, self.data.en_text)
         for_loss = [Example(e.ids, [False] + [True] * (len(e.ids) - 1)) for e in examples]  # every token after BOS
-        rounds = 0
-        while not checks[-1]["passed"] and rounds < o.guard_rounds:
-            rounds += 1
-            log.info("English guard: %s; recovery round %d of %d", checks[-1]["line"], rounds, o.guard_rounds)
-            self.train_phase(f"guard_round{rounds}", model, patterns, english_only_loss(o.layer_loss), for_loss, config)
-            checks.append(check())
-            if rank(checks[-1]) > rank(best[0]):
-                best = (checks[-1], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
-        passed = checks[-1]["passed"]
-        if not passed:
-            load_additions(model, best[1], "the best guard state")
-        kept = checks[-1] if passed else best[0]
-        guard = {"reference": reference, "tolerance": kept["tolerance"], "threshold": kept["threshold"],
-                 "drift_bound": o.drift_bound,
-                 "history": [c["accuracy"] for c in checks], "drift_history": [c["drift"] for c in checks],
-                 "rounds": rounds, "passed": passed, "kept_accuracy": kept["accuracy"], "kept": kept,
-                 "verdict_line": f"{'passed' if passed else 'FAILED'}: {kept['line']} after {rounds} recovery "
-                                 f"round{'' if rounds == 1 else 's'}"}
+
+        def train_round(n: int, failed: dict[str, Any]) -> None:
+            log.info("English guard: %s; recovery round %d of %d", failed["line"], n, o.guard_rounds)
+            self.train_phase(f"guard_round{n}", model, patterns, english_only_loss(o.layer_loss), for_loss, config)
+
+        first = guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)  # this state
+        checks, passed, rounds = recover(model, first, check, train_round, o.guard_rounds)
+        guard = guard_record(checks, passed, rounds, reference, o.drift_bound)
         log.info("English guard %s", guard["verdict_line"])
         if rounds:
             guard["after_training"] = after
@@ -813,17 +710,6 @@ def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
     return None if opts.english_exam == "model" else Path(opts.english_exam)
 
 
-def choose_formulation(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ]) -> dict[str, Any]:
-    """OLMES's rule: the English dev exam scored in both formulations, the letter (MCF) and the cloze (CF) one; the
-    higher decides for the gate, s1.1's stop and the English guard (a tie keeps the harness's letters)."""
-    reports = {mode: evaluate(model, tokenizer, rows, mode, "en", progress=True) for mode in ("logits", "cloze")}
-    chosen = "cloze" if reports["cloze"].accuracy > reports["logits"].accuracy else "logits"
-    other = "logits" if chosen == "cloze" else "cloze"
-    why = (f"English dev {reports[chosen].accuracy:.3f} in {chosen} against {reports[other].accuracy:.3f} in {other} "
-           f"(n {reports[chosen].n}; OLMES: the formulation in which the base scores higher)")
-    return {"formulation": chosen, "why": why, "reports": reports}
-
-
 def load_candidate(name: str, opts: StageOptions, nf4: bool) -> tuple[Gemma3, Tokenizer, Path]:
     """A gate candidate: a size, or the --model directory; nf4: its base in NF4 (engine.fit.candidates_that_fit)."""
     size, model = ("270m", name) if opts.model else (name, None)
@@ -881,27 +767,10 @@ def unseen_test_ids(run_dir: Path, rows: Sequence[MCQ]) -> set[str]:
 
 
 def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, name: str) -> dict[str, Any]:
-    """The Korean test exam and its English version, each in both formulations, with EN↔KO agreement overall and
-    on the unseen-answer questions; the top level is the Korean exam in the run's formulation."""
-    rows, english = data.exam["test"], test_english(run_dir, data.exam["test"])
-    formulation, unseen = run_formulation(run_dir), unseen_test_ids(run_dir, data.exam["test"])
-    formulations = {}
-    for mode in ("logits", "cloze"):
-        ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)
-        scored = {"ko": asdict(ko)}
-        if english is not None:
-            en = evaluate(model, tokenizer, english, mode, "en", progress=True, model_name=name)
-            scored["en"] = asdict(en)
-            scored["languages"] = language_agreement(ko.predictions, en.predictions)
-            if unseen:
-                pick = lambda preds: [p for p in preds if p["id"] in unseen]  # noqa: E731
-                scored["languages_unseen"] = language_agreement(pick(ko.predictions), pick(en.predictions))
-        formulations[mode] = scored
-    report = {**formulations[formulation]["ko"], "formulation": formulation, "formulations": formulations}
-    if "en" in formulations[formulation]:
-        en = formulations[formulation]["en"]
-        report["english"] = {"accuracy": en["accuracy"], "n": en["n"], "correct": [e["correct"] for e in en["predictions"]]}
-    return report
+    """The Korean test exam and its English version in both formulations (engine.compare.score_exams)."""
+    rows = data.exam["test"]
+    return score_exams(model, tokenizer, rows, test_english(run_dir, rows), run_formulation(run_dir),
+                       unseen_test_ids(run_dir, rows), name)
 
 
 def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side, set[str]]:

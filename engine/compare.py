@@ -1,17 +1,21 @@
-"""Two models compared on the same test questions and held-out texts (`medko.py compare`): Korean and English
+"""The test split scored for comparison, and two models compared on the same test questions and held-out texts (`medko.py compare`): Korean and English
 accuracy in each formulation, the English–Korean gap and how often the two languages answer alike, strict
 answer-line compliance where both have it, and English held-out loss and drift from the base. Every row is paired:
 exact McNemar for right/wrong outcomes, a paired bootstrap over questions or texts for means.
 
-Imports engine.errors and engine.stats.
+Imports engine.data, engine.errors, engine.evaluate, engine.model, engine.stats and engine.tokenizer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from engine.data import MCQ
 from engine.errors import MedkoError
-from engine.stats import accuracy_summary, bootstrap_difference, mcnemar
+from engine.evaluate import evaluate
+from engine.model import Gemma3
+from engine.stats import accuracy_summary, bootstrap_difference, language_agreement, mcnemar
+from engine.tokenizer import Tokenizer
 
 
 @dataclass
@@ -22,6 +26,30 @@ class Side:
     test: dict[str, Any]  # its test_report.json (engine.evaluate reports by formulation, as score_test_split writes)
     en_losses: list[float] = field(default_factory=list)  # per held-out English text
     drifts: list[float] = field(default_factory=list)  # per held-out English text, KL(base || model)
+
+
+def score_exams(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], english: Sequence[MCQ] | None,
+                formulation: str, unseen: set[str], name: str) -> dict[str, Any]:
+    """A Korean exam and (when given) its row-aligned English version, each in both formulations, with EN↔KO
+    agreement overall and on the `unseen` question ids; the top level is the Korean exam in `formulation`, and
+    "english" the English one's outcomes."""
+    formulations = {}
+    for mode in ("logits", "cloze"):
+        ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)
+        scored = {"ko": asdict(ko)}
+        if english is not None:
+            en = evaluate(model, tokenizer, english, mode, "en", progress=True, model_name=name)
+            scored["en"] = asdict(en)
+            scored["languages"] = language_agreement(ko.predictions, en.predictions)
+            if unseen:
+                pick = lambda preds: [p for p in preds if p["id"] in unseen]  # noqa: E731
+                scored["languages_unseen"] = language_agreement(pick(ko.predictions), pick(en.predictions))
+        formulations[mode] = scored
+    report = {**formulations[formulation]["ko"], "formulation": formulation, "formulations": formulations}
+    if "en" in formulations[formulation]:
+        en = formulations[formulation]["en"]
+        report["english"] = {"accuracy": en["accuracy"], "n": en["n"], "correct": [e["correct"] for e in en["predictions"]]}
+    return report
 
 
 def _correct(test: dict[str, Any], mode: str, lang: str, ids: Sequence[str] | None = None) -> list[bool] | None:

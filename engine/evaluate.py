@@ -235,6 +235,17 @@ def agreement(a: Report | Mapping[str, Any], b: Report | Mapping[str, Any]) -> f
     return sum(preds_a[i] == preds_b[i] for i in shared) / len(shared)
 
 
+def choose_formulation(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ]) -> dict[str, Any]:
+    """OLMES's rule: the English dev exam scored in both formulations, the letter (MCF) and the cloze (CF) one; the
+    higher decides for the gate, s1.1's stop and the English guard (a tie keeps the harness's letters)."""
+    reports = {mode: evaluate(model, tokenizer, rows, mode, "en", progress=True) for mode in ("logits", "cloze")}
+    chosen = "cloze" if reports["cloze"].accuracy > reports["logits"].accuracy else "logits"
+    other = "logits" if chosen == "cloze" else "cloze"
+    why = (f"English dev {reports[chosen].accuracy:.3f} in {chosen} against {reports[other].accuracy:.3f} in {other} "
+           f"(n {reports[chosen].n}; OLMES: the formulation in which the base scores higher)")
+    return {"formulation": chosen, "why": why, "reports": reports}
+
+
 def write_report(report: Report, path: str | Path) -> None:
     write_json_atomic(asdict(report), path)
 

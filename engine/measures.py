@@ -12,16 +12,20 @@ engine.trainer.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from engine import distributed
 from engine.adapters import is_teacher, teacher_mode
+from engine.data import MCQ, Pair
+from engine.evaluate import TRANSLATION_MARGIN, evaluate, translation_prompt
 from engine.fit import rows_that_fit
+from engine.generate import generate
 from engine.losses import token_losses
 from engine.model import Gemma3, model_device
+from engine.stats import chrf, mean, sentence_chrf
 from engine.tokenizer import Tokenizer
 from engine.examples import collate, text_examples
 
@@ -119,3 +123,48 @@ def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str],
         drifts += _per_text(torch.cat(kl) if kl else student.new_zeros(0), rows, len(ids))
     model.train(was_training)
     return losses, drifts
+
+
+@torch.no_grad()
+def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None
+                       ) -> dict[str, Any]:
+    """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF. The budget is s1's:
+    twice the longest source's tokens plus TRANSLATION_MARGIN, at most --translate-tokens when given."""
+    model.eval()
+    prompts = [translation_prompt(p.src, "en") for p in pairs]
+    budget = max((2 * len(tokenizer.encode(p.src, bos=False)) + TRANSLATION_MARGIN for p in pairs), default=1)
+    budget = min(budget, max_new_tokens or budget)
+    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=32)]
+    references = [p.tgt for p in pairs]
+    return {"chrf": chrf(outputs, references), "chrf_pairs": _rounded(sentence_chrf(outputs, references)),
+            "translations": outputs}
+
+
+def measure_parts(model: Gemma3, tokenizer: Tokenizer, parts: Sequence[str], exams: dict[str, Sequence[MCQ]],
+                  formulation: str, ko_texts: Sequence[str], en_texts: Sequence[str], max_len: int) -> dict[str, Any]:
+    """What a stage measures, those of `parts`: "ko_exam"/"en_exam" (accuracy in `formulation`, each question right or
+    wrong and its prediction), "ko_text" (held-out Korean loss), "en_text" (English loss and drift from the teacher)
+    or "en_loss" (the loss without the drift's teacher pass). Means, and the per-item values behind them, so that a
+    before → after change is tested on the same questions and texts."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    for lang, rows in exams.items():
+        report = evaluate(model, tokenizer, rows, formulation, lang, progress=False)
+        out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions],
+                    f"{lang}_preds": [e["pred"] for e in report.predictions]})
+    if "ko_text" in parts:
+        ko_losses = text_losses(model, tokenizer, ko_texts, max_len)
+        out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
+    if "en_text" in parts:
+        en_losses, drifts = losses_and_drift(model, tokenizer, en_texts, max_len)
+        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
+    elif "en_loss" in parts:
+        en_losses = text_losses(model, tokenizer, en_texts, max_len)
+        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
+    model.train(was_training)
+    return out
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [round(v, 6) for v in values]

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -121,6 +121,19 @@ def steps_for_tokens(examples: Sequence[Example], config: TrainConfig, budget: i
         total += step_tokens(examples, config, step)
         step += 1
     return step
+
+
+def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, config: TrainConfig):
+    """Batch function: a micro-batch of the stage's data, plus English text (prefixed en_) for the layer loss,
+    config.english_batch texts of it when set, else as many as the stage's micro-batch."""
+    en_config = replace(config, batch_size=config.english_batch) if config.english_batch else config
+
+    def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        out = batch_at(main, step, micro, config)
+        if english:
+            out.update({f"en_{k}": v for k, v in batch_at(english, step, micro, en_config).items()})
+        return out
+    return batch
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -1,6 +1,5 @@
 """What a user sees when things go wrong (docs/faults.md): an unforeseen error in any command or stage is one
 sentence naming its crash log, never a traceback; text files in other encodings; repeats within a source."""
-import argparse
 import json
 import logging
 import os

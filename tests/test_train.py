@@ -485,14 +485,14 @@ def test_a_disk_with_room_for_one_checkpoint_trains_and_resumes_exactly(tmp_path
 
 
 def test_long_reasoning_loses_its_middle_not_its_answer(tiny_tokenizer):
-    import shared_logic as sl
+    from engine.reasoning import reasoning_examples, reasoning_prompt
     from engine.data import MCQ
 
     row = MCQ("r/0", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "C", reasoning="step " * 200)
     short = MCQ("r/1", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "B", reasoning="short")
-    (long_ex, short_ex), cut = sl.reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
+    (long_ex, short_ex), cut = reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
     assert cut == 1 and len(long_ex.ids) == 120
-    prompt = tiny_tokenizer.encode(sl.reasoning_prompt(row))
+    prompt = tiny_tokenizer.encode(reasoning_prompt(row))
     assert long_ex.ids[:len(prompt)] == prompt and not any(long_ex.target_mask[:len(prompt)])
     ending = tiny_tokenizer.encode("\n정답： C", bos=False) + [tiny_tokenizer.eos_id]
     assert long_ex.ids[-len(ending):] == ending
