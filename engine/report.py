@@ -94,11 +94,11 @@ def _gap_lines(point: dict[str, Any], unseen: Sequence[int]) -> list[str]:
         return ["not measured"]
     ko, en = _paired(point["ko_correct"], point["ko_preds"]), _paired(point["en_correct"], point["en_preds"])
     lines = [describe_agreement(language_agreement(ko, en))]
-    if unseen:
-        keep = set(unseen)
-        pick = lambda entries: [e for e in entries if e["id"] in keep]  # noqa: E731
+    keep = set(unseen)
+    ko_unseen, en_unseen = [e for e in ko if e["id"] in keep], [e for e in en if e["id"] in keep]
+    if ko_unseen:  # none when the measurement was cut (--eval-limit, a smoke run) before any of them
         lines.append("questions whose answer no Korean training text holds: "
-                     + describe_agreement(language_agreement(pick(ko), pick(en))))
+                     + describe_agreement(language_agreement(ko_unseen, en_unseen)))
     return lines
 
 

@@ -6,6 +6,9 @@ Substitutions, each because the command as written would take minutes on a CPU o
 - `--size 270m` (and the default size) becomes `--model TINY`: the real 270M costs minutes here;
 - `--model DIR` becomes the tiny checkpoint;
 - generate-mode and translation commands get a small `--max-new-tokens`: the tiny model's output is noise.
+
+A command that reads what another documented command writes (`--agree-with FILE`) runs after that one, in the same
+directory; `runs/lora-sft` is the same rehearsed run under a second name (compare then pairs it with itself).
 """
 import re
 import shlex
@@ -64,15 +67,28 @@ def test_readme_lists_the_commands_this_test_runs():
         assert command.split()[2] in {"--help", *subcommands}, command
 
 
+def writers(command: str) -> list[str]:
+    """The documented commands whose --out is a file this command reads with --agree-with."""
+    argv = shlex.split(command)
+    reads = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--agree-with"}
+    return [c for c in readme_commands() if any(f"--out {name}" in c for name in reads)]
+
+
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs_as_written(command, tiny_dir, hub_cache, rehearsed_run, tmp_path):
     import shutil
 
     (tmp_path / "data").symlink_to(ROOT / "data")
     shutil.copytree(rehearsed_run, tmp_path / "runs" / "default")
+    if "runs/lora-sft" in command:
+        shutil.copytree(rehearsed_run, tmp_path / "runs" / "lora-sft")
+    env = hub_env(hub_cache, tmp_path / "hf")
+    for writer in writers(command):
+        done = subprocess.run(substituted(writer, tiny_dir), capture_output=True, text=True, cwd=tmp_path,
+                              timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
     argv = substituted(command, tiny_dir)
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                         env=hub_env(hub_cache, tmp_path / "hf"))
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert "Traceback" not in out.stderr
     if "--format" in argv and argv[argv.index("--format") + 1] == "gguf":
         # The rehearsal's 2-layer tiny MedGemma has its full-attention layer at index 1, which llama.cpp's gemma3
