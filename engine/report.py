@@ -16,8 +16,7 @@ from engine.files import atomic_write, write_text_atomic
 from engine.stats import accuracy_summary, describe, describe_agreement, judge, language_agreement
 
 # How the plot names each formulation a stage scores (its per-question answers under X_correct in meta.json).
-FORMULATIONS = {"ko_correct": "Korean exam, logits", "en_correct": "English exam, logits",
-                "reasoning_correct": "Korean exam, generated reasoning"}
+LANGUAGES = {"ko": "Korean", "en": "English"}
 CHANCE = 1 / len(LETTERS)  # a uniform guess among the exam's options
 # (name, title, directory) of each stage in run order, as the curriculum's stage table gives them.
 StageRows = Sequence[tuple[str, str, str]]
@@ -223,16 +222,25 @@ def write_run_report(run_dir: Path, stages: StageRows, training: Sequence[str], 
     return out
 
 
-def accuracy_series(slots: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, list[tuple[int, float, float, float]]]:
-    """Every accuracy formulation the slots scored (each list of right/wrong answers, `X_correct`), as points
-    (slot, accuracy, Wilson low, Wilson high) on the slots that scored it: s2 skips the English exam, Korean dev is
-    scored at the run's ends, s5 alone generates reasoning."""
+def _label(key: str, formulation: str) -> str:
+    """"ko_correct" (the run's formulation), "ko_cloze_correct", "reasoning_correct" -> the series' name."""
+    parts = key.removesuffix("_correct").split("_")
+    if parts[0] not in LANGUAGES:
+        return "Korean exam, generated reasoning" if parts == ["reasoning"] else " ".join(parts)
+    return f"{LANGUAGES[parts[0]]} exam, {parts[1] if len(parts) > 1 else formulation}"
+
+
+def accuracy_series(slots: Sequence[tuple[str, dict[str, Any]]], formulation: str = "logits"
+                    ) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Every accuracy formulation the slots scored (each list of right/wrong answers, `X_correct`; a stage's exam
+    answers are in the run's `formulation`), as points (slot, accuracy, Wilson low, Wilson high) on the slots that
+    scored it: s2 skips the English exam, Korean dev is scored at the run's ends, s5 alone generates reasoning."""
     series: dict[str, list[tuple[int, float, float, float]]] = {}
     for x, (_, measured) in enumerate(slots):
         for key, correct in measured.items():
             if key.endswith("_correct") and correct:
                 s = accuracy_summary(correct)
-                label = FORMULATIONS.get(key, key.removesuffix("_correct").replace("_", " "))
+                label = _label(key, formulation)
                 series.setdefault(label, []).append((x, s["value"], s["low"], s["high"]))
     return series
 
@@ -249,10 +257,12 @@ def plot_run(run_dir: Path, stages: StageRows, training: Sequence[str], metas: d
     directory = {name: d for name, _, d in stages}
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     slots = [(short[s], metas[s]["after"]) for s in training if (metas.get(s) or {}).get("after")]
-    if test:
-        slots.append(("test", {"ko_correct": [p["correct"] for p in test["predictions"]],
-                               "en_correct": (test.get("english") or {}).get("correct")}))
-    series = accuracy_series(slots)
+    if test:  # every formulation the test split was scored in
+        scored = test.get("formulations") or {test.get("formulation", "logits"): {
+            "ko": test, "en": {"predictions": [{"correct": c} for c in (test.get("english") or {}).get("correct", [])]}}}
+        slots.append(("test", {f"{lang}_{mode}_correct": [p["correct"] for p in exams[lang]["predictions"]]
+                               for mode, exams in scored.items() for lang in ("ko", "en") if lang in exams}))
+    series = accuracy_series(slots, (metas.get("s1") or {}).get("formulation", "logits"))
     for i, (label, points) in enumerate(series.items()):
         shift = (i - (len(series) - 1) / 2) * 0.08  # side by side, so the interval bars do not hide each other
         xs, ys = [x + shift for x, *_ in points], [y for _, y, _, _ in points]

@@ -34,6 +34,10 @@ def test_accuracy_series_hold_each_formulation_with_its_wilson_interval():
     x, value, low, high = series["Korean exam, generated reasoning"][0]
     assert (x, value, (low, high)) == (2, 17 / 84, wilson(17, 84))
     assert low < value < high
+    # a cloze run's dev answers and a test split scored in both formulations: one series per formulation
+    slots.append(("test", {"ko_cloze_correct": answers(40, 108), "ko_logits_correct": answers(22, 108)}))
+    series = report.accuracy_series(slots, "cloze")
+    assert [x for x, *_ in series["Korean exam, cloze"]] == [0, 2, 3] and series["Korean exam, logits"][0][0] == 3
 
 
 def test_the_plot_draws_interval_bars_and_the_chance_line(tmp_path, monkeypatch):
