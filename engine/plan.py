@@ -40,6 +40,8 @@ EVAL_ROWS = 16  # engine.evaluate's default batch of questions
 CPU_HEAP_RETENTION = 0.45  # glibc heap kept resident in a CPU training step, per byte of kept activations (measured)
 CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threads, oneDNN's kernels (measured)
 MEASURE_ROWS = 4  # engine.measures' held-out texts per forward
+FSDP_LAYERS = 4  # decoder layers an FSDP2 rank holds whole in a step: computing, next gathered and copied, last kept
+# (3.6 measured by tests/test_shard_load.py on two CPU ranks)
 DRIFT_POSITIONS = 32  # engine.measures' drift positions per text
 
 

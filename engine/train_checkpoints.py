@@ -162,7 +162,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     The train config must be the saved one except for max_steps; this is checked before anything loads.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     missing = [name for name in (WEIGHTS, OPTIMIZER, STATE) if not (path / name).is_file()]
     if missing:
@@ -189,15 +189,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         counts = every if "batch_size" in changed else ""
         raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now){counts}; "
                          f"resume with the saved values or start a new run directory")
-    weights = load_file(str(path / WEIGHTS))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights) - set(params))[:8]} beyond the trainable "
-                         f"parameters and lacks {sorted(set(params) - set(weights))[:8]}; "
-                         f"call set_trainable with the patterns of the interrupted run")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(distributed.local_like(params[name], tensor))
-    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    # Both files are memory-mapped and each rank reads only its shard's rows (distributed.local_like).
+    with safe_open(str(path / WEIGHTS), "pt") as weights:
+        if set(weights.keys()) != set(params):
+            raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights.keys()) - set(params))[:8]} beyond the "
+                             f"trainable parameters and lacks {sorted(set(params) - set(weights.keys()))[:8]}; "
+                             f"call set_trainable with the patterns of the interrupted run")
+        with torch.no_grad():
+            for name in weights.keys():
+                params[name].copy_(distributed.local_like(params[name], weights.get_slice(name)))
+    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True)
     optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, saved_optimizer))
     return state
