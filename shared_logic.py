@@ -32,7 +32,7 @@ from engine.phase_losses import english_only_loss
 from engine.measures import losses_and_drift, text_losses
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
-from engine.plan import stage_settings
+from engine.plan import stage_generation_rows, stage_settings
 from engine.report import write_run_report as render_run_report
 from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
 from engine.tokenizer import Tokenizer
@@ -333,15 +333,15 @@ def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, o
 
 
 @torch.no_grad()
-def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None
-                       ) -> dict[str, Any]:
+def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None,
+                       rows: int = 32) -> dict[str, Any]:
     """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF. The budget is s1's:
     twice the longest source's tokens plus TRANSLATION_MARGIN, at most --translate-tokens when given."""
     model.eval()
     prompts = [translation_prompt(p.src, "en") for p in pairs]
     budget = max((2 * len(tokenizer.encode(p.src, bos=False)) + TRANSLATION_MARGIN for p in pairs), default=1)
     budget = min(budget, max_new_tokens or budget)
-    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=32)]
+    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=rows)]
     references = [p.tgt for p in pairs]
     return {"chrf": chrf(outputs, references), "chrf_pairs": _rounded(sentence_chrf(outputs, references)),
             "translations": outputs}
@@ -426,12 +426,13 @@ def answer_line_tokens(tokenizer: Tokenizer) -> int:
 
 
 @torch.no_grad()
-def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max_new_tokens: int) -> dict[str, Any]:
+def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max_new_tokens: int, batch: int = 64
+                   ) -> dict[str, Any]:
     """Greedy reasoning on the dev exam: strict format compliance (the generation ends in the trained answer line,
     which it names once), the extraction cascade's looser compliance, and accuracy, with the per-question values."""
     model.eval()
-    # One batch: decoding is step-bound on a CPU, so 24 rows cost about what 8 do.
-    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=64)
+    # One batch (64, or what the plan fits on a GPU): decoding is step-bound on a CPU, so 24 rows cost what 8 do.
+    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=batch)
     preds = [extract_answer(o) for o in outputs]
     strict = [strict_answer(o) is not None for o in outputs]
     correct = [p == r.answer for p, r in zip(preds, rows)]
@@ -571,6 +572,12 @@ class StageRun:
                            warmup_steps=1, max_len=o.max_len, seed=o.seed, log_every=1, save_every=max(1, steps // 2),
                            gradient_checkpointing=checkpointing, device=o.device or "auto",
                            english_batch=distributed.world() * english if english and o.batch_size is None else None)
+
+    def generation_rows(self, size: str | None = None) -> int:
+        """Rows this stage's generation decodes at once (engine.plan: on a GPU what fits beside the base)."""
+        o = self.opts
+        return stage_generation_rows(self.stage, size or self.base["size"], o.model if size else self.base["model"],
+                                     o.device, o.max_len, o.lora_rank, o.quantize == "4bit")
 
     def layer_weight(self) -> float:
         """The per-layer English loss's weight: --layer-weight, else the stage's (LAYER_WEIGHTS), else 10."""

@@ -16,8 +16,12 @@ The estimate counts the tensors medko's code keeps, read from that code: autogra
   MALLOC_MMAP_THRESHOLD_=65536 the retention is gone and the live-tensor estimate holds alone.
 
 With --nproc N the sharded parts are divided as FSDP2 would: base weights, trainable weights, gradients and AdamW
-states by N; activations, the teacher pass and evaluation stay per rank, and each rank holds the embedding and two
-decoder layers gathered whole while it computes (an assumption until the multi-GPU trainer measures it).
+states by N; activations, the teacher pass and evaluation stay per rank, and each rank holds the embedding and
+FSDP_LAYERS decoder layers gathered whole while it computes (measured on CPU ranks by tests/test_shard_load.py).
+At load a rank holds its shard of the base (engine.shard_load reads nothing else) plus the additions whole before
+they are sharded. NF4 is not planned with N > 1: FSDP2 cannot shard it and medko refuses the combination. Every
+rank runs the whole generation batch (a sharded model needs the same forward passes everywhere), so its rows are
+planned too: the largest of the stage's own, halved, that fits (engine.plan.generation_rows).
 
 Imports engine.checkpoints, engine.errors and engine.model.
 """
@@ -86,6 +90,7 @@ class Setup:
     checkpointing: bool = False  # recompute each decoder layer in backward
     quantize: bool = False  # NF4 base projections (--quantize 4bit, CUDA only)
     nproc: int = 1  # processes the sharded parts are divided across
+    generate_rows: int = 0  # rows the stage's generation decodes at once; 0 is the stage's own (StageWork.generate)
 
     @property
     def width(self) -> int:
@@ -104,6 +109,7 @@ class Estimate:
     teacher: int  # the teacher's kept hidden states and its forward's working memory (not alive in the backward)
     evaluation: int  # the largest of logits scoring, held-out measures and generation with its KV cache
     weights_only: int  # trainable weights alone (what evaluation holds besides the base)
+    load: int  # the peak while the model loads: the base (this rank's shard), the additions whole, a tensor in flight
     allocator: int = 0  # on a CPU, what glibc's heaps and the runtime keep resident beyond the tensors in training
 
     @property
@@ -246,6 +252,7 @@ def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup) -> dict[str, int]:
         n = MEASURE_ROWS * s.max_len
         parts["measures"] = layer_working(c, s, MEASURE_ROWS, s.max_len) + 3 * n * h * e + 5 * DRIFT_POSITIONS * v * 4
     rows, new = w.generate
+    rows = min(rows, s.generate_rows or rows)
     if rows:
         cache = kv_cache_bytes(c, s, rows, s.max_len, layers) + kv_cache_bytes(c, s, rows, s.max_len + new, layers)
         parts["generate"] = cache + layer_working(c, s, rows, s.max_len) + rows * v * 4
@@ -256,14 +263,17 @@ def estimate(c: ModelConfig, w: StageWork, s: Setup) -> Estimate:
     """One stage's estimated peak, by part, for this rank."""
     weights, trainable = trainable_bytes(c, w, s)
     base = base_bytes(c, s)
+    load = base + weights
     if s.nproc > 1:
-        gathered = (c.vocab_size * c.hidden_size + 2 * layer_params(c)) * s.width
+        load = base // s.nproc + weights + layer_params(c) * s.width // s.nproc
+        gathered = (c.vocab_size * c.hidden_size + FSDP_LAYERS * layer_params(c)) * s.width
         base, trainable, weights = base // s.nproc + gathered, trainable // s.nproc, weights // s.nproc
     kept, transient = activation_bytes(c, w, s) if w.trains else (0, 0)
     allocator = int(CPU_HEAP_RETENTION * kept) + CPU_RUNTIME if s.device == "cpu" and w.trains else 0
     return Estimate(base=base, trainable=trainable, activations=kept, transient=transient,
                     teacher=teacher_bytes(c, w, s) if w.trains else 0,
-                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights, allocator=allocator)
+                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights, load=load,
+                    allocator=allocator)
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -289,17 +299,32 @@ class Fit:
     checkpointing: bool
     quantize: bool
     estimate: Estimate
+    generate_rows: int = 0  # rows decoded at once, when the stage generates
+
+
+def generation_rows(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int) -> int:
+    """The stage's generation rows, halved until its evaluation fits beside the base and the trainable weights
+    (1 when nothing fits: the peak then says so); 0 for a stage that does not generate."""
+    rows, limit = w.generate[0], usable_bytes(gpu_bytes)
+    while rows > 1:
+        found = estimate(c, w, replace(s, generate_rows=rows))
+        if found.base + found.weights_only + found.evaluation <= limit:
+            break
+        rows //= 2
+    return rows
 
 
 def fitting_settings(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int, allow_quantize: bool = True,
                      part: str = "peak") -> Fit | None:
     """The first candidate setting whose estimated peak (or, with part="training", training peak) fits the GPU."""
     limit = usable_bytes(gpu_bytes)
-    choices = (False, True) if allow_quantize and s.device == "cuda" and not s.quantize else (s.quantize,)
-    for batch, accum, checkpointing, quantize in candidates(s.batch, choices):
-        found = estimate(c, w, replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize))
+    nf4 = allow_quantize and s.device == "cuda" and not s.quantize and s.nproc == 1  # FSDP2 cannot shard NF4
+    for batch, accum, checkpointing, quantize in candidates(s.batch, (False, True) if nf4 else (s.quantize,)):
+        tried = replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize)
+        rows = generation_rows(c, w, tried, gpu_bytes)
+        found = estimate(c, w, replace(tried, generate_rows=rows))
         if getattr(found, part) <= limit:
-            return Fit(batch, accum, checkpointing, quantize, found)
+            return Fit(batch, accum, checkpointing, quantize, found, rows)
     return None
 
 
@@ -316,30 +341,37 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
     shape = (f"micro-batch {s.batch} x {s.max_len} tokens, LoRA rank {s.lora_rank}; GPU {gpu_bytes / GIB:.0f} GiB, "
              f"{_gib(usable_bytes(gpu_bytes))} GiB usable (less {_gib(CUDA_CONTEXT)} GiB CUDA context and "
              f"{CUDA_SLACK:.0%} allocator slack); GiB per rank")
-    columns = (f"{'stage':<14}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}{'eval':>7}"
-               f"{'peak':>8}  fits with")
+    columns = (f"{'stage':<14}{'load':>7}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}"
+               f"{'eval':>7}{'peak':>8}  fits with")
     lines = [header, shape, columns]
     for w in STAGE_WORK:
         plain = estimate(c, w, replace(s, checkpointing=False))
         ckpt = estimate(c, w, replace(s, checkpointing=True))
         fit = fitting_settings(c, w, s, gpu_bytes)
+        rows = (f", generation {fit.generate_rows} rows" if fit is not None and fit.generate_rows < w.generate[0]
+                else "")
         if fit is None:
             how = "nothing: use more GPUs (--nproc) or a larger GPU"
         elif not w.trains:
-            how = f"as is{', --quantize 4bit' if fit.quantize else ''} ({_gib(fit.estimate.peak)})"
+            how = f"as is{', --quantize 4bit' if fit.quantize else ''}{rows} ({_gib(fit.estimate.peak)})"
         else:
             how = (f"micro-batch {fit.batch}, accumulation {fit.grad_accum}, checkpointing "
-                   f"{'on' if fit.checkpointing else 'off'}{', --quantize 4bit' if fit.quantize else ''} "
+                   f"{'on' if fit.checkpointing else 'off'}{', --quantize 4bit' if fit.quantize else ''}{rows} "
                    f"({_gib(fit.estimate.peak)})")
         act = _gib(plain.activations + plain.transient) if w.trains else "-"
         act_ckpt = _gib(ckpt.activations + ckpt.transient) if w.trains else "-"
-        lines.append(f"{w.title:<14}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}{act_ckpt:>9}"
+        lines.append(f"{w.title:<14}{_gib(plain.load):>7}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}{act_ckpt:>9}"
                      f"{_gib(plain.teacher):>8}{_gib(plain.evaluation):>7}{_gib(plain.peak):>8}  {how}")
     lines.append("trainable weights are float32 (LoRA, language vectors) or the weights' dtype (duplicated layers); "
                  "gradients and AdamW's two states take their dtype. peak = base + the larger of training "
                  "(train+opt + act, with the teacher pass in place of act's transient part when larger) and eval, "
                  "without checkpointing" + ("; on cpu training adds glibc's retained heap and the runtime "
                                             "(CPU_HEAP_RETENTION, CPU_RUNTIME)" if s.device == "cpu" else ""))
+    if s.nproc > 1:
+        lines.append(f"per rank under FSDP2: load = the rank's shard of the base (each rank reads only its rows) and "
+                     f"the additions whole before they are sharded; base = the shard plus the embedding and "
+                     f"{FSDP_LAYERS} decoder layers gathered whole while computing; every rank runs the whole "
+                     f"generation batch. NF4 (--quantize 4bit) is refused with --nproc > 1: FSDP2 cannot shard it")
     return "\n".join(lines)
 
 
@@ -377,3 +409,15 @@ def stage_settings(stage: str, size: str, model_dir: str | None, device: str | N
     setup = Setup("cuda", batch, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
     fit = auto_settings(config, stage, setup, gpu_bytes(resolved))
     return fit.batch, fit.grad_accum, fit.checkpointing
+
+
+def stage_generation_rows(stage: str, size: str, model_dir: str | None, device: str | None, max_len: int,
+                          lora_rank: int, quantize: bool) -> int:
+    """The rows a stage's generation decodes at once: on CUDA the plan's for this GPU and the processes torchrun
+    starts, else the stage's own (StageWork.generate)."""
+    work, resolved = WORK[stage], resolve_device(device)
+    if resolved.type != "cuda":
+        return work.generate[0]
+    config = read_config(resolve_model_dir(size, model_dir)) if model_dir else PRESETS[size]
+    setup = Setup("cuda", 1, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
+    return generation_rows(config, work, setup, gpu_bytes(resolved))

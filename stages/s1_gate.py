@@ -22,8 +22,9 @@ def main(run: sl.StageRun) -> None:
                 korean = run.data.exam[split]
                 english = (sl.reference_exam(reference, korean, split, opts.subsets) if reference else
                            sl.translate_mcqs(korean, model, tokenizer, "en", cache_path=run.out / "translations.jsonl",
-                                             batch_size=16, max_new_tokens=opts.translate_tokens, progress=True,
-                                             model_id=str(path), stats=translation))
+                                             batch_size=run.generation_rows(name), progress=True,
+                                             max_new_tokens=opts.translate_tokens, model_id=str(path),
+                                             stats=translation))
                 sl.write_jsonl_atomic([sl.mcq_record(r) for r in english], run.out / f"en_exam_{split}.jsonl")
         report = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=True)
         scores[name], correct[name] = report.accuracy, [p["correct"] for p in report.predictions]

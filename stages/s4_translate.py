@@ -15,8 +15,9 @@ def main(run: sl.StageRun) -> None:
     model, tokenizer = run.load_previous()
     sl.duplicate_edge_layers(model)
     patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
+    rows = run.generation_rows()  # translations decoded at once
     before = {**run.measure_entry(model, tokenizer), **sl.translation_scores(model, tokenizer, data.pairs_heldout,
-                                                                             opts.translate_tokens)}
+                                                                             opts.translate_tokens, rows)}
     config = replace(run.train_config(), added_lr_scale=sl.ADDED_LR_SCALE)  # the duplicated layers' own rate
     english = run.text(tokenizer, data.en_text)
     # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
@@ -29,7 +30,7 @@ def main(run: sl.StageRun) -> None:
                               sl.mixed_batches(examples, english, config), config)
               for name, examples in (("korean", run.text(tokenizer, data.ko_text)), ("translation", translation))]
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
-    after.update(sl.translation_scores(model, tokenizer, data.pairs_heldout, opts.translate_tokens))  # the kept state
+    after.update(sl.translation_scores(model, tokenizer, data.pairs_heldout, opts.translate_tokens, rows))  # kept state
     run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(pairs),
                      "verdicts": run.verdicts(before, after)})
 
