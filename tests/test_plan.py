@@ -115,7 +115,9 @@ def test_27b_fits_every_stage_on_the_multi_gpu_boxes_without_nf4(nproc, gib):
         assert max(fit.estimate.load, fit.estimate.peak) <= plan.usable_bytes(gib * GIB)
     shown = subprocess.run([sys.executable, str(ROOT / "medko.py"), "plan", "--size", "27b", "--nproc", str(nproc),
                             "--gpu-memory", str(gib)], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "load" in shown.splitlines()[2] and "nothing" not in shown and "--quantize" not in shown
+    rows = [line for line in shown.splitlines() if line.startswith(tuple(w.title for w in plan.STAGE_WORK))]
+    assert "load" in shown.splitlines()[2] and len(rows) == len(plan.STAGE_WORK)
+    assert not any("nothing" in row or "--quantize" in row for row in rows), rows
 
 
 def test_a_generation_that_does_not_fit_decodes_fewer_rows_at_once():
