@@ -8,6 +8,7 @@ added to a fresh load and trained one step, their adapter file written by rank 0
 """
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,9 +32,10 @@ from engine.tokenizer import Tokenizer  # noqa: E402
 from engine.train_checkpoints import trainable_state  # noqa: E402
 
 MIB = 2 ** 20
-# One example of 8 tokens per rank: the step's activations (two graphs, Korean and English, through every layer)
-# stay under a tenth of a layer's weights, so that the peak measures the weights a rank holds.
-GLOBAL_BATCH, MAX_LEN, STEPS = 2, 8, 2
+# One example of 8 tokens per rank (one process takes the two-process test's two): the step's activations (two
+# graphs, Korean and English, through every layer) stay under a tenth of a layer's weights, so that the peak
+# measures the weights a rank holds.
+GLOBAL_BATCH, MAX_LEN, STEPS = max(2, int(os.environ.get("WORLD_SIZE", "1"))), 8, 2
 
 
 def big_config(layers: int = 8) -> ModelConfig:
