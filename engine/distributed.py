@@ -253,9 +253,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """A one-process optimizer state laid out like this optimizer's (sharded) parameters."""
+    """A one-process optimizer state laid out like this optimizer's (sharded) parameters; scalars (AdamW's step)
+    copied, so that none refers to a memory-mapped file after the load."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state["state"] = {i: {k: local_like(params[int(i)], v) if torch.is_tensor(v) and v.ndim else v
+    state["state"] = {i: {k: (local_like(params[int(i)], v) if v.ndim else v.clone()) if torch.is_tensor(v) else v
                           for k, v in s.items()} for i, s in state["state"].items()}
     return state
 

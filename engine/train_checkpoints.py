@@ -190,7 +190,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now){counts}; "
                          f"resume with the saved values or start a new run directory")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # Both files are memory-mapped and each rank reads only its shard's rows (distributed.local_like).
+    # A sharded model's rank reads only its shard's rows of both files (distributed.local_like copies them), the
+    # optimizer's memory-mapped; a whole model loads them whole, so that no mapping outlives the load.
     with safe_open(str(path / WEIGHTS), "pt") as weights:
         if set(weights.keys()) != set(params):
             raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights.keys()) - set(params))[:8]} beyond the "
@@ -199,6 +200,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         with torch.no_grad():
             for name in weights.keys():
                 params[name].copy_(distributed.local_like(params[name], weights.get_slice(name)))
-    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True)
+    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True,
+                                 mmap=distributed.sharded(model))
     optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, saved_optimizer))
     return state
