@@ -12,16 +12,20 @@ from pathlib import Path
 import shared_logic as sl
 from engine import distributed
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
+from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
-from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, agreement, format_table, translate
+from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, format_table, translate
+from engine.compare import compare, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
+from engine.faults import catch_sigterm, crash_report, interrupt_code, interrupt_word
 from engine.files import read_json
 from engine.generate import generate
 from engine.hub import HUB_MODELS, hub_download
 from engine.options import COUNT, POSITIVE, ZERO_OR_MORE, add_options
 from engine.model import PRESETS
 from engine.plan import GIB, Setup, plan_table
+from engine.stats import describe_agreement, language_agreement
 from engine.model_card import RunSummary, base_model_id
 from engine.tokenizer import chat_prompt
 
@@ -49,7 +53,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     defaults = sl.StageOptions()
     setup = Setup(device=args.device, batch=max(b for _, b, _ in sl.STAGE_DEFAULTS[args.size].values()), max_len=defaults.max_len,
                   lora_rank=defaults.lora_rank, quantize=args.quantize == "4bit", nproc=args.nproc)
-    print(plan_table(PRESETS[args.size], setup, int(args.gpu_memory * GIB), f"--size {args.size}"))
+    gib = args.gpu_memory or GPUS[args.gpu]["memory_gib"]
+    print(plan_table(PRESETS[args.size], setup, int(gib * GIB), f"--size {args.size}"))
+    if args.hours:
+        print()
+        print(hours_table(args.size, args.gpu, gib))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -58,12 +66,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(generate(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0])
 
 
-def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool) -> list:
+def load_questions(data: str, split: str, subsets: str, lang: str, skip_bad: bool, encoding: str = "utf-8") -> list:
     """--data: 'kormedmcqa' (the hub), a directory laid out like it, or one MCQ file."""
     names = subsets.split(",")
     if data == "kormedmcqa" or Path(data).is_dir():
-        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad))
-    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad))
+        return list(load_kormedmcqa(names, split, "hub" if data == "kormedmcqa" else data, lang, skip_bad,
+                                    encoding=encoding))
+    return list(load_mcq_file(data, lang=lang, skip_bad=skip_bad, encoding=encoding))
 
 
 def model_for(args: argparse.Namespace):
@@ -77,13 +86,13 @@ def model_for(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad)[:args.limit]
+    rows = load_questions(args.data, args.split, args.subsets, args.lang, args.skip_bad, args.encoding)[:args.limit]
     fewshot = []
     if args.fewshot:
         if not (args.data == "kormedmcqa" or Path(args.data).is_dir()):
             raise sl.MedkoError("--fewshot takes examples from the fewshot split, so --data must be kormedmcqa or "
                                 "a directory laid out like it")
-        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False)
+        shots = load_questions(args.data, "fewshot", args.subsets, args.lang, False, args.encoding)
         fewshot = [r for s in args.subsets.split(",") for r in [x for x in shots if x.subset == s][:args.fewshot]]
     # KorMedMCQA's fewshot split is dev questions: a question whose answer sits in the prompt is not scored.
     in_prompt = {normalize_question(r.question) for r in fewshot}
@@ -92,38 +101,54 @@ def cmd_eval(args: argparse.Namespace) -> None:
         rows = [r for r in rows if normalize_question(r.question) not in in_prompt]
         print(f"{len(left_out)} questions left out of scoring: they are the few-shot examples", file=sys.stderr)
     model, tokenizer, name = model_for(args)
-    modes = ["logits", "generate"] if args.mode == "both" else [args.mode]
+    if args.mode in ("cloze", "all") and (args.chat or fewshot):
+        raise sl.MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:`; drop --chat and --fewshot, "
+                            "or use --mode logits, generate or both")
+    modes = {"both": ["logits", "generate"], "all": list(EVAL_MODES)}.get(args.mode, [args.mode])
     reports = [sl.evaluate(model, tokenizer, rows, mode, args.lang, args.chat, fewshot, args.batch_size,
                            args.max_new_tokens, model_name=name, extraction=args.extraction) for mode in modes]
     report = reports[0]
     extra = {"left_out_as_shots": left_out}
-    if len(reports) == 2:
-        extra["mode_agreement"] = agreement(reports[0], reports[1])
-        extra["generate"] = asdict(reports[1])
+    for other in reports[1:]:
+        extra[f"{other.mode}_agreement"] = agreement(report, other)
+        extra[other.mode] = asdict(other)
     if args.agree_with:
-        extra["agreement_with"] = {"report": args.agree_with,
-                                   "agreement": agreement(report, read_json(args.agree_with))}
+        extra["agreement_with"] = agree_with(report, read_json(args.agree_with), args.agree_with)
     for r in reports:
-        print(format_table(r))
-    for key in ("mode_agreement",):
-        if key in extra:
-            print(f"agreement logits/generate: {extra[key]:.3f}")
+        print(f"{r.mode} ({r.lang}):\n{format_table(r)}")
+    for other in reports[1:]:
+        print(f"agreement {report.mode}/{other.mode}: {extra[f'{other.mode}_agreement']:.3f}")
     if "agreement_with" in extra:
-        print(f"agreement with {args.agree_with}: {extra['agreement_with']['agreement']:.3f}")
+        found = extra["agreement_with"]
+        print(f"agreement with {args.agree_with}: {found['agreement']:.3f}")
+        if "languages" in found:
+            print(f"EN↔KO ({report.mode}): {describe_agreement(found['languages'])}")
     if args.out:
         sl.write_json_atomic({**asdict(report), **extra}, Path(args.out))
+
+
+def agree_with(report, other: dict, path: str) -> dict:
+    """The share of shared questions answered alike; for the same exam in the other language (row-aligned ids,
+    same formulation), the EN↔KO table and McNemar on the gap too."""
+    found = {"report": path, "agreement": agreement(report, other)}
+    if other.get("lang") not in (None, report.lang) and other.get("mode") == report.mode:
+        ko, en = (report.predictions, other["predictions"]) if report.lang == "ko" else (other["predictions"],
+                                                                                          report.predictions)
+        found["languages"] = language_agreement(ko, en)
+    return found
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
     model, tokenizer, name = model_for(args)
     cache = Path(args.cache or f"{args.out}.cache.jsonl")
     if args.texts:
-        texts = list(load_texts(args.data, args.field))
+        texts = list(load_texts(args.data, args.field, encoding=args.encoding))
         out = translate(model, tokenizer, texts, args.to, cache, args.batch_size, args.max_new_tokens,
                            progress=True, model_id=name, chat=args.chat)
         records = [{"source": t, "translation": o} for t, o in zip(texts, out)]
     else:
-        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False)
+        rows = load_questions(args.data, args.split, args.subsets, "ko" if args.to == "en" else "en", False,
+                              args.encoding)
         out = sl.translate_mcqs(rows, model, tokenizer, args.to, cache_path=cache, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, progress=True, model_id=name, chat=args.chat)
         records = [sl.mcq_record(r) for r in out]
@@ -159,8 +184,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     result = sl.score_test_split(Path(args.run_dir), args.device)
     english = "" if result["en_accuracy"] is None else f", English {result['en_accuracy']:.3f}"
-    print(f"test accuracy after {result['stage']}: Korean {result['accuracy']:.3f}{english} on {result['n']} "
-          f"questions; English drift {result['drift']:.4f} nats/token on held-out English text")
+    print(f"test accuracy after {result['stage']} ({result['formulation']}): Korean {result['accuracy']:.3f}{english} "
+          f"on {result['n']} questions; English drift {result['drift']:.4f} nats/token on held-out English text")
+    for mode, scored in result["formulations"].items():
+        if "languages" in scored:
+            print(f"EN↔KO ({mode}): {describe_agreement(scored['languages'])}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    if args.a == "base" and args.b == "base":
+        raise sl.MedkoError("compare needs at least one run directory; 'base' is the base of the other run")
+    a, unseen = sl.compare_side(args.a, args.b, args.device)
+    b, _ = sl.compare_side(args.b, args.a, args.device)
+    rows = compare(a, b, sorted(unseen))
+    print(compare_table(a, b, rows))
+    if args.out:
+        sl.write_json_atomic({"a": a.name, "b": b.name, "rows": rows}, Path(args.out))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -181,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimated peak memory per stage, by part, and the settings that fit a GPU")
     p.add_argument("--size", default="27b", choices=sorted(sl.STAGE_DEFAULTS))
-    p.add_argument("--gpu-memory", type=POSITIVE, default=80.0, help="GiB per GPU")
+    p.add_argument("--gpu-memory", type=POSITIVE, default=None, help="GiB per GPU (default: --gpu's)")
+    p.add_argument("--gpu", default="80gb", choices=sorted(GPUS), help="the GPU --hours costs (and its memory)")
+    p.add_argument("--hours", action="store_true", help="also each stage's GPU hours at the real data volumes")
     p.add_argument("--nproc", type=COUNT, default=1, help="GPUs sharing the model (FSDP2 shards)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: float32, as measured on a CPU")
     p.add_argument("--quantize", default=None, choices=["4bit"], help="plan with an NF4 base")
@@ -199,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="score a run's model: RUN_DIR (its last stage) or RUN_DIR/STAGE_DIR")
     p.add_argument("--data", default="kormedmcqa", help="'kormedmcqa' (hub), a directory laid out like it, or a file")
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
-    p.add_argument("--mode", default="logits", choices=["logits", "generate", "both"])
+    p.add_argument("--mode", default="logits", choices=["logits", "generate", "cloze", "both", "all"],
+                   help="logits: the next letter (MCF); generate: greedy answer, extracted; cloze: each option's text "
+                        "scored per character (OLMES CF, for small models); both: logits and generate; all: the three")
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format")
@@ -210,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extraction", default="medko", choices=sorted(EXTRACTIONS),
                    help="generate mode's answer extraction: ours, or lm-eval kormedmcqa v3.0's (IGNORECASE)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip bad rows instead of stopping")
-    p.add_argument("--agree-with", default=None, help="another report (e.g. the English exam's) to compare answers")
+    p.add_argument("--agree-with", default=None, help="another report to compare answers with; the same exam in the "
+                   "other language (row-aligned, same --mode) adds the EN↔KO table and McNemar on the gap")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.set_defaults(handler=cmd_eval)
 
@@ -220,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'kormedmcqa', a directory laid out like it, an MCQ file, or a text file")
     p.add_argument("--texts", action="store_true", help="--data is a text file (JSONL with --field)")
     p.add_argument("--field", default="text")
+    add_options(p, sl.StageOptions, ["encoding"])
     p.add_argument("--split", default="dev", choices=list(sl.KORMEDMCQA_SPLITS))
     p.add_argument("--subsets", default=",".join(KORMEDMCQA_SUBSETS))
     p.add_argument("--to", default="en", choices=["en", "ko"])
@@ -246,23 +292,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(handler=cmd_test)
 
+    p = sub.add_parser("compare", help="two runs (or a run and its base) paired on the test split: Korean and "
+                       "English accuracy in both formulations, the EN-KO gap, compliance, English loss and drift")
+    p.add_argument("a", help="a run directory, or 'base': the base model of the other run")
+    p.add_argument("b", help="a run directory, or 'base'")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.set_defaults(handler=cmd_compare)
+
     p = sub.add_parser("report", help="write RUN_DIR/report.md and report.png from a run")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show an unexpected error's traceback here, not only in "
+                                                             "its crash log")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a MedkoError ends it in one line and exit code 1, any other exception in one line naming
+    its crash log in ~/.cache/medko (engine.faults), Ctrl-C with 130 and SIGTERM with 143."""
     sl.setup_logging()
+    catch_sigterm()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except sl.MedkoError as err:
         print(f"medko: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"medko: {args.command} interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # the files a command writes are atomic: nothing is left half-written
+        print(f"medko: {args.command} {interrupt_word(err)}", file=sys.stderr)
+        return interrupt_code(err)
+    except Exception as err:
+        print(crash_report(err, args.command, debug=args.debug), file=sys.stderr)
+        return 1
     return 0
 
 

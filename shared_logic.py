@@ -11,34 +11,38 @@ import functools
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from engine import distributed
-from engine.adapters import additions_state_dict, apply_surgery, load_additions, load_additions_file
+from engine import distributed, faults
+from engine.adapters import additions_state_dict, apply_surgery, load_additions_file
 from engine.checkpoints import SIZES, load_base
 from engine import sources
-from engine.data import (KORMEDMCQA_SPLITS, LETTERS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning, load_texts,
-                         parse_field_map)
+from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
+                         load_texts, parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
-from engine.evaluate import (ANSWER_CUE, TRANSLATION_MARGIN, extract_answer, mcq_prompt, question_block,
-                             strict_answer, translation_prompt)
+from engine.evaluate import (translation_prompt)
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
-from engine.generate import generate
+from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
+from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
+from engine.guard import guard_record, recover
 from engine.phase_losses import english_only_loss
-from engine.measures import losses_and_drift, text_losses
+from engine.compare import Side, score_exams
+from engine.measures import BASE, losses_and_drift, measure_parts
+from engine.measures import translation_scores as translation_scores
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
-from engine.plan import stage_generation_rows, stage_settings
+from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import bootstrap_mean, chrf, describe, guard_check, judge, mean, overall_verdict, sentence_chrf
+from engine.stats import (bootstrap_mean, describe, guard_check, judge, mean,
+                          overall_verdict)
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.examples import Example, cut_middle_examples, text_examples
-from engine.trainer import TrainConfig, batch_at, set_trainable, train
+from engine.examples import Example, text_examples
+from engine.trainer import TrainConfig, set_trainable, step_tokens, train
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
@@ -47,10 +51,16 @@ from engine.adapters import snapshot_adapter as snapshot_adapter, teacher_mode a
 from engine.data import mcq_record as mcq_record, split_overlap as split_overlap
 from engine.phase_losses import stage_loss as stage_loss
 from engine.sources import held_out_sets as held_out_sets, reference_exam as reference_exam
+from engine.sources import unseen_answers as unseen_answers
 from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
 from engine.evaluate import translate_mcqs as translate_mcqs
 from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
+from engine.fit import base_plan as base_plan, candidates_that_fit as candidates_that_fit
 from engine.examples import lm_examples as lm_examples
+from engine.evaluate import choose_formulation as choose_formulation
+from engine.reasoning import answer_line_tokens as answer_line_tokens, exam_examples as exam_examples
+from engine.reasoning import reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples
+from engine.trainer import mixed_batches as mixed_batches, steps_for_tokens as steps_for_tokens
 
 
 # ───────────────────────────── the stage table ─────────────────────────────
@@ -72,14 +82,19 @@ STAGE_TABLE = (
     Stage("s3", "s3_korean", "s3 korean", "s2"),
     Stage("s4", "s4_translate", "s4 translate", "s3"),
     Stage("s5", "s5_reasoning", "s5 reasoning", "s4"),
+    Stage("sft", "lora_sft", "lora-sft baseline", "s1"),  # run.sh --recipe lora-sft: what users run without medko
 )
 STAGES = {s.name: s for s in STAGE_TABLE}
-TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5")  # those that train and report before → after
+TRAINING_STAGES = ("s1_1", "s2", "s3", "s4", "s5", "sft")  # those that train and report before → after
 # (optimizer steps per phase, examples per micro-batch, peak lr) by size and stage: the 270M's sized to run.sh's
 # 20-minute CPU budget (README, "The 270M's defaults", says why each); the MedGemmas' LoRA 2e-4, s2 1e-2.
+# The baseline's steps come from the curriculum's token budget (curriculum_tokens), so its entry names none (0);
+# its rate is the usual LoRA SFT one.
+SFT = (0, 4, 2e-4)
 _MEDGEMMA = {"s1_1": (300, 8, 2e-4), "s2": (300, 8, 1e-2), **dict.fromkeys(("s3", "s4", "s5"), (300, 8, 2e-4))}
 STAGE_DEFAULTS = {"270m": {"s1_1": (10, 2, 2e-4), "s2": (10, 2, 1e-2), "s3": (8, 4, 1e-4), "s4": (6, 4, 5e-5),
-                           "s5": (24, 4, 4e-4)}, "4b": _MEDGEMMA, "27b": _MEDGEMMA}
+                           "s5": (24, 4, 4e-4), "sft": SFT}, "4b": {**_MEDGEMMA, "sft": SFT},
+                  "27b": {**_MEDGEMMA, "sft": SFT}}
 # s4's duplicated layers start with their post-norm gains at 1 + w = 0; AdamW moves a gain by about the rate per step,
 # so at the LoRA's rate they stayed at identity (trained alone on the 270M: chrF +0.03). They train at 30 times it.
 # The translation rows' English outputs pull English most in s4, so its per-layer loss weighs 30 rather than 10.
@@ -178,6 +193,9 @@ class StageOptions:
     layer_weight: float | None = option(None, "weight of the per-layer English loss (default 10; s4 30)",
                                         number(float, 0))
     eval_limit: int | None = option(None, "score at most this many questions per exam", COUNT)
+    debug: bool = option(False, "show an unexpected error's traceback here, not only in its crash log")
+    smoke: bool = option(False, "quick install check: 1 step a phase, 8 questions, 4 held-out texts; meaningless")
+    log_to: str | None = option(None, "live curves also in TensorBoard or W&B (metrics.jsonl stays)", choices=LOG_TO)
     gradient_checkpointing: bool = option(False, "recompute each layer in backward to save memory")
     lora_rank: int = option(16, "rank of lora1 (when this stage adds it)", COUNT)
     lora_alpha: float = option(32.0, "alpha of lora1; scaling is alpha/rank", POSITIVE)
@@ -188,7 +206,8 @@ class StageOptions:
     en_text: str | None = option(None, "English medical text file (JSONL with a text field)", stages=["s0"])
     pairs: str | None = option(None, "Korean-English pair file (JSONL with ko and en fields)", stages=["s0"])
     reasoning: str | None = option(None, "Korean exam reasoning file", stages=["s0"])
-    skip_bad: bool = option(False, "count and skip bad rows instead of stopping", stages=["s0"])
+    skip_bad: bool = option(False, "count and skip bad rows and clashing repeats instead of stopping", stages=["s0"])
+    encoding: str = option("utf-8", "text files' encoding; auto tries UTF-8, then CP949", choices=ENCODINGS, stages=["s0"])
     max_bad: float = option(0.05, "--skip-bad still stops when a source's bad rows pass this share", FRACTION,
                              stages=["s0"])
     map: str | None = option(None, "field mappings ROLE.FIELD=COLUMN, comma-separated, e.g. "
@@ -206,7 +225,7 @@ class StageOptions:
                                          "the 270M and --model)", COUNT, stages=["s1_1"])
     korean_delta: bool = option(False, "also a zero-initialised delta per Korean token", stages=["s2"])
     reasoning_tokens: int | None = option(None, "most new tokens when scoring reasoning (default: the longest trained "
-                                           "reasoning with its answer line)", COUNT, stages=["s5"])
+                                           "reasoning with its answer line)", COUNT, stages=["s5", "sft"])
 
 
 def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str | None) -> StageOptions:
@@ -214,7 +233,7 @@ def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str
     parser = argparse.ArgumentParser(description=description)
     add_options(parser, StageOptions, stage=stage)
     values = vars(parser.parse_args(argv))
-    return StageOptions(**values)
+    return smoke_options(StageOptions(**values))
 
 
 # ───────────────────────────── a run: data and model ─────────────────────────────
@@ -244,6 +263,12 @@ def load_run_data(run_dir: Path) -> RunData:
                    list(load_reasoning(d / "reasoning.jsonl", lang="ko")), pairs("pairs_heldout.jsonl"))
 
 
+def run_formulation(run_dir: Path) -> str:
+    """The exam formulation s1 decided on for the run by OLMES's rule ("logits" or "cloze"); runs older than the
+    choice scored letters."""
+    return (stage_meta(run_dir, "s1") or {}).get("formulation", "logits")
+
+
 def english_exam(run_dir: Path, split: str) -> list[MCQ]:
     """The English translation of a Korean exam split that s1 made."""
     return list(load_mcq_file(stage_dir(run_dir, "s1") / f"en_exam_{split}.jsonl", lang="en"))
@@ -267,7 +292,7 @@ def load_run_model_after(run_dir: Path, stage: str, device: str | None = None, q
                          size: str | None = None, model: str | None = None) -> tuple[Gemma3, Tokenizer, dict]:
     """The model as `stage` left it: the run's base with the stage's surgery replayed and its additions loaded."""
     base = run_base(run_dir, size, model)
-    net, tokenizer, _ = load_base(base["size"], base["model"], device, quantize=quantize)
+    net, tokenizer, _ = load_base(base["size"], base["model"], device, quantize=quantize or base.get("quantize"))
     meta = stage_meta(run_dir, stage)
     if meta and meta.get("surgery"):
         apply_surgery(net, meta["surgery"], tokenizer)
@@ -281,8 +306,8 @@ def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
 
 # ───────────────────────────── measurements ─────────────────────────────
 
-MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_losses",
-            "en_losses", "drifts")  # what measure() returns with every part
+MEASURES = ("ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift", "ko_correct", "en_correct", "ko_preds",
+            "en_preds", "ko_losses", "en_losses", "drifts")  # what measure() returns with every part
 # measure()'s parts: the Korean and English dev exams, the Korean held-out texts (loss), the English held-out texts
 # (loss and drift, or loss alone). A stage measures what its purpose, the English guard and the next stage's "before"
 # read. s1.1 skips the drift: its teacher would be the bare base and no verdict reads it (s2's teacher is the model
@@ -296,55 +321,17 @@ PART_KEYS = {"ko_exam": "ko_correct", "en_exam": "en_correct", "ko_text": "ko_lo
              "en_loss": "en_losses"}
 STAGE_MEASURES = {"s1_1": ("ko_exam", "en_exam", "ko_text", "en_loss"), "s2": ("ko_text", "en_text"),
                   "s3": ("en_exam", "ko_text", "en_text"), "s4": ("en_exam", "en_text"),
-                  "s5": ("ko_exam", "en_exam", "en_text")}
-
-
-def _rounded(values: Sequence[float]) -> list[float]:
-    return [round(v, 6) for v in values]
+                  "s5": ("ko_exam", "en_exam", "en_text"), "sft": MEASURE_PARTS}
 
 
 def measure(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, opts: StageOptions,
             parts: Sequence[str] = MEASURE_PARTS) -> dict[str, Any]:
-    """Korean and English dev accuracy, held-out text losses and English drift from the teacher (those of `parts`;
-    "en_loss" is the English held-out loss without the drift's teacher pass).
-
-    Means for the tables, and the per-item values behind them (each dev question right or wrong, each held-out
-    text's loss and drift), so that a before → after change is tested on the same questions and texts.
-    """
-    was_training = model.training
-    model.eval()
-    out: dict[str, Any] = {}
-    for lang in ("ko", "en"):
-        if f"{lang}_exam" in parts:
-            rows = data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev")
-            report = evaluate(model, tokenizer, limited(rows, opts.eval_limit), "logits", lang, progress=False)
-            out.update({f"{lang}_accuracy": report.accuracy, f"{lang}_correct": [e["correct"] for e in report.predictions]})
-    if "ko_text" in parts:
-        ko_losses = text_losses(model, tokenizer, data.ko_heldout, opts.max_len)
-        out.update(ko_loss=mean(ko_losses), ko_losses=_rounded(ko_losses))
-    if "en_text" in parts:
-        en_losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, opts.max_len)
-        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses), drift=mean(drifts), drifts=_rounded(drifts))
-    elif "en_loss" in parts:
-        en_losses = text_losses(model, tokenizer, data.en_heldout, opts.max_len)
-        out.update(en_loss=mean(en_losses), en_losses=_rounded(en_losses))
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def translation_scores(model: Gemma3, tokenizer: Tokenizer, pairs: Sequence[Pair], max_new_tokens: int | None = None,
-                       rows: int = 32) -> dict[str, Any]:
-    """Greedy Korean → English translation of held-out pairs: corpus chrF and each pair's chrF. The budget is s1's:
-    twice the longest source's tokens plus TRANSLATION_MARGIN, at most --translate-tokens when given."""
-    model.eval()
-    prompts = [translation_prompt(p.src, "en") for p in pairs]
-    budget = max((2 * len(tokenizer.encode(p.src, bos=False)) + TRANSLATION_MARGIN for p in pairs), default=1)
-    budget = min(budget, max_new_tokens or budget)
-    outputs = [o.strip() for o in generate(model, tokenizer, prompts, budget, ["\n"], batch_size=rows)]
-    references = [p.tgt for p in pairs]
-    return {"chrf": chrf(outputs, references), "chrf_pairs": _rounded(sentence_chrf(outputs, references)),
-            "translations": outputs}
+    """engine.measures.measure_parts on the run's dev exams (in its formulation, cut to --eval-limit) and held-out
+    texts: the means for the tables and the per-item values behind them."""
+    exams = {lang: limited(data.exam["dev"] if lang == "ko" else english_exam(run_dir, "dev"), opts.eval_limit)
+             for lang in ("ko", "en") if f"{lang}_exam" in parts}
+    return measure_parts(model, tokenizer, parts, exams, run_formulation(run_dir), data.ko_heldout, data.en_heldout,
+                         opts.max_len)
 
 
 # What each training stage exists for, and the held-out measures that decide it: (measure, kind, want). Drift is
@@ -361,6 +348,8 @@ STAGE_PURPOSES = {
     "s5": (f"the trained answer line on the Korean dev exam (strict compliance ≥ {STRICT_COMPLIANCE}) while "
            "English stays with the teacher",
            [("reasoning_strict", "bound", "above"), ("drifts", "bound", "below"), ("en_losses", "change", "hold")]),
+    "sft": ("the baseline: Korean held-out loss down and the trained answer line, by LoRA cross-entropy alone",
+            [("ko_losses", "change", "down"), ("reasoning_strict", "bound", "above"), ("en_losses", "change", "hold")]),
 }
 
 
@@ -381,63 +370,31 @@ def stage_verdicts(stage: str, before: dict[str, Any], after: dict[str, Any], dr
 
 # ───────────────────────────── training phases ─────────────────────────────
 
-def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, config: TrainConfig):
-    """Batch function: a micro-batch of the stage's data, plus English text (prefixed en_) for the layer loss,
-    config.english_batch texts of it when set, else as many as the stage's micro-batch."""
-    en_config = replace(config, batch_size=config.english_batch) if config.english_batch else config
-
-    def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        out = batch_at(main, step, micro, config)
-        if english:
-            out.update({f"en_{k}": v for k, v in batch_at(english, step, micro, en_config).items()})
-        return out
-    return batch
+def translation_examples(run_dir: Path, data: RunData, tokenizer: Tokenizer, max_len: int) -> list[Example]:
+    """s4's translation rows: the train exam's translations from s1 (never dev or test) and any local pair file."""
+    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
+                  for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
+    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
+    return lm_examples(tokenizer, [translation_prompt(k, "en") for k, _ in pairs], [f" {e}" for _, e in pairs], max_len)
 
 
-def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:
-    """Exam questions with the answer letter as the only target, as the evaluator scores it."""
-    return lm_examples(tokenizer, [mcq_prompt(r, lang) for r in rows], [f" {r.answer}" for r in rows], max_len)
+def curriculum_tokens(opts: StageOptions, data: RunData, tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokens s2-s5 train on their own data (Korean text, translation pairs, reasoning) at these options, as
+    their configs choose the batches: the baseline's budget. The per-layer loss's English texts and the guard's
+    recovery rounds are not counted: they hold English, they teach nothing Korean."""
+    streams = {"s2": [text_examples(tokenizer, data.ko_text, opts.max_len)]}
+    streams["s3"] = streams["s2"]
+    streams["s4"] = streams["s2"] + [translation_examples(opts.run_dir, data, tokenizer, opts.max_len)]
+    streams["s5"] = [reasoning_examples(tokenizer, data.reasoning, opts.max_len)[0]]
+    out = {}
+    for stage, examples in streams.items():
+        config = StageRun(stage, opts).train_config()
+        out[stage] = sum(step_tokens(e, config, step) for e in examples for step in range(config.max_steps))
+    return out
 
 
 def added_layer_patterns(model: Gemma3) -> list[str]:
     return [f"layers.{i}.*" for i, layer in enumerate(model.layers) if layer.added]
-
-
-def reasoning_prompt(row: MCQ) -> str:
-    """The harness question block with a worked-reasoning cue in place of the answer cue."""
-    return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
-
-
-def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
-    """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
-    middle, never the prompt or the answer line. Returns the examples and how many were cut."""
-    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
-                               [f" {r.reasoning.strip()}" for r in rows],
-                               [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
-
-
-def answer_line_tokens(tokenizer: Tokenizer) -> int:
-    """Tokens of the answer line reasoning examples end in, with their EOS: what s5's answer-line loss covers."""
-    counts = {len(tokenizer.encode(f"\n{ANSWER_CUE['ko']} {letter}", bos=False)) + 1 for letter in LETTERS}
-    if len(counts) != 1:
-        raise MedkoError(f"the answer line is {sorted(counts)} tokens long depending on its letter; this tokenizer "
-                         f"needs one length")
-    return counts.pop()
-
-
-@torch.no_grad()
-def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max_new_tokens: int, batch: int = 64
-                   ) -> dict[str, Any]:
-    """Greedy reasoning on the dev exam: strict format compliance (the generation ends in the trained answer line,
-    which it names once), the extraction cascade's looser compliance, and accuracy, with the per-question values."""
-    model.eval()
-    # One batch (64, or what the plan fits on a GPU): decoding is step-bound on a CPU, so 24 rows cost what 8 do.
-    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=batch)
-    preds = [extract_answer(o) for o in outputs]
-    strict = [strict_answer(o) is not None for o in outputs]
-    correct = [p == r.answer for p, r in zip(preds, rows)]
-    return {"compliance": mean(strict), "loose_compliance": sum(p is not None for p in preds) / len(rows),
-            "accuracy": mean(correct), "strict": strict, "correct": correct}
 
 
 # ───────────────────────────── a stage of a run ─────────────────────────────
@@ -455,12 +412,14 @@ class StageRun:
         self._base: dict[str, Any] | None = None
         self._start = time.perf_counter()
         self._lock, self._made = None, []  # the stage's lock file; the directories this process made
+        self.logger = MetricLogger()  # live curves (--log-to), opened by start() on the process that writes
 
     def start(self) -> None:
         """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
         directory (under torchrun rank 0 alone does, and holds the lock)."""
         made_run = not self.run_dir.exists()
         self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
+        self.logger = open_logger(self.opts.log_to, self.run_dir, STAGES[self.stage].directory, asdict(self.opts))
         self._made = [self.run_dir] if made_run else []
         require_previous(self.run_dir, self.stage)
         meta = stage_meta(self.run_dir, self.stage)
@@ -489,7 +448,7 @@ class StageRun:
     def data(self) -> RunData:
         """The run's normalised data (s0's output)."""
         if self._data is None:
-            self._data = load_run_data(self.run_dir)
+            self._data = smoke_data(load_run_data(self.run_dir), self.opts.smoke)
         return self._data
 
     @property
@@ -511,9 +470,10 @@ class StageRun:
         """The English dev exam's answers as s1 scored the chosen base (the model s1.1 starts from), else scored."""
         gate = stage_meta(self.run_dir, "s1") or {}
         correct = gate.get("en_correct", {}).get(gate.get("chosen"))
-        if correct is None or len(correct) != len(self.dev("en")):
+        preds = gate.get("en_preds", {}).get(gate.get("chosen"))
+        if correct is None or preds is None or len(correct) != len(self.dev("en")):
             return self.measure(model, tokenizer, ("en_exam",))
-        return {"en_accuracy": mean(correct), "en_correct": correct}
+        return {"en_accuracy": mean(correct), "en_correct": correct, "en_preds": preds}
 
     def load_previous(self) -> tuple[Gemma3, Tokenizer]:
         """The model this stage starts from: the base with the previous stage's surgery and additions."""
@@ -567,17 +527,12 @@ class StageRun:
         batch, accum, checkpointing = o.batch_size or batch, o.grad_accum or 1, o.gradient_checkpointing
         if o.batch_size is None and o.grad_accum is None and not checkpointing:  # explicit flags override the plan
             batch, accum, checkpointing = stage_settings(self.stage, self.base["size"], self.base["model"], o.device,
-                                                         batch, o.max_len, o.lora_rank, o.quantize == "4bit")
+                                                         batch, o.max_len, o.lora_rank,
+                                                         (o.quantize or self.base.get("quantize")) == "4bit")
         return TrainConfig(max_steps=steps, batch_size=distributed.world() * batch, grad_accum=accum, lr=o.lr or lr,
                            warmup_steps=1, max_len=o.max_len, seed=o.seed, log_every=1, save_every=max(1, steps // 2),
                            gradient_checkpointing=checkpointing, device=o.device or "auto",
                            english_batch=distributed.world() * english if english and o.batch_size is None else None)
-
-    def generation_rows(self, size: str | None = None) -> int:
-        """Rows this stage's generation decodes at once (engine.plan: on a GPU what fits beside the base)."""
-        o = self.opts
-        return stage_generation_rows(self.stage, size or self.base["size"], o.model if size else self.base["model"],
-                                     o.device, o.max_len, o.lora_rank, o.quantize == "4bit")
 
     def layer_weight(self) -> float:
         """The per-layer English loss's weight: --layer-weight, else the stage's (LAYER_WEIGHTS), else 10."""
@@ -593,9 +548,10 @@ class StageRun:
         trained = set_trainable(model, patterns)
         phase_dir = self.out / name
         resume = (self.opts.resume if resume is None else resume) and latest_checkpoint(phase_dir) is not None
-        summary = train(model, loss_fn, batches, config, phase_dir, resume=resume)
+        summary = train(model, loss_fn, batches, config, phase_dir, resume=resume, logger=self.logger, log_group=name)
         counts = dict(model.named_parameters())
         return {"phase": name, "steps": summary["steps"], "loss": summary["loss"], "seconds": summary["seconds"],
+                "tokens": summary["tokens"],
                 "tokens_per_s": summary["tokens_per_s"], "patterns": list(patterns),
                 "trainable": sum(counts[n].numel() for n in trained), "tensors": len(trained)}
 
@@ -620,30 +576,17 @@ class StageRun:
             english.update(self.measure(model, tokenizer, english_parts))
             return guard_check(english["en_correct"], english["drifts"], floor, o.tolerance, o.drift_bound)
 
-        rank = lambda c: (c["passed"], c["accuracy"], -c["drift"])  # noqa: E731
-        checks = [guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)]  # this state
-        best = (checks[0], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
         config = self.train_config()
         examples = self.text(tokenizer, self.data.en_text)
         for_loss = [Example(e.ids, [False] + [True] * (len(e.ids) - 1)) for e in examples]  # every token after BOS
-        rounds = 0
-        while not checks[-1]["passed"] and rounds < o.guard_rounds:
-            rounds += 1
-            log.info("English guard: %s; recovery round %d of %d", checks[-1]["line"], rounds, o.guard_rounds)
-            self.train_phase(f"guard_round{rounds}", model, patterns, english_only_loss(o.layer_loss), for_loss, config)
-            checks.append(check())
-            if rank(checks[-1]) > rank(best[0]):
-                best = (checks[-1], {k: v.detach().clone() for k, v in additions_state_dict(model).items()})
-        passed = checks[-1]["passed"]
-        if not passed:
-            load_additions(model, best[1], "the best guard state")
-        kept = checks[-1] if passed else best[0]
-        guard = {"reference": reference, "tolerance": kept["tolerance"], "threshold": kept["threshold"],
-                 "drift_bound": o.drift_bound,
-                 "history": [c["accuracy"] for c in checks], "drift_history": [c["drift"] for c in checks],
-                 "rounds": rounds, "passed": passed, "kept_accuracy": kept["accuracy"], "kept": kept,
-                 "verdict_line": f"{'passed' if passed else 'FAILED'}: {kept['line']} after {rounds} recovery "
-                                 f"round{'' if rounds == 1 else 's'}"}
+
+        def train_round(n: int, failed: dict[str, Any]) -> None:
+            log.info("English guard: %s; recovery round %d of %d", failed["line"], n, o.guard_rounds)
+            self.train_phase(f"guard_round{n}", model, patterns, english_only_loss(o.layer_loss), for_loss, config)
+
+        first = guard_check(after["en_correct"], after["drifts"], floor, o.tolerance, o.drift_bound)  # this state
+        checks, passed, rounds = recover(model, first, check, train_round, o.guard_rounds)
+        guard = guard_record(checks, passed, rounds, reference, o.drift_bound)
         log.info("English guard %s", guard["verdict_line"])
         if rounds:
             guard["after_training"] = after
@@ -657,7 +600,7 @@ class StageRun:
     def save(self, model: Gemma3 | None, meta: dict[str, Any]) -> None:
         """adapter.safetensors (the additions only, never base weights) and meta.json, each written atomically;
         then a failed guard stops the run in one sentence."""
-        meta = {"stage": self.stage, "status": "done", **meta}
+        meta = {"stage": self.stage, "status": "done", **({"smoke": True} if self.opts.smoke else {}), **meta}
         guard = meta.get("guard")
         if guard is not None and not guard["passed"]:
             meta["status"] = "guard_failed"
@@ -673,6 +616,7 @@ class StageRun:
         else:
             meta.setdefault("surgery", [])
         distributed.on_main(write_json_atomic, meta, self.out / "meta.json")
+        log_stage(self.logger, meta)
         if guard is not None and not guard["passed"]:
             raise MedkoError(f"English guard failed after {self.stage} ({guard['verdict_line']}; accuracy history "
                              f"{[round(h, 3) for h in guard['history']]}); the best state is kept in {self.out}; "
@@ -681,11 +625,13 @@ class StageRun:
 
 def stage_script(stage: str, description: str | None) -> Callable[[Callable[[StageRun], None]], Callable[..., int]]:
     """Makes a stage's recipe, recipe(run), its script's main(argv) -> exit code: options parsed, order checked,
-    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1."""
+    the stage directory made; a MedkoError ends it in one line on stderr and exit code 1, another exception in one
+    naming its crash log, Ctrl-C and SIGTERM (engine.faults) in one after the trainer's save, exit 130 and 143."""
     def wrap(recipe: Callable[[StageRun], None]) -> Callable[..., int]:
         @functools.wraps(recipe)
         def main(argv: Sequence[str] | None = None) -> int:
             setup_logging()
+            faults.catch_sigterm()
             run = StageRun(stage, parse_stage_options(stage, argv, description))
             try:
                 distributed.init()
@@ -697,15 +643,21 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
                 if not isinstance(err, distributed.Relayed):  # rank 0 says what it relayed
                     print(f"medko: {err}", file=sys.stderr)
                 return 1
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer saved the last completed step
                 kept = "nothing was kept, run it again" if run.discard() else f"continue it with --resume ({run.out})"
-                print(f"medko: {stage} interrupted; {kept}", file=sys.stderr)
-                return 130
+                if distributed.is_main():
+                    print(faults.interrupt_line(err, stage, kept), file=sys.stderr)
+                return faults.interrupt_code(err)
+            except Exception as err:  # unforeseen: one sentence, the traceback in a crash log
+                run.discard()
+                print(faults.crash_report(err, stage, [run.out, run.run_dir], run.opts.debug), file=sys.stderr)
+                return 1
             except BaseException:
                 run.discard()
                 raise
             finally:
                 distributed.shutdown()
+                run.logger.close()
                 if run._lock is not None:
                     run._lock.close()
             log.info("%s done in %.0f s: %s", stage, time.perf_counter() - run._start, run.out)
@@ -717,15 +669,14 @@ def stage_script(stage: str, description: str | None) -> Callable[[Callable[[Sta
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
 def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
-    """s0's sources (engine.sources): the bundled sample data, a local directory (--data DIR) or the hub, each
-    replaceable by a file and read through its field mapping (--map). Returns where the data came from, the rows
-    by role and per source the rows skipped as bad and dropped as repeats."""
+    """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a file
+    and read through --map. Returns where the data came from, the rows by role and engine.sources' counts."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
     files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,
              "reasoning": opts.reasoning}
     rows, counts = sources.read_sources(root, files, parse_field_map(opts.map), opts.subsets.split(","),
-                                        opts.skip_bad, opts.max_bad)
+                                        opts.skip_bad, opts.max_bad, opts.encoding)
     return ("hub" if hub else str(root)), rows, counts
 
 
@@ -757,35 +708,46 @@ def reference_translations(run_dir: Path, opts: StageOptions) -> Path | None:
     return None if opts.english_exam == "model" else Path(opts.english_exam)
 
 
-def load_candidate(name: str, opts: StageOptions) -> tuple[Gemma3, Tokenizer, Path]:
-    """A gate candidate: a size, or the --model directory."""
-    if opts.model:
-        return load_base("270m", name, opts.device, quantize=opts.quantize)
-    return load_base(name, None, opts.device, quantize=opts.quantize)
+def load_candidate(name: str, opts: StageOptions, nf4: bool) -> tuple[Gemma3, Tokenizer, Path]:
+    """A gate candidate: a size, or the --model directory; nf4: its base in NF4 (engine.fit.candidates_that_fit)."""
+    size, model = ("270m", name) if opts.model else (name, None)
+    return load_base(size, model, opts.device, quantize="4bit" if nf4 else None)
 
 
 # ───────────────────────────── the test split and the run report ─────────────────────────────
 
-def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]:
-    """The test split, scored once at the end on the run's final model: Korean accuracy, English accuracy on the
-    reference translations when the run has them (the bundled data does), and English drift on held-out text.
+def test_english(run_dir: Path, rows: list[MCQ]) -> list[MCQ] | None:
+    """The English version of the test split: s1's (reference or model translation), else the data source's own
+    reference translations, else None."""
+    if (stage_dir(run_dir, "s1") / "en_exam_test.jsonl").is_file():
+        return english_exam(run_dir, "test")
+    reference = source_translations(run_dir)
+    return sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows}))) if reference \
+        else None
 
-    The drift is the final stage's own measurement of the same model on the same held-out English texts (the
-    texts the English guard decided on, which the report says), not a second identical pass."""
+
+def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]:
+    """The test split, scored once at the end on the run's final model: Korean and (where the run has the English
+    version) English, in both formulations, with EN↔KO agreement overall and on the questions whose answer no Korean
+    training text holds (s0's unseen_answers); strict answer-line compliance when the final stage trained it.
+
+    The top-level report is the Korean exam in the run's formulation. The drift is the final stage's own
+    measurement of the same model on the same held-out English texts (the texts the English guard decided on, which
+    the report says), not a second identical pass."""
     out = Path(run_dir) / "test_report.json"
     if out.exists():
         raise MedkoError(f"{out} exists: the test split is scored once per run; delete it to score again")
     stage = final_stage(run_dir)
     model, tokenizer, _ = load_run_model_after(run_dir, stage, device)
     data = load_run_data(run_dir)
-    rows = data.exam["test"]
-    report = asdict(evaluate(model, tokenizer, rows, "logits", "ko", progress=True, model_name=f"{run_dir}:{stage}"))
-    reference = source_translations(run_dir)
-    if reference is not None:
-        english = sources.reference_exam(reference, rows, "test", ",".join(sorted({r.subset for r in rows})))
-        en = evaluate(model, tokenizer, english, "logits", "en", progress=False)
-        report["english"] = {"accuracy": en.accuracy, "n": en.n, "correct": [e["correct"] for e in en.predictions]}
-    drifts = stage_meta(run_dir, stage).get("after", {}).get("drifts")
+    if stage_meta(run_dir, "s0").get("smoke"):
+        data.exam["test"] = data.exam["test"][:SMOKE_TEST_QUESTIONS]
+    report = test_exams(model, tokenizer, run_dir, data, f"{run_dir}:{stage}")
+    meta = stage_meta(run_dir, stage)
+    if meta.get("reasoning_tokens"):  # the stage trained the answer line: score it on the test split too
+        scores = reasoning_eval(model, tokenizer, data.exam["test"], meta["reasoning_tokens"])
+        report["reasoning"] = {k: scores[k] for k in ("compliance", "accuracy", "strict", "correct")}
+    drifts = meta.get("after", {}).get("drifts")
     source = f"{stage}'s measurement of held-out English texts (the guard's)"
     if not drifts:
         drifts, source = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1], "held-out English texts"
@@ -793,7 +755,44 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     report["drift"] = {"value": mean(drifts), "low": low, "high": high, "n": len(drifts), "source": source}
     write_json_atomic(report, out)
     return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"],
-            "en_accuracy": report.get("english", {}).get("accuracy"), "drift": report["drift"]["value"]}
+            "formulation": report["formulation"], "en_accuracy": report.get("english", {}).get("accuracy"),
+            "drift": report["drift"]["value"], "formulations": report["formulations"]}
+
+
+def unseen_test_ids(run_dir: Path, rows: Sequence[MCQ]) -> set[str]:
+    """Ids of the test questions whose answer no Korean training text holds (s0's unseen_answers)."""
+    return {rows[i].id for i in (stage_meta(run_dir, "s0") or {}).get("unseen_answers", {}).get("test", [])}
+
+
+def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, name: str) -> dict[str, Any]:
+    """The Korean test exam and its English version in both formulations (engine.compare.score_exams)."""
+    rows = data.exam["test"]
+    return score_exams(model, tokenizer, rows, test_english(run_dir, rows), run_formulation(run_dir),
+                       unseen_test_ids(run_dir, rows), name)
+
+
+def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side, set[str]]:
+    """A run directory's final model (its test_report.json, and English held-out loss and drift from its base), or
+    "base": the base model of the other run, its test split scored once and kept in OTHER/base_test_report.json.
+    Returns the side and the test ids whose answer no Korean training text holds."""
+    run_dir = Path(other if path == "base" else path)
+    data = load_run_data(run_dir)
+    if path == "base":
+        base = run_base(run_dir, None, None)
+        model, tokenizer, _ = load_base(base["size"], base["model"], device)
+        cached = run_dir / "base_test_report.json"
+        test = read_json(cached) if cached.is_file() else test_exams(model, tokenizer, run_dir, data, "base")
+        distributed.on_main(write_json_atomic, test, cached)
+        name = f"base ({base['model'] or base['size']})"
+    else:
+        report = run_dir / "test_report.json"
+        if not report.is_file():
+            raise MedkoError(f"{report} is missing: score the run's test split first (python medko.py test --run-dir "
+                             f"{run_dir})")
+        test, name = read_json(report), str(run_dir)
+        model, tokenizer, _ = load_run_model_after(run_dir, final_stage(run_dir), device)
+    losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512, teacher=BASE)
+    return Side(name, test, losses, drifts), unseen_test_ids(run_dir, data.exam["test"])
 
 
 def write_run_report(run_dir: Path) -> Path:

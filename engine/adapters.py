@@ -201,8 +201,11 @@ def merge_lora(state: dict[str, torch.Tensor], name: str, scaling: float) -> dic
 
 def check_4bit(device: torch.device) -> None:
     """Refuses 4-bit base weights where they cannot run: they need CUDA and bitsandbytes."""
-    if torch.device(device).type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-        raise MedkoError("4-bit base weights need a CUDA GPU with bitsandbytes; drop --quantize or run on a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MedkoError("4-bit base weights need the bitsandbytes package, which is missing: `pip install -r "
+                         "requirements.txt` installs it")
+    if torch.device(device).type != "cuda":
+        raise MedkoError("4-bit base weights need a CUDA GPU; drop --quantize or run on a GPU")
 
 
 def quantize_base_4bit(model: Gemma3, device: torch.device | str | None = None) -> Gemma3:

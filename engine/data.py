@@ -1,22 +1,21 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
 texts, pairs and instructions; KorMedMCQA; split overlap.
 
-Imports engine.errors and engine.hub.
+Imports engine.errors, engine.hub and engine.records.
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine.errors import MedkoError, log
 from engine.hub import hub_snapshot
+from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
 
 LETTERS = "ABCDE"
 KORMEDMCQA = "sean0042/KorMedMCQA"
@@ -50,19 +49,29 @@ class Instruction:
 
 
 class Rows(list):
-    """A loader's rows; `skipped` counts bad rows left out under skip_bad, `dropped` repeated rows left out;
-    `files` and `columns` say where they came from (the columns of the first record), for messages about a source."""
+    """A loader's rows; `skipped` counts bad rows left out under skip_bad, `dropped` repeated rows left out,
+    `normalized` rows that NFC changed; `where` is each row's file:line, and `files` and `columns` say where they
+    came from (the columns of the first record), for messages about a source."""
 
     skipped: int = 0
     dropped: int = 0
+    normalized: int = 0
+    repeated: int = 0  # rows equal to an earlier row, kept (engine.sources.check_repeats)
+    conflicting: int = 0  # rows left out because their question repeats with another answer
     files: tuple[Path, ...] = ()
     columns: tuple[str, ...] = ()
+
+    def __init__(self, rows: Iterable[Any] = (), where: Iterable[str] = ()):
+        super().__init__(rows)
+        self.where = list(where)
 
     def take(self, other: "Rows") -> None:
         """Adds another load's rows, counts and provenance."""
         self.extend(other)
+        self.where += other.where
         self.skipped += other.skipped
         self.dropped += other.dropped
+        self.normalized += other.normalized
         self.files += other.files
         self.columns = self.columns or other.columns
 
@@ -170,55 +179,23 @@ def _one_format(files: Sequence[Path]) -> list[Path]:
     return []
 
 
-class BadRow(Exception):
-    """One unusable row; the message says what is wrong with it."""
-
-
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    """(line, record) of a JSONL, parquet or CSV file; line is the row number for parquet."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as err:
-                    yield line, BadRow(f"not valid JSON ({err.msg})")
-                    continue
-                yield line, record if isinstance(record, dict) else BadRow("is not a JSON object")
-    elif suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as err:
-            raise MedkoError(f"{path} is not a readable parquet file ({err}); download or write it again") from None
-        yield from enumerate(table.to_pylist(), 1)
-    elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                # An empty CSV cell is a missing value, so a 4-option row may leave column E empty.
-                yield reader.line_num, {k: (v if v != "" else None) for k, v in record.items()}
-    else:
-        raise MedkoError(f"{path} has an unknown file type {suffix!r}; use .jsonl, .parquet or .csv")
-
-
-def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool) -> Rows:
-    """parse(path, row index, record) over every record; a bad row stops the load, or is counted under skip_bad."""
+def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool,
+                 encoding: str = "utf-8") -> Rows:
+    """parse(path, row index, record) over every record, NFC-normalised (rows it changed are counted); a bad row
+    stops the load, or is counted under skip_bad."""
     rows = Rows()
     rows.files = tuple(files)
     for path in files:
-        for index, (line, record) in enumerate(read_records(path)):
+        for index, (line, record) in enumerate(read_records(path, encoding)):
             if not rows.columns and isinstance(record, dict):
                 rows.columns = tuple(record)
             try:
                 if isinstance(record, BadRow):
                     raise record
-                rows.append(parse(path, index, record))
+                normal = nfc(record)
+                rows.normalized += normal != record
+                rows.append(parse(path, index, normal))
+                rows.where.append(f"{path}:{line}")
             except BadRow as err:
                 if not skip_bad:
                     raise MedkoError(f"{path}:{line}: {err}; fix the row, or skip bad rows with --skip-bad") from None
@@ -312,25 +289,25 @@ def _mcq_parser(mapping: Mapping[str, str], lang: str, need_reasoning: bool, id_
 
 
 def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
-                  skip_bad: bool = False) -> Rows:
+                  skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
     """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source).
 
     Options are columns A..E or an `options` dict/list (MedQA); the answer is a letter or a 1-based number.
     """
     mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=False), skip_bad)
+    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=False), skip_bad, encoding)
 
 
 def load_reasoning(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "ko",
-                   skip_bad: bool = False) -> Rows:
+                   skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
     """Multiple-choice rows that carry a worked `reasoning` text (s5)."""
     mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=True), skip_bad)
+    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=True), skip_bad, encoding)
 
 
 def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
                     source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
-                    mapping: Mapping[str, str] | None = None) -> Rows:
+                    mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Rows:
     """KorMedMCQA rows with ids subset/split/row, from the hub or a local directory.
 
     A local directory is laid out like the hub: {subset}/{split}*.parquet or {subset}/{split}*.jsonl.
@@ -354,28 +331,27 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
         if not files:
             raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
         parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
-        part = _parse_files(files, parser, skip_bad)
-        kept = _drop_repeats(part, f"{subset}/{split}")
-        rows.take(part)
-        rows[len(rows) - len(part):] = kept
-        rows.dropped += len(part) - len(kept)
+        rows.take(_drop_repeats(_parse_files(files, parser, skip_bad, encoding), f"{subset}/{split}"))
     return rows
 
 
-def _drop_repeats(rows: list[MCQ], where: str) -> list[MCQ]:
+def _drop_repeats(rows: Rows, where: str) -> Rows:
     # The hub has held one split twice (a re-upload beside the original shard); keep the first copy.
     seen, kept = set(), []
-    for row in rows:
+    for i, row in enumerate(rows):
         key = (row.question, tuple(row.options.items()), row.answer)
         if key not in seen:
             seen.add(key)
-            kept.append(row)
+            kept.append(i)
     if len(kept) < len(rows):
         log.warning("%s: dropped %d repeated rows", where, len(rows) - len(kept))
-    return kept
+    rows.dropped += len(rows) - len(kept)
+    rows[:], rows.where = [rows[i] for i in kept], [rows.where[i] for i in kept]
+    return rows
 
 
-def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False) -> Rows:
+def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
+               encoding: str = "utf-8") -> Rows:
     """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block.
 
     Instruction rows (no text field, an output field: Asan-AMC-Healthinfo's schema) give their output.
@@ -392,18 +368,22 @@ def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool 
     rows = Rows()
     for path in source_files(source):
         if path.suffix == ".txt":
-            rows.extend(block.strip() for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
-                        if block.strip())
+            text = decode(path, encoding)
+            for block in re.finditer(r"(?:[^\n]*\S[^\n]*(?:\n|$))+", text):  # runs of lines that are not blank
+                rows.append(nfc(block.group().strip()))
+                rows.normalized += rows[-1] != block.group().strip()
+                rows.where.append(f"{path}:{text.count(chr(10), 0, block.start()) + 1}")
         else:
-            rows.take(_parse_files([path], parse, skip_bad))
+            rows.take(_parse_files([path], parse, skip_bad, encoding))
     return rows
 
 
-def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False) -> Rows:
+def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False,
+               encoding: str = "utf-8") -> Rows:
     """Parallel text pairs from the fields src and tgt of each row."""
     mapping = source.mapping if isinstance(source, Source) else {}
     return _parse_files(source_files(source), lambda p, i, r: Pair(str(_field(r, src, mapping)),
-                                                                    str(_field(r, tgt, mapping))), skip_bad)
+                                                                    str(_field(r, tgt, mapping))), skip_bad, encoding)
 
 
 def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | None = None,

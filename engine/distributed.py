@@ -110,6 +110,15 @@ def global_sum(value: float) -> float:
     return int(total) if isinstance(value, int) else total
 
 
+def global_min(value: int) -> int:
+    """The least of `value` over the ranks: what every rank can do, where all must do the same."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def global_weight(count: int, items: int) -> float:
     """A mean's weight on this rank: a loss that is a mean over this rank's `items` and is scaled by `count`
     (targets of the micro-batch) in one process becomes, scaled by this weight, its rank's part of the mean over

@@ -1,6 +1,6 @@
 """The multiple-choice evaluator (lm-evaluation-harness kormedmcqa prompt and extraction) and translation.
 
-Imports engine.distributed, engine.errors, engine.files, engine.model, engine.tokenizer, engine.data and
+Imports engine.distributed, engine.errors, engine.files, engine.fit, engine.model, engine.tokenizer, engine.data and
 engine.generate.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from engine import distributed
+from engine.cloze import cloze_logprobs, cloze_predictions
 from engine.data import LETTERS, MCQ
 from engine.errors import MedkoError
 from engine.files import write_json_atomic
+from engine.fit import rows_that_fit
 from engine.generate import generate, left_pad
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer, chat_prompt
@@ -37,6 +39,7 @@ ANSWER_PATTERNS = [re.compile(p) for p in (r"정답[:：\s]*([ABCDE])", r"정답
 HARNESS_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (r"정답[:\s]*([ABCDE])", r"정답은\s*([ABCDE])\s*입니다",
                                                            r"\b([ABCDE])\.", r"\b([ABCDE])\b")]
 EXTRACTIONS = {"medko": ANSWER_PATTERNS, "harness": HARNESS_PATTERNS}
+MODES = ("logits", "generate", "cloze")  # MCF's next letter, greedy generation, OLMES's cloze (engine.cloze)
 GENERATE_TOKENS = 1024  # lm-eval kormedmcqa's max_gen_toks: a shorter cap cuts long answers before their letter
 
 
@@ -124,6 +127,7 @@ def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: list[list[int]]
 
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     scores = torch.empty(len(encoded), len(LETTERS))
+    batch_size = rows_that_fit(model, "logits", batch_size, max((len(e) for e in encoded), default=1))
     for start in tqdm(range(0, len(order), batch_size), desc="score", unit="batch", disable=not progress,
                       file=sys.stderr):
         chunk = order[start:start + batch_size]
@@ -136,7 +140,7 @@ def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: list[list[int]]
 @dataclass
 class Report:
     model: str  # name or path of the model scored
-    mode: str  # logits or generate
+    mode: str  # logits, generate or cloze
     lang: str  # prompt language
     chat: bool  # prompts wrapped in Gemma's chat turns
     fewshot: list[str]  # ids of the few-shot examples available (each question uses its subset's)
@@ -148,6 +152,7 @@ class Report:
     seconds: float
     questions_per_second: float
     predictions: list[dict[str, Any]]  # input order: id, subset, gold, pred (letter or None), correct[, output]
+    # [, scores: cloze's per option "sum" log-probability, "per_char" (the prediction's) and "per_token"]
     extraction: str | None = None  # generate: "medko" (ours) or "harness" (lm-eval v3.0's); None in logits mode
 
 
@@ -173,14 +178,22 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
     subset when there are any, else all of them.
     """
     _check_lang(lang)
-    if mode not in ("logits", "generate"):
-        raise MedkoError(f"unknown evaluation mode {mode!r}; use 'logits' or 'generate'")
+    if mode not in MODES:
+        raise MedkoError(f"unknown evaluation mode {mode!r}; use {', '.join(MODES)}")
+    if mode == "cloze" and (chat or fewshot):
+        raise MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:` with no chat turns and no "
+                         "few-shot examples; drop --chat and --fewshot, or use --mode logits or generate")
     if not rows:
         raise MedkoError("no questions to evaluate; check the data source and split")
     start = time.perf_counter()
     prompts = [mcq_prompt(r, lang, chat, [f for f in fewshot if f.subset == r.subset] or fewshot) for r in rows]
     outputs: list[str] | None = None
-    if mode == "logits":
+    details: list[dict[str, Any]] | None = None
+    if mode == "cloze":
+        details = cloze_predictions(rows, cloze_logprobs(model, tokenizer, rows, lang, max(1, batch_size // 2),
+                                                         progress))
+        preds = [d.pop("pred") for d in details]
+    elif mode == "logits":
         scores = letter_scores(model, tokenizer, prompts, chat, batch_size, progress)
         present = torch.tensor([[letter in r.options for letter in LETTERS] for r in rows])
         best = scores.masked_fill(~present, float("-inf")).argmax(-1).tolist()
@@ -194,6 +207,8 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
     if outputs is not None:
         for entry, output in zip(predictions, outputs):
             entry["output"] = output
+    for entry, scores in zip(predictions, details or ()):
+        entry["scores"] = scores
     subsets: dict[str, dict[str, float]] = {}
     for entry in predictions:
         stats = subsets.setdefault(entry["subset"], {"n": 0, "correct": 0})
@@ -218,6 +233,17 @@ def agreement(a: Report | Mapping[str, Any], b: Report | Mapping[str, Any]) -> f
     if not shared:
         raise MedkoError("the two reports share no question ids; compare reports of the same (parallel) rows")
     return sum(preds_a[i] == preds_b[i] for i in shared) / len(shared)
+
+
+def choose_formulation(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ]) -> dict[str, Any]:
+    """OLMES's rule: the English dev exam scored in both formulations, the letter (MCF) and the cloze (CF) one; the
+    higher decides for the gate, s1.1's stop and the English guard (a tie keeps the harness's letters)."""
+    reports = {mode: evaluate(model, tokenizer, rows, mode, "en", progress=True) for mode in ("logits", "cloze")}
+    chosen = "cloze" if reports["cloze"].accuracy > reports["logits"].accuracy else "logits"
+    other = "logits" if chosen == "cloze" else "cloze"
+    why = (f"English dev {reports[chosen].accuracy:.3f} in {chosen} against {reports[other].accuracy:.3f} in {other} "
+           f"(n {reports[chosen].n}; OLMES: the formulation in which the base scores higher)")
+    return {"formulation": chosen, "why": why, "reports": reports}
 
 
 def write_report(report: Report, path: str | Path) -> None:

@@ -8,6 +8,7 @@ engine.tokenizer, engine.export_gguf and engine.model_card.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -177,10 +178,9 @@ def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path, f
 
     hf: config.json, model.safetensors and the tokenizer, exact. tied: the same with tied embeddings; held_out is
     required and the deviation goes to stdout, tied_deviation.json and the card. gguf: one GGUF and an Ollama
-    Modelfile.
+    Modelfile. A disk without room for it is refused before writing, and a disk that fills while writing is named
+    in the same sentence: bytes needed, bytes free, directory.
     """
-    from safetensors.torch import save_file
-
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     if fmt not in FORMATS:
         raise MedkoError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -209,6 +209,46 @@ def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path, f
     base_config = tokenizer_path.parent / "config.json"
     context = json.loads(base_config.read_text()).get("max_position_embeddings", 131072) \
         if base_config.is_file() else 131072
+    needed = export_bytes(state, fmt, gguf_type)
+    room = out_dir.resolve().parent
+    room.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(room).free
+    if free < needed:
+        raise MedkoError(no_room(room, needed, free))
+    try:
+        _write_export(out_dir, state, model, fmt, gguf_type, tokenizer_path, template, context, tied, summary,
+                      deviation)
+    except Exception as err:  # safetensors raises its own SafetensorError for a full disk, not an OSError
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left on device" not in str(err):
+            raise
+        raise MedkoError(no_room(room, needed, shutil.disk_usage(room).free)) from None
+    log.info("exported %s as %s (%d tensors, embeddings %s)", out_dir, fmt, len(state), "tied" if tied else "untied")
+    return out_dir
+
+
+# Bytes per value of each GGUF type (q8_0: 32 int8 values and one f16 scale per block); hf keeps the weights' dtype.
+_GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+EXPORT_SLACK = 16 << 20  # tokenizer, config, card and filesystem blocks beyond the weights
+
+
+def export_bytes(state: dict[str, torch.Tensor], fmt: str, gguf_type: str) -> int:
+    """About how many bytes an export writes: its weights in their stored type, and EXPORT_SLACK."""
+    if fmt == "gguf":
+        return int(sum(t.numel() for t in state.values()) * _GGUF_BYTES[gguf_type]) + EXPORT_SLACK
+    return sum(t.numel() * t.element_size() for t in state.values()) + EXPORT_SLACK
+
+
+def no_room(directory: Path, needed: int, free: int) -> str:
+    return (f"{directory} has {free:,} bytes free but the export needs about {needed:,}; free space on that disk or "
+            f"export to another --out (nothing was left behind)")
+
+
+def _write_export(out_dir: Path, state: dict[str, torch.Tensor], model: Gemma3, fmt: str, gguf_type: str,
+                  tokenizer_path: Path, template: str, context: int, tied: bool, summary: RunSummary,
+                  deviation: dict[str, Any] | None) -> None:
+    """The export's files, written into a temporary directory renamed onto out_dir when all are written."""
+    from safetensors.torch import save_file
+
     with atomic_write(out_dir, directory=True) as tmp:
         if fmt == "gguf":
             write_gguf(state, model.config, tokenizer_path, template, tmp / gguf_file_name(gguf_type), gguf_type,
@@ -226,5 +266,3 @@ def export_run(model: Gemma3, out_dir: str | Path, tokenizer_path: str | Path, f
         card = model_card(summary, fmt, model.config, deviation and format_deviation(deviation), gguf_type, out_dir)
         (tmp / "README.md").write_text(card)
         ordinary_permissions(tmp)
-    log.info("exported %s as %s (%d tensors, embeddings %s)", out_dir, fmt, len(state), "tied" if tied else "untied")
-    return out_dir

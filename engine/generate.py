@@ -1,6 +1,6 @@
 """Greedy batched generation with a KV cache.
 
-Imports engine.distributed, engine.model and engine.tokenizer.
+Imports engine.distributed, engine.fit, engine.model and engine.tokenizer.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine import distributed
+from engine.fit import rows_that_fit
 from engine.model import Gemma3, KVCache, model_device, model_dtype
 from engine.tokenizer import Tokenizer
 
@@ -154,11 +155,13 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
 
 def generate(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              stop: Sequence[str] = (), batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy continuations of prompts, `batch_size` decoding at once; each is cut before the first stop string.
-    Under torchrun each rank decodes its share of the prompts and the outputs are gathered in order."""
+    """Greedy continuations of prompts, `batch_size` decoding at once (fewer where the memory plan says this GPU
+    holds fewer caches); each is cut before the first stop string. Under torchrun each rank decodes its share of
+    the prompts and the outputs are gathered in order."""
     from tqdm import tqdm
 
     encoded = tokenizer.encode_batch(prompts)
+    batch_size = rows_that_fit(model, "generate", batch_size, max((len(e) for e in encoded), default=1), max_new_tokens)
     stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
     # A stop string completed by the newest token lies in the last few tokens (each token is at least one
     # character, or a quarter of one as a UTF-8 byte), so only that tail is decoded each step.

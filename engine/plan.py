@@ -20,15 +20,16 @@ states by N; activations, the teacher pass and evaluation stay per rank, and eac
 FSDP_LAYERS decoder layers gathered whole while it computes (measured on CPU ranks by tests/test_shard_load.py).
 At load a rank holds its shard of the base (engine.shard_load reads nothing else) plus the additions whole before
 they are sharded. NF4 is not planned with N > 1: FSDP2 cannot shard it and medko refuses the combination. Every
-rank runs the whole generation batch (a sharded model needs the same forward passes everywhere), so its rows are
-planned too: the largest of the stage's own, halved, that fits (engine.plan.generation_rows).
+rank runs the whole evaluation and generation batch (a sharded model needs the same forward passes everywhere), so
+their rows are cut, as on one GPU, to what fits beside this rank's base and gathered layers (rows_within here; at
+run time engine.fit.rows_that_fit, which the ranks agree on).
 
 Imports engine.checkpoints, engine.errors and engine.model.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -41,12 +42,14 @@ CUDA_CONTEXT = 1 * GIB  # the CUDA context and cuBLAS workspaces, outside PyTorc
 CUDA_SLACK = 0.05  # share of the GPU the caching allocator's fragmentation may take
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64 weights, an fp32 one per 256 absmax
 EVAL_ROWS = 16  # engine.evaluate's default batch of questions
+GPU_MEMORY_ENV = "MEDKO_GPU_MEMORY_GIB"  # GiB of GPU memory to plan for, in place of torch.cuda's (gpu_memory)
 CPU_HEAP_RETENTION = 0.45  # glibc heap kept resident in a CPU training step, per byte of kept activations (measured)
 CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threads, oneDNN's kernels (measured)
-MEASURE_ROWS = 4  # engine.measures' held-out texts per forward
+MEASURE_ROWS = 16  # engine.measures' held-out texts per forward (its batch_size)
+DRIFT_POSITIONS = 16  # engine.measures' drift positions per text
+DRIFT_CHUNK = 128  # engine.measures' drift positions whose [vocab] rows are alive at once
 FSDP_LAYERS = 4  # decoder layers an FSDP2 rank holds whole in a step: computing, next gathered and copied, last kept
 # (3.6 measured by tests/test_shard_load.py on two CPU ranks)
-DRIFT_POSITIONS = 32  # engine.measures' drift positions per text
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class StageWork:
     language: bool = False  # language vectors exist and train; they make every layer's activations need gradients
     edge_layers: bool = False  # the two duplicated edge layers exist, dense and trainable
     english: bool = False  # the per-layer English loss: a student English graph and a teacher pass per micro-batch
-    generate: tuple[int, int] = (0, 0)  # greedy generation the stage runs: (rows at once, most new tokens)
+    generate: tuple[int, int] = (0, 0)  # greedy generation the stage runs: (most rows at once, most new tokens)
     measures: bool = True  # held-out losses and drift (engine.measures) before and after
 
 
@@ -75,6 +78,7 @@ STAGE_WORK = (
     StageWork("s5", "s5 reasoning", True, lora=True, language=True, edge_layers=True, english=True,
               generate=(64, 256)),
     StageWork("test", "test scoring", False, lora=True, language=True, edge_layers=True),
+    StageWork("sft", "lora-sft baseline", True, lora=True, generate=(64, 256)),  # run.sh --recipe lora-sft
 )
 WORK = {w.name: w for w in STAGE_WORK}
 
@@ -90,7 +94,6 @@ class Setup:
     checkpointing: bool = False  # recompute each decoder layer in backward
     quantize: bool = False  # NF4 base projections (--quantize 4bit, CUDA only)
     nproc: int = 1  # processes the sharded parts are divided across
-    generate_rows: int = 0  # rows the stage's generation decodes at once; 0 is the stage's own (StageWork.generate)
 
     @property
     def width(self) -> int:
@@ -111,6 +114,7 @@ class Estimate:
     weights_only: int  # trainable weights alone (what evaluation holds besides the base)
     load: int  # the peak while the model loads: the base (this rank's shard), the additions whole, a tensor in flight
     allocator: int = 0  # on a CPU, what glibc's heaps and the runtime keep resident beyond the tensors in training
+    eval_rows: dict[str, int] = field(default_factory=dict)  # rows at once of each evaluation (logits, measures, ...)
 
     @property
     def training(self) -> int:
@@ -240,40 +244,68 @@ def logits_scoring_bytes(c: ModelConfig, s: Setup, rows: int = EVAL_ROWS) -> int
     return layer_working(c, s, rows, s.max_len) + rows * s.max_len * c.hidden_size * s.width
 
 
-def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup) -> dict[str, int]:
-    """Working memory of each evaluation the stage runs: logits scoring (EVAL_ROWS prompts of max_len), held-out
-    measures (engine.measures: the student's and teacher's hidden states and each text's drift logits) and
-    generation, whose prefill cache is still held when the joined cache with room for the new tokens is made
-    (engine.generate._join)."""
+def evaluation_bytes(c: ModelConfig, s: Setup, kind: str, rows: int, new_tokens: int = 0, layers: int = 0) -> int:
+    """Working memory of `rows` at once of one evaluation, prompts of max_len, through `layers` (default c's):
+    "logits" (letter scoring), "measures" (engine.measures: the student's and teacher's hidden states and the
+    drift's [vocab] rows) or "generate", whose prefill cache is still held when the joined cache with room for the
+    new tokens is made (engine.generate._join)."""
+    v, h, e, n = c.vocab_size, c.hidden_size, s.width, rows * s.max_len
+    if kind == "logits":
+        return logits_scoring_bytes(c, s, rows)
+    if kind == "measures":
+        return layer_working(c, s, rows, s.max_len) + 3 * n * h * e + 5 * min(rows * DRIFT_POSITIONS, DRIFT_CHUNK) * v * 4
+    layers = layers or c.num_layers
+    cache = kv_cache_bytes(c, s, rows, s.max_len, layers) + kv_cache_bytes(c, s, rows, s.max_len + new_tokens, layers)
+    return cache + layer_working(c, s, rows, s.max_len) + rows * v * 4
+
+
+def rows_within(c: ModelConfig, s: Setup, kind: str, wanted: int, budget: int | None, new_tokens: int = 0,
+                layers: int = 0) -> int:
+    """The most rows, `wanted` halved until they fit, whose evaluation fits `budget` bytes (None: no limit); at
+    least one: a single row that does not fit is the caller's to refuse."""
+    rows = wanted
+    while budget is not None and rows > 1 and evaluation_bytes(c, s, kind, rows, new_tokens, layers) > budget:
+        rows //= 2
+    return rows
+
+
+def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup, budget: int | None = None) -> dict[str, tuple[int, int]]:
+    """(rows at once, bytes) of each evaluation the stage runs: logits scoring, held-out measures and generation,
+    each at its default rows, halved while it passes `budget` (what the GPU leaves beside the base and the
+    stage's weights), as engine.generate, engine.evaluate and engine.measures size their batches on CUDA."""
     layers = c.num_layers + (2 if w.edge_layers else 0)
-    v, h, e = c.vocab_size, c.hidden_size, s.width
-    parts = {"logits": logits_scoring_bytes(c, s)}
-    if w.measures:
-        n = MEASURE_ROWS * s.max_len
-        parts["measures"] = layer_working(c, s, MEASURE_ROWS, s.max_len) + 3 * n * h * e + 5 * DRIFT_POSITIONS * v * 4
-    rows, new = w.generate
-    rows = min(rows, s.generate_rows or rows)
-    if rows:
-        cache = kv_cache_bytes(c, s, rows, s.max_len, layers) + kv_cache_bytes(c, s, rows, s.max_len + new, layers)
-        parts["generate"] = cache + layer_working(c, s, rows, s.max_len) + rows * v * 4
+    wanted = {"logits": (EVAL_ROWS, 0), "measures": (MEASURE_ROWS, 0) if w.measures else (0, 0), "generate": w.generate}
+    parts = {}
+    for kind, (rows, new) in wanted.items():
+        if rows:
+            rows = rows_within(c, s, kind, rows, budget, new, layers)
+            parts[kind] = (rows, evaluation_bytes(c, s, kind, rows, new, layers))
     return parts
 
 
-def estimate(c: ModelConfig, w: StageWork, s: Setup) -> Estimate:
-    """One stage's estimated peak, by part, for this rank."""
+def gathered_bytes(c: ModelConfig, s: Setup) -> int:
+    """What an FSDP2 rank holds whole beside its shard while it computes: the embedding and FSDP_LAYERS decoder
+    layers."""
+    return (c.vocab_size * c.hidden_size + FSDP_LAYERS * layer_params(c)) * s.width
+
+
+def estimate(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int | None = None) -> Estimate:
+    """One stage's estimated peak, by part, for this rank; given the GPU's bytes, each evaluation at the rows that
+    fit beside the base and the stage's weights."""
     weights, trainable = trainable_bytes(c, w, s)
     base = base_bytes(c, s)
     load = base + weights
     if s.nproc > 1:
         load = base // s.nproc + weights + layer_params(c) * s.width // s.nproc
-        gathered = (c.vocab_size * c.hidden_size + FSDP_LAYERS * layer_params(c)) * s.width
-        base, trainable, weights = base // s.nproc + gathered, trainable // s.nproc, weights // s.nproc
+        base, trainable, weights = base // s.nproc + gathered_bytes(c, s), trainable // s.nproc, weights // s.nproc
     kept, transient = activation_bytes(c, w, s) if w.trains else (0, 0)
     allocator = int(CPU_HEAP_RETENTION * kept) + CPU_RUNTIME if s.device == "cpu" and w.trains else 0
+    budget = None if gpu_bytes is None else usable_bytes(gpu_bytes) - base - weights
+    parts = evaluation_parts(c, w, s, budget)
     return Estimate(base=base, trainable=trainable, activations=kept, transient=transient,
                     teacher=teacher_bytes(c, w, s) if w.trains else 0,
-                    evaluation=max(evaluation_parts(c, w, s).values()), weights_only=weights, load=load,
-                    allocator=allocator)
+                    evaluation=max(b for _, b in parts.values()), weights_only=weights, load=load,
+                    allocator=allocator, eval_rows={kind: rows for kind, (rows, _) in parts.items()})
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -299,19 +331,6 @@ class Fit:
     checkpointing: bool
     quantize: bool
     estimate: Estimate
-    generate_rows: int = 0  # rows decoded at once, when the stage generates
-
-
-def generation_rows(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int) -> int:
-    """The stage's generation rows, halved until its evaluation fits beside the base and the trainable weights
-    (1 when nothing fits: the peak then says so); 0 for a stage that does not generate."""
-    rows, limit = w.generate[0], usable_bytes(gpu_bytes)
-    while rows > 1:
-        found = estimate(c, w, replace(s, generate_rows=rows))
-        if found.base + found.weights_only + found.evaluation <= limit:
-            break
-        rows //= 2
-    return rows
 
 
 def fitting_settings(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int, allow_quantize: bool = True,
@@ -320,11 +339,9 @@ def fitting_settings(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int, all
     limit = usable_bytes(gpu_bytes)
     nf4 = allow_quantize and s.device == "cuda" and not s.quantize and s.nproc == 1  # FSDP2 cannot shard NF4
     for batch, accum, checkpointing, quantize in candidates(s.batch, (False, True) if nf4 else (s.quantize,)):
-        tried = replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize)
-        rows = generation_rows(c, w, tried, gpu_bytes)
-        found = estimate(c, w, replace(tried, generate_rows=rows))
+        found = estimate(c, w, replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize), gpu_bytes)
         if getattr(found, part) <= limit:
-            return Fit(batch, accum, checkpointing, quantize, found, rows)
+            return Fit(batch, accum, checkpointing, quantize, found)
     return None
 
 
@@ -341,32 +358,33 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
     shape = (f"micro-batch {s.batch} x {s.max_len} tokens, LoRA rank {s.lora_rank}; GPU {gpu_bytes / GIB:.0f} GiB, "
              f"{_gib(usable_bytes(gpu_bytes))} GiB usable (less {_gib(CUDA_CONTEXT)} GiB CUDA context and "
              f"{CUDA_SLACK:.0%} allocator slack); GiB per rank")
-    columns = (f"{'stage':<14}{'load':>7}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}"
+    columns = (f"{'stage':<18}{'load':>7}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}"
                f"{'eval':>7}{'peak':>8}  fits with")
     lines = [header, shape, columns]
     for w in STAGE_WORK:
         plain = estimate(c, w, replace(s, checkpointing=False))
         ckpt = estimate(c, w, replace(s, checkpointing=True))
         fit = fitting_settings(c, w, s, gpu_bytes)
-        rows = (f", generation {fit.generate_rows} rows" if fit is not None and fit.generate_rows < w.generate[0]
-                else "")
         if fit is None:
             how = "nothing: use more GPUs (--nproc) or a larger GPU"
-        elif not w.trains:
-            how = f"as is{', --quantize 4bit' if fit.quantize else ''}{rows} ({_gib(fit.estimate.peak)})"
         else:
-            how = (f"micro-batch {fit.batch}, accumulation {fit.grad_accum}, checkpointing "
-                   f"{'on' if fit.checkpointing else 'off'}{', --quantize 4bit' if fit.quantize else ''}{rows} "
-                   f"({_gib(fit.estimate.peak)})")
+            nf4 = ", NF4 base (chosen: bf16 does not fit)" if fit.quantize and not s.quantize else ""
+            rows = "".join(f", {kind} {n} rows" for kind, n in fit.estimate.eval_rows.items()
+                           if n < plain.eval_rows.get(kind, n))
+            how = "as is" if not w.trains else (f"micro-batch {fit.batch}, accumulation {fit.grad_accum}, "
+                                                f"checkpointing {'on' if fit.checkpointing else 'off'}")
+            how += f"{nf4}{rows} ({_gib(fit.estimate.peak)})"
         act = _gib(plain.activations + plain.transient) if w.trains else "-"
         act_ckpt = _gib(ckpt.activations + ckpt.transient) if w.trains else "-"
-        lines.append(f"{w.title:<14}{_gib(plain.load):>7}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}{act_ckpt:>9}"
-                     f"{_gib(plain.teacher):>8}{_gib(plain.evaluation):>7}{_gib(plain.peak):>8}  {how}")
+        lines.append(f"{w.title:<18}{_gib(plain.load):>7}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}"
+                     f"{act_ckpt:>9}{_gib(plain.teacher):>8}{_gib(plain.evaluation):>7}{_gib(plain.peak):>8}  {how}")
     lines.append("trainable weights are float32 (LoRA, language vectors) or the weights' dtype (duplicated layers); "
                  "gradients and AdamW's two states take their dtype. peak = base + the larger of training "
                  "(train+opt + act, with the teacher pass in place of act's transient part when larger) and eval, "
-                 "without checkpointing" + ("; on cpu training adds glibc's retained heap and the runtime "
-                                            "(CPU_HEAP_RETENTION, CPU_RUNTIME)" if s.device == "cpu" else ""))
+                 "without checkpointing, eval at its default rows (logits 16, measures 16, generation s1 16, s4 32, "
+                 "s5 64); 'fits with' names the rows an evaluation is cut to"
+                 + ("; on cpu training adds glibc's retained heap and the runtime (CPU_HEAP_RETENTION, CPU_RUNTIME)"
+                    if s.device == "cpu" else ""))
     if s.nproc > 1:
         lines.append(f"per rank under FSDP2: load = the rank's shard of the base (each rank reads only its rows) and "
                      f"the additions whole before they are sharded; base = the shard plus the embedding and "
@@ -380,7 +398,8 @@ def auto_settings(c: ModelConfig, stage: str, s: Setup, gpu_bytes: int) -> Fit:
     one sentence, and one whose evaluation alone overflows is warned about."""
     fit = fitting_settings(c, WORK[stage], s, gpu_bytes, allow_quantize=False, part="training")
     quantized = fitting_settings(c, WORK[stage], s, gpu_bytes)
-    hint = "pass --quantize 4bit" if quantized and quantized.quantize else "use more GPUs or a larger one"
+    hint = ("pass --quantize 4bit" if quantized and quantized.quantize and not s.quantize
+            else "use more GPUs or a larger one")
     if fit is None:
         raise MedkoError(f"{stage} does not fit {gpu_bytes / GIB:.0f} GiB by the memory plan even at micro-batch 1 "
                          f"with checkpointing; {hint}, or give --batch-size to override the plan")
@@ -389,13 +408,23 @@ def auto_settings(c: ModelConfig, stage: str, s: Setup, gpu_bytes: int) -> Fit:
              "override it)", stage, fit.batch, fit.grad_accum, "on" if fit.checkpointing else "off",
              _gib(fit.estimate.training), _gib(gpu_bytes))
     if fit.estimate.peak > usable_bytes(gpu_bytes):
-        log.warning("memory plan: %s's evaluation is estimated at %s GiB with the base, beyond this GPU; %s",
-                    stage, _gib(fit.estimate.peak), hint)
+        log.warning("memory plan: %s's evaluation is estimated at %s GiB with the base even one row at a time, "
+                    "beyond this GPU; %s", stage, _gib(fit.estimate.peak), hint)
     return fit
 
 
-def gpu_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).total_memory
+def gpu_memory(device: torch.device | str) -> int | None:
+    """Bytes of GPU memory to plan for: MEDKO_GPU_MEMORY_GIB when set (a share of a GPU, or a smaller GPU
+    simulated, e.g. on a CPU in the tests), else torch.cuda's total on a CUDA device, else None (nothing to fit)."""
+    value = os.environ.get(GPU_MEMORY_ENV)
+    if value:
+        try:
+            return int(float(value) * GIB)
+        except ValueError:
+            raise MedkoError(f"{GPU_MEMORY_ENV}={value!r} is not a number of GiB; set it to e.g. 24 or unset "
+                             f"it") from None
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def stage_settings(stage: str, size: str, model_dir: str | None, device: str | None, batch: int, max_len: int,
@@ -407,17 +436,6 @@ def stage_settings(stage: str, size: str, model_dir: str | None, device: str | N
         return batch, 1, False
     config = read_config(resolve_model_dir(size, model_dir)) if model_dir else PRESETS[size]
     setup = Setup("cuda", batch, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
-    fit = auto_settings(config, stage, setup, gpu_bytes(resolved))
+    fit = auto_settings(config, stage, setup, gpu_memory(resolved))
     return fit.batch, fit.grad_accum, fit.checkpointing
 
-
-def stage_generation_rows(stage: str, size: str, model_dir: str | None, device: str | None, max_len: int,
-                          lora_rank: int, quantize: bool) -> int:
-    """The rows a stage's generation decodes at once: on CUDA the plan's for this GPU and the processes torchrun
-    starts, else the stage's own (StageWork.generate)."""
-    work, resolved = WORK[stage], resolve_device(device)
-    if resolved.type != "cuda":
-        return work.generate[0]
-    config = read_config(resolve_model_dir(size, model_dir)) if model_dir else PRESETS[size]
-    setup = Setup("cuda", 1, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
-    return generation_rows(config, work, setup, gpu_bytes(resolved))

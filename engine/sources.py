@@ -8,11 +8,11 @@ Imports engine.data and engine.errors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Rows, Source, load_kormedmcqa, load_mcq_file, load_pairs,
-                         load_reasoning, load_texts, require_rows)
-from engine.errors import MedkoError
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, Source, load_kormedmcqa, load_mcq_file,
+                         load_pairs, load_reasoning, load_texts, require_rows)
+from engine.errors import MedkoError, log
 
 # role: its file name in a local data directory (the hub sources are engine.data.SOURCES)
 LOCAL_FILES = {"medqa": "medqa_en.jsonl", "ko_text": "ko_medical_text.jsonl", "en_text": "en_medical_text.jsonl",
@@ -22,11 +22,13 @@ HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_med
 
 
 def read_sources(root: Path | None, files: dict[str, str | None], maps: dict[str, dict[str, str]],
-                 subsets: Sequence[str], skip_bad: bool, max_bad: float
+                 subsets: Sequence[str], skip_bad: bool, max_bad: float, encoding: str = "utf-8"
                  ) -> tuple[dict[str, list], dict[str, dict[str, int]]]:
     """The rows by role from `root` (None: the hub), each role replaceable by a file in `files`, each read through
-    its field mapping (`maps`, over any default). Returns the rows and, per source, the rows skipped as bad (under
-    skip_bad) and dropped as repeats; a source that yields no rows, or whose bad share passes max_bad, is refused."""
+    its field mapping (`maps`, over any default) and its text files decoded as `encoding` (engine.records). Returns
+    the rows and, per source, the rows skipped as bad (under skip_bad), dropped as repeats, dropped for conflicting
+    answers (check_repeats), repeated and kept, and changed by NFC; a source that yields no rows, or whose bad share
+    passes max_bad, is refused."""
 
     def source(role: str) -> Source | None:
         """The role's file, else the data directory's file, else the hub source; --map goes over any of them."""
@@ -46,24 +48,70 @@ def read_sources(root: Path | None, files: dict[str, str | None], maps: dict[str
     location = "hub" if root is None else str(root / "kormedmcqa")
     exam = {s: rows("exam", Source(location, maps.get("exam", {})),
                     lambda src, s=s: load_kormedmcqa(list(subsets), s, src.location, skip_bad=skip_bad,
-                                                     mapping=src.mapping)) for s in KORMEDMCQA_SPLITS}
-    en_mcq = rows("medqa", source("medqa"), lambda src: load_mcq_file(src, lang="en", skip_bad=skip_bad))
-    ko_text = rows("ko_text", source("ko_text"), lambda src: load_texts(src, skip_bad=skip_bad))
+                                                     mapping=src.mapping, encoding=encoding))
+            for s in KORMEDMCQA_SPLITS}
+    en_mcq = rows("medqa", source("medqa"), lambda src: load_mcq_file(src, lang="en", skip_bad=skip_bad,
+                                                                                   encoding=encoding))
+    ko_text = rows("ko_text", source("ko_text"), lambda src: load_texts(src, skip_bad=skip_bad, encoding=encoding))
     en_src = source("en_text")
     # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip_bad)) if en_src else \
-        Rows(r.question for r in en_mcq)
-    pairs = rows("pairs", source("pairs"), lambda src: load_pairs(src, skip_bad=skip_bad))
-    reasoning = rows("reasoning", source("reasoning"), lambda src: load_reasoning(src, lang="ko", skip_bad=skip_bad))
+    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip_bad, encoding=encoding)) \
+        if en_src else Rows(r.question for r in en_mcq)
+    pairs = rows("pairs", source("pairs"), lambda src: load_pairs(src, skip_bad=skip_bad, encoding=encoding))
+    reasoning = rows("reasoning", source("reasoning"), lambda src: load_reasoning(src, lang="ko", skip_bad=skip_bad,
+                                                                                   encoding=encoding))
     by_source = {**{f"exam_{s}": r for s, r in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
                  "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
     for name, r in by_source.items():
         if r.skipped > max_bad * (len(r) + r.skipped):
             raise MedkoError(f"{r.skipped} of {len(r) + r.skipped} rows of {name} are bad, more than "
                              f"--max-bad {max_bad:.0%}; fix that source or raise --max-bad")
-    counts = {name: {"skipped": r.skipped, "dropped": r.dropped} for name, r in by_source.items()}
+        check_repeats(r, name, skip_bad)
+    counts = {name: {"skipped": r.skipped, "dropped": r.dropped, "conflicting": r.conflicting,
+                     "repeated": r.repeated, "normalized": r.normalized} for name, r in by_source.items()}
     return {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text, "pairs": pairs,
             "reasoning": reasoning}, counts
+
+
+def _identity(row: Any) -> tuple[Any, Any]:
+    """(what a row is about, what it says about it): a question with its options and its answer, a pair's source and
+    its translation, a text and nothing."""
+    if isinstance(row, MCQ):
+        return (row.question, tuple(row.options.items())), row.answer
+    if isinstance(row, Pair):
+        return row.src, row.tgt
+    return row, None
+
+
+def check_repeats(rows: Rows, name: str, skip_bad: bool) -> Rows:
+    """Counts rows that repeat an earlier one (kept, in rows.repeated) and refuses, naming both rows, a row that
+    repeats an earlier one's question or source with another answer or translation; under skip_bad every row of
+    such a clash is dropped (no one can tell which is right) and counted in rows.conflicting."""
+    first: dict[Any, int] = {}
+    clashing: set[Any] = set()
+    rows.repeated = rows.conflicting = 0
+    for i, row in enumerate(rows):
+        key, value = _identity(row)
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        if _identity(rows[j])[1] == value:
+            rows.repeated += 1
+            continue
+        if not skip_bad:
+            raise MedkoError(f"{name}: {rows.where[i]} repeats {rows.where[j]} with another "
+                             f"{'answer' if isinstance(row, MCQ) else 'translation'} ({value!r}, there "
+                             f"{_identity(rows[j])[1]!r}); fix one of them, or drop both with --skip-bad")
+        clashing.add(key)
+    if clashing:
+        kept = [i for i, row in enumerate(rows) if _identity(row)[0] not in clashing]
+        rows.conflicting = len(rows) - len(kept)
+        log.warning("%s: dropped %d rows whose question or source repeats with another answer or translation",
+                    name, rows.conflicting)
+        rows[:], rows.where = [rows[i] for i in kept], [rows.where[i] for i in kept]
+    if rows.repeated:
+        log.warning("%s: %d rows repeat an earlier row (kept, counted in s0's meta.json)", name, rows.repeated)
+    return rows
 
 
 def held_out(texts: list) -> tuple[list, list]:
@@ -72,7 +120,7 @@ def held_out(texts: list) -> tuple[list, list]:
     return texts[:-keep], texts[-keep:]
 
 
-def held_out_sets(source: str, rows: dict[str, list]) -> dict[str, tuple[list, list]]:
+def held_out_sets(source: str, rows: dict[str, list], encoding: str = "utf-8") -> dict[str, tuple[list, list]]:
     """(training, held out) for Korean text, English text and pairs. A local source names its held-out sets
     explicitly (HELD_OUT_FILES, written apart from the training files); the hub has none, so its last tenth is
     held out. A held-out row that also appears in training is refused."""
@@ -80,7 +128,7 @@ def held_out_sets(source: str, rows: dict[str, list]) -> dict[str, tuple[list, l
     for role, name in HELD_OUT_FILES.items():
         path = Path(source) / name
         if source != "hub" and path.is_file():
-            held = list(load_pairs(path) if role == "pairs" else load_texts(path))
+            held = list(load_pairs(path, encoding=encoding) if role == "pairs" else load_texts(path, encoding=encoding))
             key = (lambda p: p.src) if role == "pairs" else (lambda t: t)  # noqa: E731
             shared = {key(r) for r in held} & {key(r) for r in rows[role]}
             if shared:
@@ -99,3 +147,20 @@ def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: st
         raise MedkoError(f"--english-exam {reference} lacks questions {missing[:5]}; give translations of every "
                          f"{split} question")
     return [by_id[r.id] for r in rows]
+
+
+def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> list[int]:
+    """Positions of the questions whose right option's text appears nowhere in the Korean text a run trains on: what the
+    model gets right there in Korean it did not read in Korean. On the bundled data these are the questions on the
+    conditions held out of every training text (data/README.md), and some others. One pass of str.find per
+    distinct answer over the joined text, so the cost is answers x text length."""
+    corpus = "\n".join(korean_training)
+    seen: dict[str, bool] = {}
+    out = []
+    for i, row in enumerate(questions):
+        answer = row.options[row.answer].strip()
+        if answer not in seen:
+            seen[answer] = answer in corpus
+        if not seen[answer]:
+            out.append(i)
+    return out

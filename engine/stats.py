@@ -205,3 +205,30 @@ def guard_check(correct: Sequence[bool], drifts: Sequence[float], floor: float, 
             "threshold": threshold, "drift": drift,
             "drift_ci": [low, high], "accuracy_ok": accuracy_ok, "drift_ok": drift_ok,
             "passed": accuracy_ok and drift_ok, "line": line}
+
+
+def language_agreement(korean: Sequence[dict], english: Sequence[dict]) -> dict[str, Any]:
+    """EN↔KO agreement of two row-aligned exams' predictions (entries with id, pred, correct; English ids may carry
+    the same row ids): the share answered alike, the 2×2 table of right/wrong, both accuracies with Wilson
+    intervals, the English − Korean gap and exact McNemar on it (its discordant cells are English only and Korean
+    only)."""
+    en = {e["id"]: e for e in english}
+    pairs = [(k, en[k["id"]]) for k in korean if k["id"] in en]
+    if not pairs:
+        raise ValueError("the Korean and English predictions share no question id; compare row-aligned exams")
+    ko_right, en_right = [bool(k["correct"]) for k, _ in pairs], [bool(e["correct"]) for _, e in pairs]
+    test = mcnemar(ko_right, en_right)  # "gained" = right in English only, "lost" = right in Korean only
+    ko_acc, en_acc = accuracy_summary(ko_right), accuracy_summary(en_right)
+    return {"n": len(pairs), "alike": sum(k["pred"] == e["pred"] for k, e in pairs) / len(pairs),
+            "both": sum(k and e for k, e in zip(ko_right, en_right)), "en_only": test["gained"],
+            "ko_only": test["lost"], "neither": sum(not (k or e) for k, e in zip(ko_right, en_right)),
+            "ko_accuracy": ko_acc, "en_accuracy": en_acc, "gap": en_acc["value"] - ko_acc["value"], "p": test["p"]}
+
+
+def describe_agreement(a: dict[str, Any]) -> str:
+    """One line: both accuracies with intervals, the gap with McNemar, the 2×2 table and the share alike."""
+    ko, en = a["ko_accuracy"], a["en_accuracy"]
+    return (f"English {en['value']:.3f} [{en['low']:.3f}, {en['high']:.3f}], Korean {ko['value']:.3f} "
+            f"[{ko['low']:.3f}, {ko['high']:.3f}] (n {a['n']}): gap {a['gap']:+.3f} (McNemar: right in English only "
+            f"{a['en_only']}, Korean only {a['ko_only']}, p {a['p']:.3g}); right in both {a['both']}, neither "
+            f"{a['neither']}; answered alike {a['alike']:.3f}")

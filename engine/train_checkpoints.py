@@ -28,6 +28,7 @@ from engine.files import atomic_write, file_sha256, fsync
 # .tmp-* in the same directory and renamed, so a step directory is complete or absent.
 CHECKPOINTS, WEIGHTS, OPTIMIZER, STATE = "checkpoints", "adapter.safetensors", "optimizer.pt", "state.json"
 SLACK = 1 << 20  # bytes beyond the files themselves: directory entries, filesystem blocks
+KEEP = 2  # the newest checkpoint and the one before it, the fallback when the newest is found damaged on resume
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,14 +100,14 @@ def _serialized(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, s
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], alone: bool = False) -> Path:
-    """Writes step's checkpoint and, once it is complete and read back intact, removes older ones; returns its
-    directory.
+    """Writes step's checkpoint and, once it is complete and read back intact, removes all but the previous one
+    (KEEP); returns its directory.
 
-    The previous checkpoint stays until the new one is verified, so the disk holds both for a moment. On a disk
-    with room for one checkpoint only, the previous one is removed first and the new one written in its place,
-    with a warning: a crash during that write leaves no checkpoint. When even one does not fit, this refuses
-    before writing anything, naming the bytes needed and free, and the previous checkpoint stays whole for
-    --resume. Any OSError of the write becomes a MedkoError naming the path. Under torchrun every rank calls it
+    The previous checkpoint stays as a fallback for a resume that finds the newest damaged; older ones go first
+    when the disk is short. On a disk with room for one checkpoint only, the previous one is removed first and the
+    new one written in its place, with a warning: a crash during that write leaves no checkpoint. When even one
+    does not fit, this refuses before writing anything, naming the bytes needed and free, and the previous
+    checkpoint stays whole for --resume. Any OSError of the write becomes a MedkoError naming the path. Under torchrun every rank calls it
     and rank 0 writes; `alone` (after an interrupt, when the ranks stopped at different points) writes on rank 0
     without waiting for the others.
     """
@@ -122,9 +123,11 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
 def _write(root: Path, final: Path, files: dict[str, bytes]) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        older = [p for p in root.glob("step-*") if p != final]
-        if require_space(root, sum(map(len, files.values())) + SLACK, f"checkpoint {final.name}",
-                         sum(checkpoint_bytes(p) for p in older)):
+        older = [p for p in checkpoints(root.parent) if p != final]  # newest first
+        needed = sum(map(len, files.values())) + SLACK
+        while len(older) > 1 and free_bytes(root) < needed:  # the oldest go first: the newest stays a fallback
+            shutil.rmtree(older.pop())
+        if require_space(root, needed, f"checkpoint {final.name}", sum(checkpoint_bytes(p) for p in older)):
             log.warning("%s has room for one checkpoint only: %s replaces %s in place, and a crash during this "
                         "write leaves no checkpoint to resume", root, final.name, ", ".join(p.name for p in older))
             for old in older:
@@ -143,17 +146,64 @@ def _write(root: Path, final: Path, files: dict[str, bytes]) -> Path:
     except OSError as err:
         raise MedkoError(f"could not write checkpoint {final}: {err.strerror or err} ({err.filename or root}); the "
                          f"previous checkpoint is kept, fix the cause and resume") from None
-    for old in root.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old)
+    for old in [p for p in checkpoints(root.parent) if p != final][KEEP - 1:]:
+        shutil.rmtree(old)
     return final
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint; temporary directories of an interrupted save are never chosen."""
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints, newest first; temporary directories of an interrupted save are never among them."""
     root = Path(out_dir) / CHECKPOINTS
     steps = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    return next(iter(checkpoints(out_dir)), None)
+
+
+class DamagedCheckpoint(MedkoError):
+    """A checkpoint whose files are missing or differ from the digests it recorded."""
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's loop state once its files are all there and match their recorded sha256."""
+    missing = [name for name in (WEIGHTS, OPTIMIZER, STATE) if not (path / name).is_file()]
+    if missing:
+        raise DamagedCheckpoint(f"checkpoint {path} lacks {missing}")
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpoint(f"{path / STATE} is not valid JSON ({err})") from None
+    for name, digest in state.get("sha256", {}).items():
+        if file_sha256(path / name) != digest:
+            raise DamagedCheckpoint(f"{path / name} differs from the sha256 its checkpoint recorded, so it is damaged")
+    return state
+
+
+def resumable_checkpoint(out_dir: Path) -> Path:
+    """The newest checkpoint that verifies. A damaged newer one is renamed damaged-step-N (rank 0 does it), with a
+    warning, so the resumed run can write that step again; when none is left the sentence says so."""
+    found = checkpoints(out_dir)
+    if not found:
+        raise MedkoError(f"{Path(out_dir) / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
+    damage = []
+    for path in found:
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpoint as err:
+            damage.append(str(err))
+            if distributed.is_main():  # an older damaged copy of the same step gives way
+                shutil.rmtree(path.with_name(f"damaged-{path.name}"), ignore_errors=True)
+                path.rename(path.with_name(f"damaged-{path.name}"))
+            continue
+        if damage:
+            log.warning("%s; resuming from the previous complete checkpoint %s instead (the damaged one is kept "
+                        "as damaged-*, delete it when you no longer need it)", "; ".join(damage), path.name)
+        return path
+    raise MedkoError(f"{'; '.join(damage)}, and no earlier complete checkpoint is kept; delete "
+                     f"{Path(out_dir)} and train it from the start (without --resume)")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -164,18 +214,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     from safetensors import safe_open
 
-    missing = [name for name in (WEIGHTS, OPTIMIZER, STATE) if not (path / name).is_file()]
-    if missing:
-        raise MedkoError(f"checkpoint {path} lacks {missing}; delete that directory to resume from an earlier one")
-    try:
-        state = json.loads((path / STATE).read_text())
-    except json.JSONDecodeError as err:
-        raise MedkoError(f"{path / STATE} is not valid JSON ({err}); delete {path} to resume from an earlier "
-                         f"checkpoint") from None
-    for name, digest in state.get("sha256", {}).items():
-        if file_sha256(path / name) != digest:
-            raise MedkoError(f"{path / name} differs from the sha256 its checkpoint recorded, so it is damaged; "
-                             f"delete {path} to resume from an earlier checkpoint or start the stage over")
+    state = verify_checkpoint(path)
     threads = state.get("threads")
     if threads is not None and threads != torch.get_num_threads():
         log.warning("%s was written by a process with %d threads and this one has %d; float sums may round "

@@ -4,7 +4,7 @@ Under torchrun (engine.distributed) each rank trains on its contiguous share of 
 loss is divided by the global target count and the gradients are summed over the ranks, so N processes with
 micro-batches of b examples take the same updates as one process with N*b (config.batch_size is that N*b).
 
-Imports engine.distributed, engine.errors, engine.examples, engine.files, engine.model and
+Imports engine.distributed, engine.errors, engine.examples, engine.files, engine.loggers, engine.model and
 engine.train_checkpoints.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,10 +26,10 @@ from torch import nn
 from engine import distributed
 from engine.errors import MedkoError, log
 from engine.files import write_text_atomic
+from engine.loggers import MetricLogger
 from engine.model import compute_dtype, model_dtype, resolve_device, strict_config
 from engine.examples import Example, collate, pack
 from engine.train_checkpoints import (
-    CHECKPOINTS,
     SLACK,
     _rng_state,
     _set_rng_state,
@@ -37,6 +37,7 @@ from engine.train_checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     prepare_directory,
+    resumable_checkpoint,
     save_checkpoint,
 )
 
@@ -103,6 +104,36 @@ def batch_at(examples: Sequence[Example], step: int, micro: int, config: TrainCo
     positions = range(first, first + config.batch_size)
     chosen = distributed.share([examples[_epoch_order(n, config.seed, p // n)[p % n]] for p in positions])
     return pack(chosen, config.max_len) if config.pack else collate(chosen)
+
+
+def step_tokens(examples: Sequence[Example], config: TrainConfig, step: int) -> int:
+    """The tokens update `step` reads from `examples` (all processes together), as batch_at chooses them: what a
+    phase trains on, counted without running it."""
+    n, per_step = len(examples), config.grad_accum * config.batch_size
+    return sum(len(examples[_epoch_order(n, config.seed, p // n)[p % n]].ids)
+               for p in range(step * per_step, (step + 1) * per_step))
+
+
+def steps_for_tokens(examples: Sequence[Example], config: TrainConfig, budget: int) -> int:
+    """The fewest updates whose tokens reach `budget` (at least one)."""
+    total, step = 0, 0
+    while total < budget or step == 0:
+        total += step_tokens(examples, config, step)
+        step += 1
+    return step
+
+
+def mixed_batches(main: Sequence[Example], english: Sequence[Example] | None, config: TrainConfig):
+    """Batch function: a micro-batch of the stage's data, plus English text (prefixed en_) for the layer loss,
+    config.english_batch texts of it when set, else as many as the stage's micro-batch."""
+    en_config = replace(config, batch_size=config.english_batch) if config.english_batch else config
+
+    def batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        out = batch_at(main, step, micro, config)
+        if english:
+            out.update({f"en_{k}": v for k, v in batch_at(english, step, micro, en_config).items()})
+        return out
+    return batch
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -197,14 +228,16 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[di
 
 
 def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Example] | BatchFn,
-          config: TrainConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+          config: TrainConfig, out_dir: Path, resume: bool = False, logger: MetricLogger | None = None,
+          log_group: str = "train") -> dict[str, Any]:
     """Trains the model's trainable parameters for config.max_steps updates and returns a summary.
 
     Batches come from batch_at over the examples, or from examples_or_batch_fn(step, micro), which must
     then be a pure function of its arguments for resume to be exact. Each micro-batch's loss sum is
-    divided by the target tokens of the whole accumulated batch. Ctrl-C saves a checkpoint at the last
-    completed step and re-raises KeyboardInterrupt. Returns steps, loss (of the last update), tokens,
-    targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
+    divided by the target tokens of the whole accumulated batch. Ctrl-C (or SIGTERM, under engine.faults) saves a
+    checkpoint at the last completed step and re-raises KeyboardInterrupt. Each metrics.jsonl line also goes to
+    `logger` under `log_group` (live curves; metrics.jsonl stays the record). Returns steps, loss (of the last
+    update), tokens, targets, seconds and tokens_per_s (of this call) and trainable (parameter count).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,15 +264,14 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
             raise MedkoError("train got no examples; check the data files of this stage")
         next_batch = functools.partial(batch_at, examples, config=config)
 
-    found = latest_checkpoint(out_dir)
+    # A resume takes the newest checkpoint that verifies, falling back to the previous one with a warning.
+    found = resumable_checkpoint(out_dir) if resume else latest_checkpoint(out_dir)
     # Fail now rather than at the first save, after the steps are spent: a checkpoint is about the size of the
     # last one, or the trainable weights plus AdamW's two moments; on a disk with room for one, it replaces the last.
     last = checkpoint_bytes(found) if found else 0
     needed = last if found else 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     distributed.on_main(prepare_directory, out_dir, needed + SLACK, last)
     if resume:
-        if found is None:
-            raise MedkoError(f"{out_dir / CHECKPOINTS} holds no checkpoint to resume; run without --resume to start")
         state = load_checkpoint(found, model, optimizer, asdict(config), asdict(TrainConfig()))
         _set_rng_state(state["rng"])
         distributed.on_main(_trim_metrics, out_dir, state["step"])
@@ -319,16 +351,22 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
                           "elapsed": earlier_seconds + now - run_start}
                 record.update({k: sum(v) / len(v) for k, v in window["extras"].items()})
                 distributed.on_main(_append_metrics, out_dir, record)
+                if logger is not None:
+                    logger.log(log_group, record, step)
                 state["metrics"] = record
                 window = {"loss": 0.0, "targets": 0, "tokens": 0, "start": now, "extras": {}}
             if step % config.save_every == 0 or step == config.max_steps:
                 save(step)
-    except KeyboardInterrupt:
-        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others.
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (engine.faults.Terminated)
+        # Ranks are interrupted at different points, so rank 0 saves alone; a sharded model would need the others,
+        # so under FSDP2 the last periodic checkpoint stands, and err.kept says so for the command's one line.
         if updating:
             log.info("interrupted inside the update of step %d, which is not saved", step)
         elif step > saved_step and not distributed.sharded(model):
             save(step, alone=True)
+        elif step > saved_step:
+            err.kept = (f"under FSDP2 the last periodic checkpoint (step {saved_step}) stands and steps "
+                        f"{saved_step + 1}-{step} are lost")
         log.info("interrupted after step %d; resume to continue", step)
         raise
     finally:

@@ -17,7 +17,7 @@ def main(run: sl.StageRun) -> None:
     for pair_name, found in overlap.items():
         if found:
             sl.log.warning("question overlap %s: %d pairs, e.g. %s", pair_name, len(found), found[0])
-    held = sl.held_out_sets(source, rows)  # never trained on: losses, drift and chrF before → after
+    held = sl.held_out_sets(source, rows, run.opts.encoding)  # never trained on: losses, drift and chrF before → after
     (ko_train, ko_heldout), (en_train, en_heldout), (pairs, pairs_heldout) = held.values()
     files = {f"exam_{split}.jsonl": [sl.mcq_record(r) for r in questions] for split, questions in exam.items()}
     files.update({"en_mcq.jsonl": [sl.mcq_record(r) for r in rows["en_mcq"]],
@@ -30,7 +30,13 @@ def main(run: sl.StageRun) -> None:
                   "reasoning.jsonl": [sl.mcq_record(r) for r in rows["reasoning"]]})
     for name, records in files.items():
         sl.write_jsonl_atomic(records, run.out / name)
+    # Korean every later stage trains on: texts, pairs, reasoning rows and the train exam (s4 translates it).
+    korean = [*ko_train, *(p.src for p in pairs), *(f"{r.question} {' '.join(r.options.values())} {r.reasoning}"
+                                                    for r in rows["reasoning"]),
+              *(f"{r.question} {' '.join(r.options.values())}" for r in exam["train"])]
+    unseen = {split: sl.unseen_answers(exam[split], korean) for split in ("dev", "test")}
     run.save(None, {"source": source, "counts": {name: len(records) for name, records in files.items()},
+                    "unseen_answers": unseen,
                     "left_out": left_out,
                     "overlap": {k: len(v) for k, v in overlap.items()}, "overlap_pairs": overlap,
                     "data": {name: sl.file_sha256(run.out / name) for name in files}})

@@ -35,7 +35,8 @@ def main(run: sl.StageRun) -> None:
                                 sl.mixed_batches(examples, None, config), config, opts.resume or steps > chunk)
         model.eval()
         if steps < budget:
-            accuracy = sl.evaluate(model, tokenizer, run.dev("en"), "logits", "en", progress=False).accuracy
+            accuracy = sl.evaluate(model, tokenizer, run.dev("en"), sl.run_formulation(run.run_dir), "en",
+                                   progress=False).accuracy
         else:
             after = run.measure(model, tokenizer)
             accuracy = after["en_accuracy"]

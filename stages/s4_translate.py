@@ -15,23 +15,17 @@ def main(run: sl.StageRun) -> None:
     model, tokenizer = run.load_previous()
     sl.duplicate_edge_layers(model)
     patterns = sl.added_layer_patterns(model) + sl.LANGUAGE_PATTERNS + sl.LORA_PATTERNS
-    rows = run.generation_rows()  # translations decoded at once
     before = {**run.measure_entry(model, tokenizer), **sl.translation_scores(model, tokenizer, data.pairs_heldout,
-                                                                             opts.translate_tokens, rows)}
+                                                                             opts.translate_tokens)}
     config = replace(run.train_config(), added_lr_scale=sl.ADDED_LR_SCALE)  # the duplicated layers' own rate
     english = run.text(tokenizer, data.en_text)
-    # Pairs: the train exam's translations from s1 (never dev or test) and any local pair file.
-    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], run.english_exam("train"))
-                  for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
-    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
-    translation = sl.lm_examples(tokenizer, [sl.translation_prompt(k, "en") for k, _ in pairs],
-                                 [f" {e}" for _, e in pairs], opts.max_len)
+    translation = sl.translation_examples(run.run_dir, data, tokenizer, opts.max_len)
     phases = [run.train_phase(name, model, patterns, sl.stage_loss(opts.layer_loss, run.layer_weight()),
                               sl.mixed_batches(examples, english, config), config)
               for name, examples in (("korean", run.text(tokenizer, data.ko_text)), ("translation", translation))]
     after, guard = run.english_guard(model, tokenizer, patterns, run.measure(model, tokenizer))
-    after.update(sl.translation_scores(model, tokenizer, data.pairs_heldout, opts.translate_tokens, rows))  # kept state
-    run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(pairs),
+    after.update(sl.translation_scores(model, tokenizer, data.pairs_heldout, opts.translate_tokens))  # the kept state
+    run.save(model, {"before": before, "after": after, "phases": phases, "guard": guard, "pairs": len(translation),
                      "verdicts": run.verdicts(before, after)})
 
 

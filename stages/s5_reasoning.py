@@ -19,7 +19,7 @@ def main(run: sl.StageRun) -> None:
     budget = opts.reasoning_tokens or max(sum(e.target_mask) for e in reasoning)  # the EOS slot is one to spare
 
     def reasoning_scores() -> dict:
-        scores = sl.reasoning_eval(model, tokenizer, run.dev("ko"), budget, run.generation_rows())
+        scores = sl.reasoning_eval(model, tokenizer, run.dev("ko"), budget)
         return {f"reasoning_{k}": v for k, v in scores.items()}
 
     before = {**run.measure_entry(model, tokenizer), **reasoning_scores()}

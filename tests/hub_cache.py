@@ -5,6 +5,11 @@
 cached tree listing `trees/COMMIT.json` (huggingface-hub >= 1.x checks a snapshot against it). File names and
 column types follow the real repositories; the rows come from the bundled sample data, and the model is the
 tiny random Gemma 3 in MedGemma 4B's multimodal layout. Point HF_HUB_CACHE at root and set HF_HUB_OFFLINE=1.
+
+`build_hub_cache(root, volume=1.0)` writes every source at its real row count times `volume` (REAL_ROWS), each row
+a sample row grown to a realistic length (REAL_CHARS) and made unique by its number, so that reading, overlap
+detection, held-out sets, translation bookkeeping and the report meet real volumes (bench/volumes.py); the default
+stays small for the tests.
 """
 from __future__ import annotations
 
@@ -19,6 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 SUBSETS = ("doctor", "nurse", "pharm", "dentist")
 REPO_ROWS = {"train": 3, "dev": 2, "test": 2, "fewshot": 3}  # rows per subset and split, kept small for speed
+# Real row counts: KorMedMCQA per split over its four subsets (fewshot stays 5 a subset), MedQA's train and test,
+# Asan-AMC-Healthinfo, and the reasoning set (about one row per train question; its size is not verified).
+REAL_ROWS = {"train": 3400, "dev": 1060, "test": 3009, "medqa_train": 10178, "medqa_test": 1273, "asan": 19200,
+             "reasoning": 3400}
+REAL_CHARS = {"question": 160, "option": 12, "medqa": 750, "asan": 1200, "reasoning": 900}  # typical lengths
+
+
+def _grow(text: str, chars: int, i: int) -> str:
+    """`text` repeated to about `chars` characters, numbered so that no two grown rows are alike."""
+    body = (text + " ") * (chars // max(1, len(text)) + 1)
+    return f"{i}. {body[:chars].strip()}"
+
+
+def _count(real: int, volume: float | None, small: int) -> int:
+    return small if volume is None else max(1, round(real * volume))
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -70,7 +90,7 @@ def _jsonl_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
 
 
-def kormedmcqa(cache: Path) -> None:
+def kormedmcqa(cache: Path, volume: float | None = None) -> None:
     """sean0042/KorMedMCQA: {subset}/{split}-00000-of-00001-<hex>.parquet, int64 answer and exam sitting, cot
     empty except in fewshot; the legacy data/*.csv beside it."""
     import pyarrow as pa
@@ -81,8 +101,14 @@ def kormedmcqa(cache: Path) -> None:
                         ("answer", pa.int64()), ("cot", pa.string())])
     for subset in SUBSETS:
         for split, n in REPO_ROWS.items():
+            sample = _jsonl(DATA / "kormedmcqa" / subset / f"{split}.jsonl")
+            if volume is not None and split != "fewshot":
+                count = _count(REAL_ROWS[split] / len(SUBSETS), volume, n)
+                sample = [{**r, "q_number": i + 1, "question": _grow(r["question"], REAL_CHARS["question"], i),
+                           **{c: _grow(r[c], REAL_CHARS["option"], i) for c in "ABCDE"}}
+                          for i, r in ((i, sample[i % len(sample)]) for i in range(count))]
             rows = []
-            for i, r in enumerate(_jsonl(DATA / "kormedmcqa" / subset / f"{split}.jsonl")[:n]):
+            for i, r in enumerate(sample[:n] if volume is None or split == "fewshot" else sample):
                 rows.append({"subject": subset, "year": r.get("year", 2020), "period": r.get("period", 1),
                              "q_number": r.get("q_number", i + 1), "question": r["question"],
                              **{c: r[c] for c in "ABCDE"}, "answer": int(r["answer"]),
@@ -94,12 +120,19 @@ def kormedmcqa(cache: Path) -> None:
     repo.close()
 
 
-def medqa(cache: Path) -> None:
+def medqa(cache: Path, volume: float | None = None) -> None:
     """GBaker/MedQA-USMLE-4-options: phrases_no_exclude_{train,test}.jsonl, options a dict, answer the text and
     answer_idx the letter."""
     repo = Repo(cache, "dataset", "GBaker/MedQA-USMLE-4-options")
     rows = _jsonl(DATA / "medqa_en.jsonl")
-    for split, part in (("train", rows[:12]), ("test", rows[12:16])):
+    if volume is not None:
+        train, test = (_count(REAL_ROWS[f"medqa_{s}"], volume, 1) for s in ("train", "test"))
+        rows = [{**r, "question": _grow(r["question"], REAL_CHARS["medqa"], i)}
+                for i, r in ((i, rows[i % len(rows)]) for i in range(train + test))]
+        parts = (("train", rows[:train]), ("test", rows[train:]))
+    else:
+        parts = (("train", rows[:12]), ("test", rows[12:16]))
+    for split, part in parts:
         records = [{"question": r["question"], "answer": r["options"][r["answer_idx"]], "options": r["options"],
                     "meta_info": "step1", "answer_idx": r["answer_idx"], "metamap_phrases": ["a", "b"]}
                    for r in part]
@@ -108,10 +141,12 @@ def medqa(cache: Path) -> None:
     repo.close()
 
 
-def asan(cache: Path) -> None:
+def asan(cache: Path, volume: float | None = None) -> None:
     """ChuGyouk/Asan-AMC-Healthinfo: one data file whose name has no split; instruction/input/output rows."""
     repo = Repo(cache, "dataset", "ChuGyouk/Asan-AMC-Healthinfo")
-    rows = _jsonl(DATA / "ko_medical_text.jsonl")[:20]
+    rows = _jsonl(DATA / "ko_medical_text.jsonl")
+    rows = rows[:20] if volume is None else [{**r, "text": _grow(r["text"], REAL_CHARS["asan"], i)} for i, r in (
+        (i, rows[i % len(rows)]) for i in range(_count(REAL_ROWS["asan"], volume, 20)))]
     records = [{"instruction": f"{r.get('title', '건강')}에 대해 설명해 주세요.", "input": "", "output": r["text"]}
                for r in rows]
     repo.add("Asan-AMC-Healthinfo.jsonl", _jsonl_bytes(records))
@@ -119,7 +154,7 @@ def asan(cache: Path) -> None:
     repo.close()
 
 
-def reasoning(cache: Path) -> None:
+def reasoning(cache: Path, volume: float | None = None) -> None:
     """ChuGyouk/medical-reasoning-train-kormedmcqa: question, A-E, int64 answer, thinking and response."""
     import pyarrow as pa
 
@@ -128,10 +163,19 @@ def reasoning(cache: Path) -> None:
                         ("thinking", pa.string()), ("response", pa.string())])
     rows = [{"question": r["question"], **{c: r[c] for c in "ABCDE"}, "answer": int(r["answer"]),
              "thinking": r["reasoning"], "response": f"정답은 {'ABCDE'[int(r['answer']) - 1]}입니다."}
-            for r in _jsonl(DATA / "reasoning_ko.jsonl")[:8]]
+            for r in _reasoning_rows(volume)]
     repo.add("data/train-00000-of-00001-5e1f7c2a.parquet", _parquet(rows, schema))
     repo.add("README.md", b"---\nlicense: apache-2.0\n---\n")
     repo.close()
+
+
+def _reasoning_rows(volume: float | None) -> list[dict]:
+    rows = _jsonl(DATA / "reasoning_ko.jsonl")
+    if volume is None:
+        return rows[:8]
+    return [{**r, "question": _grow(r["question"], REAL_CHARS["question"], i),
+             "reasoning": _grow(r["reasoning"], REAL_CHARS["reasoning"], i)}
+            for i, r in ((i, rows[i % len(rows)]) for i in range(_count(REAL_ROWS["reasoning"], volume, 8)))]
 
 
 def medgemma_4b(cache: Path, drop_shard: bool = False, repo_id: str = "google/medgemma-4b-it") -> None:
@@ -203,9 +247,25 @@ def medgemma_27b(cache: Path) -> None:
     repo.close()
 
 
-def build_hub_cache(root: Path) -> Path:
-    """Every default source, MedGemma 4B and 27B in a hub cache under root; returns root (HF_HUB_CACHE)."""
+def build_hub_cache(root: Path, volume: float | None = None) -> Path:
+    """Every default source, MedGemma 4B and 27B in a hub cache under root; returns root (HF_HUB_CACHE). volume:
+    the sources at their real row counts times it (REAL_ROWS), else a few rows each."""
     root.mkdir(parents=True, exist_ok=True)
-    for write in (kormedmcqa, medqa, asan, reasoning, medgemma_4b, medgemma_27b):
-        write(root)
+    for write in (kormedmcqa, medqa, asan, reasoning):
+        write(root, volume)
+    medgemma_4b(root)
+    medgemma_27b(root)
     return root
+
+
+def model_from_dir(cache: Path, repo_id: str, directory: Path) -> None:
+    """repo_id's snapshot replaced by the files of a local HF-layout checkpoint (bench/gpu_cost.sh: random weights
+    of a real shape), so the hub path loads it as it would the real model."""
+    import shutil
+
+    shutil.rmtree(cache / f"models--{repo_id.replace('/', '--')}", ignore_errors=True)
+    repo = Repo(cache, "model", repo_id)
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            repo.add(path.name, path.read_bytes())
+    repo.close()

@@ -277,3 +277,34 @@ def test_270m_gguf_matches_llama_cpps_own_conversion(converted_270m, gguf_270m, 
     normal = np.array(ref.fields["tokenizer.ggml.token_type"].contents()) == 1
     assert (a[~normal] == b[~normal]).all()
     assert (np.argsort(-a[normal], kind="stable") == np.argsort(-b[normal], kind="stable")).all()
+
+
+def test_export_onto_a_full_disk_is_one_sentence(tiny_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import medko
+    import safetensors.torch
+
+    out = tmp_path / "full" / "hf"
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert medko.main(["export", str(tiny_run / "s2_embed"), "--out", str(out)]) == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"medko: {out.parent} has 4,096 bytes free but the export needs about ")
+    assert line.endswith("; free space on that disk or export to another --out (nothing was left behind)")
+    assert not out.exists() and not list(out.parent.iterdir())
+
+    # The check passed but the disk filled while writing: safetensors' own error, named the same way.
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def fills(*args, **kwargs):
+        raise safetensors.SafetensorError(f"Error while serializing: {OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))}")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills)
+    assert medko.main(["export", str(tiny_run / "s2_embed"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"medko: {out.parent} has ")
+    assert "bytes free but the export needs about" in err and not list(out.parent.iterdir())

@@ -1,6 +1,6 @@
-"""Every `python medko.py` command README.md shows runs as a subprocess, as a user types it, so a documented
-command cannot break unnoticed. Each runs in a directory holding `data/` (the bundled data) and `runs/default`
-(the rehearsed 4B run of test_rehearsal), offline, with the fake hub cache.
+"""Every `python medko.py` command README.md and docs/*.md show (indented code-block lines) runs as a subprocess,
+as a user types it, so a documented command cannot break unnoticed. Each runs in a directory holding `data/` (the
+bundled data) and `runs/default` (the rehearsed 4B run of test_rehearsal), offline, with the fake hub cache.
 
 Substitutions, each because the command as written would take minutes on a CPU or need the network:
 - `--size 270m` (and the default size) becomes `--model TINY`: the real 270M costs minutes here;
@@ -24,10 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FEW_TOKENS = ["--max-new-tokens", "8"]
 
 
-def readme_commands() -> list[str]:
-    """The `python medko.py ...` lines of README.md's code blocks, comments dropped."""
-    lines = re.findall(r"^    (python medko\.py[^\n]*)$", (ROOT / "README.md").read_text(), re.M)
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def documented_commands(path: Path) -> list[str]:
+    """The `python medko.py ...` lines of a Markdown file's indented code blocks, comments dropped."""
+    lines = re.findall(r"^    (python medko\.py[^\n]*)$", path.read_text(), re.M)
     return [re.sub(r"\s+#.*$", "", line).strip() for line in lines]
+
+
+def readme_commands() -> list[str]:
+    """The commands of README.md and docs/*.md, each once, in the order they first appear."""
+    return list(dict.fromkeys(c for path in DOCUMENTS for c in documented_commands(path)))
 
 
 def substituted(command: str, tiny: Path) -> list[str]:
@@ -46,11 +54,14 @@ def substituted(command: str, tiny: Path) -> list[str]:
 
 
 def test_readme_lists_the_commands_this_test_runs():
+    from medko import build_parser
+
     commands = readme_commands()
-    assert len(commands) >= 9 and any(" eval --run " in c for c in commands)
+    assert len(documented_commands(ROOT / "README.md")) >= 5 and any(" eval --run " in c for c in commands)
+    assert len(commands) >= 12 and any(path.parent.name == "docs" and documented_commands(path) for path in DOCUMENTS)
+    subcommands = next(a.choices for a in build_parser()._actions if a.dest == "command")
     for command in commands:
-        assert command.split()[2] in {"--help", "convert", "download", "plan", "generate", "eval", "translate",
-                                      "export", "test", "report"}, command
+        assert command.split()[2] in {"--help", *subcommands}, command
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ import shared_logic as sl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
 EXTRA = {"s1_gate": ["--translate-tokens", "4", "--english-exam", "model"], "s4_translate": ["--translate-tokens", "4"],
-         "s5_reasoning": ["--reasoning-tokens", "4"]}
+         "s5_reasoning": ["--reasoning-tokens", "4"], "lora_sft": ["--reasoning-tokens", "4"]}
 SCRIPTS = {"s0": "s0_data", "s1": "s1_gate", "s1_1": "s1_1_english", "s2": "s2_embed", "s3": "s3_korean",
-           "s4": "s4_translate", "s5": "s5_reasoning"}
+           "s4": "s4_translate", "s5": "s5_reasoning", "sft": "lora_sft"}
 
 
 SMALL: Path | None = None  # the bundled data cut to a few rows (conftest.small_data): the mechanics, fast
@@ -70,6 +71,7 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
         assert m["status"] == "done"
         # Each stage measures what its purpose, the guard and the next stage read (sl.STAGE_MEASURES).
         every = {"ko_accuracy", "en_accuracy", "ko_loss", "en_loss", "drift"}
+        assert {"ko_preds", "ko_correct"} <= set(m["after"]) or "ko_accuracy" not in m["after"]
         held_out = {"ko_loss", "en_loss", "drift"}
         entering = {"s1_1": {"en_accuracy", "en_loss", "drift"}, "s2": every, "s3": held_out,
                     "s4": every - {"ko_accuracy"}, "s5": every - {"ko_accuracy", "ko_loss"}}
@@ -110,13 +112,50 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert "scored once" in capsys.readouterr().err
     assert medko.main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
-    assert "Korean dev accuracy across the curriculum (entering s2 → after s5, logits): accuracy " in report
+    formulation = gate["formulation"]
+    assert formulation in ("logits", "cloze") and set(gate["formulations"][gate["chosen"]]) == {"formulation", "why"}
+    assert f"Korean dev accuracy across the curriculum (entering s2 → after s5, {formulation}): accuracy " in report
+    assert "## The English–Korean gap" in report and "dev, entering s2" in report and "test, final model (cloze)" in report
+    test = json.loads((run_dir / "test_report.json").read_text())
+    assert test["formulation"] == formulation and set(test["formulations"]) == {"logits", "cloze"}
+    for scored in test["formulations"].values():
+        assert scored["ko"]["n"] == scored["en"]["n"] == 12 and scored["languages"]["n"] == 12
+    assert len(test["reasoning"]["strict"]) == 12  # s5 trained the answer line: scored on test too
+    # The baseline's budget: what s2-s5 trained on their own data, counted without training.
+    opts = sl.StageOptions(run_dir=run_dir, model=str(tiny_dir), max_steps=2, max_len=1024)
+    budget = sl.curriculum_tokens(opts, sl.load_run_data(run_dir), sl.Tokenizer(tiny_dir / "tokenizer.json"))
+    assert budget == {name: sum(ph["tokens"] for ph in meta(run_dir, name)["phases"]) for name in ("s2", "s3", "s4", "s5")}
     for title in ("s1.1 english", "s2 embed", "s3 korean", "s4 translate", "s5 reasoning", "Test split", "dentist"):
         assert title in report
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     export = tmp_path / "export"
     assert medko.main(["export", str(run_dir / "s5_reasoning"), "--out", str(export)]) == 0
     assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_lora_sft_baseline_trains_the_curriculums_tokens_and_compares(gated_run, tiny_dir, tmp_path, capsys):
+    run_dir = copy_run(gated_run, tmp_path / "sft")
+    assert stage("sft", run_dir, tiny_dir) == 0
+    m = meta(run_dir, "sft")
+    assert [e["op"] for e in m["surgery"]] == ["add_lora"]  # no language vectors, no added layers, no teacher
+    assert m["trained_tokens"] >= sum(m["curriculum_tokens"].values()) and "guard" not in m
+    assert m["before"]["drift"] == 0.0 and m["after"]["drift"] > 0 and "reasoning_compliance" in m["after"]
+    import medko
+    assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    assert medko.main(["report", str(run_dir)]) == 0
+    assert "lora-sft baseline" in (run_dir / "report.md").read_text()
+    capsys.readouterr()
+    out = tmp_path / "compare.json"
+    assert medko.main(["compare", "base", str(run_dir), "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["measure"]: r for r in json.loads(out.read_text())["rows"]}
+    for measure in ("Korean cloze", "English cloze", "EN−KO gap cloze", "answered alike EN/KO cloze", "Korean logits",
+                    "English held-out loss", "English drift from the base"):
+        assert measure in rows and f"| {measure} (n " in printed, measure
+    assert rows["English drift from the base"]["a"]["value"] == 0.0  # the base against itself
+    assert (run_dir / "base_test_report.json").is_file()  # the base's test split, scored once and kept
+    sft_ko = json.loads((run_dir / "test_report.json").read_text())["formulations"]["cloze"]["ko"]["accuracy"]
+    assert rows["Korean cloze"]["b"]["value"] == sft_ko
 
 
 def test_gate_pass_skips_the_english_stage(tiny_dir, tmp_path, capsys):
@@ -202,6 +241,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
                                                        f"({killed / 's2_embed'})"
     monkeypatch.setattr(engine.trainer, "accumulate_gradients", real)
     assert not (killed / "s2_embed" / "meta.json").exists()
+    assert not list(killed.glob(".*.lock"))  # an interrupted stage takes its lock file with it
     assert stage("s2", killed, tiny_dir, "--max-steps", "4") == 1  # an existing stage needs --resume
     assert stage("s2", killed, tiny_dir, "--max-steps", "4", "--resume") == 0
     a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
@@ -210,17 +250,81 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(gated_run, tiny_dir, t
     assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
 
 
+def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir, tmp_path):
+    """A real SIGTERM (a cluster's preemption) to a stage training in its own process, as SLURM sends it."""
+    entered = copy_run(gated_run, tmp_path / "entered")
+    assert stage("s1_1", entered, tiny_dir, "--max-steps", "4", "--english-rounds", "1") == 0
+    straight, killed = copy_run(entered, tmp_path / "straight"), copy_run(entered, tmp_path / "killed")
+    args = ["--model", str(tiny_dir), "--run-dir", str(killed), "--max-steps", "6", "--max-len", "1024"]
+    # Step 4 is done and its checkpoint not due (save_every is 3): the fifth step's forward pass waits for the signal.
+    waits = ("import sys, time, torch, engine.trainer as t, s2_embed; torch.set_num_threads(int(sys.argv[1])); "
+             "real, n = t.accumulate_gradients, [0]\n"
+             "def waits(*a):\n n[0] += 1\n if n[0] == 5: print('step 4 done', flush=True); time.sleep(120)\n"
+             " return real(*a)\n"
+             "t.accumulate_gradients = waits; sys.exit(s2_embed.main(sys.argv[2:]))")
+    child = subprocess.Popen([sys.executable, "-c", waits, str(torch.get_num_threads()), *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'stages'}"})
+    try:
+        assert child.stdout.readline().strip() == "step 4 done"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-3000:]
+    assert err.splitlines()[-1] == f"medko: s2 terminated (SIGTERM); continue it with --resume ({killed / 's2_embed'})"
+    assert "Traceback" not in err
+    assert sl.latest_checkpoint(killed / "s2_embed" / "train").name == "step-00000004"  # the last completed step
+    assert stage("s2", killed, tiny_dir, "--max-steps", "6", "--resume") == 0
+    assert stage("s2", straight, tiny_dir, "--max-steps", "6") == 0
+    a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
+    b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta(straight, "s2")["after"] == meta(killed, "s2")["after"]
+
+
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
+    """`bash run.sh --smoke --log-to tensorboard` as a user runs it: every stage, the cut measurements, a report
+    that says it is a smoke run, files others can read, no lock left, and each stage's curves in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.smoke import SMOKE_HELD_OUT, SMOKE_TEST_QUESTIONS
+
     run_dir = tmp_path / "smoke"
     env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
            "S4_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--max-steps", "1",
-                          "--max-len", "1024", "--tolerance", "1", "--run-dir", str(run_dir)],
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--smoke", "--log-to", "tensorboard",
+                          "--max-len", "1024", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run_dir / "report.md").is_file()
+    assert "its numbers mean nothing" in (run_dir / "report.md").read_text().splitlines()[2]
+    # A colleague can read what the run wrote (the test runs under whatever umask pytest has: compare with it).
+    mask = os.umask(0)
+    os.umask(mask)
+    shared = [run_dir / n for n in ("report.md", "report.png", "test_report.json")] + list(run_dir.glob("s*/meta.json"))
+    shared += list(run_dir.glob("s*/*/metrics.jsonl"))
+    modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777) for f in shared}
+    assert len(modes) == 16 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert not list(run_dir.glob(".*.lock"))
     test = json.loads((run_dir / "test_report.json").read_text())
-    assert test["n"] == 12 and test["english"]["n"] == 12  # the data directory's own kormedmcqa_en was used
+    assert test["n"] == SMOKE_TEST_QUESTIONS < 12 and test["english"]["n"] == SMOKE_TEST_QUESTIONS  # of 12
+    for name in ("s1_1", "s2", "s3", "s4", "s5"):
+        m = meta(run_dir, name)
+        assert m["smoke"] and all(ph["steps"] == 1 for ph in m["phases"]), name
+        assert len(m["after"]["en_losses"]) == SMOKE_HELD_OUT < meta(run_dir, "s0")["counts"]["en_heldout.jsonl"]
+        # Each stage is a TensorBoard run; its event file holds each phase's loss curve as metrics.jsonl has it,
+        # the measures entering and leaving it, and the guard's checks.
+        events = EventAccumulator(str(run_dir / "tensorboard" / sl.STAGES[name].directory))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        for phase in m["phases"]:
+            logged = [json.loads(line) for line in
+                      (run_dir / sl.STAGES[name].directory / phase["phase"] / "metrics.jsonl").read_text().splitlines()]
+            curve = [(e.step, e.value) for e in events.Scalars(f"{phase['phase']}/loss")]
+            assert curve == [(r["step"], pytest.approx(r["loss"])) for r in logged], (name, phase["phase"])
+        assert {"eval/en_loss", "eval/drift"} <= set(tags) or name == "s1_1", (name, tags)
+        assert ("guard/drift" in tags) == (name in ("s3", "s4", "s5")), (name, tags)
+    assert [ph["phase"] for ph in meta(run_dir, "s4")["phases"]] == ["korean", "translation"]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -249,6 +353,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tm
     taken = run_script("s0", "--run-dir", str(run_dir), "--model", str(tiny_dir), "--resume")
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert meta(run_dir, "s0")["status"] == "done"
+    assert not (run_dir / ".s0_data.lock").exists()  # and removes it when it ends
 
 
 def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gated_run, tiny_dir, tmp_path):
@@ -266,6 +371,7 @@ def test_a_stage_that_fails_before_its_first_checkpoint_leaves_no_directory(gate
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert hub.returncode == 1 and "is not in the local cache" in hub.stderr.splitlines()[-1]
     assert not (offline / "s1_gate").exists() and (offline / "s0_data" / "meta.json").is_file()
+    assert not list(offline.glob(".*.lock"))  # a failed stage leaves no lock file, nor does a finished one
 
     run_dir = copy_run(gated_run, tmp_path / "clash")
     assert stage("s1_1", run_dir, tiny_dir) == 0
@@ -306,6 +412,33 @@ def test_skip_bad_covers_every_source_and_is_recorded(tiny_dir, tmp_path, capsys
     assert stage("s0", tmp_path / "too_bad", tiny_dir, *args, "--skip-bad", "--max-bad", "0.01") == 1
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "1 of 21 rows of ko_text are bad, more than --max-bad 1%; fix that source or raise --max-bad")
+
+
+def test_s0_reads_other_encodings_and_records_repeats_and_nfc(tiny_dir, tmp_path, capsys):
+    import unicodedata
+
+    ko, en, pairs = tmp_path / "ko.jsonl", tmp_path / "en.jsonl", tmp_path / "pairs.jsonl"
+    lines = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
+    ko.write_text(lines([{"text": unicodedata.normalize("NFD", f"한국어 문장 {i}")} for i in range(3)]
+                        + [{"text": f"text {i}"} for i in range(17)] + [{"text": "text 0"}]))
+    en.write_bytes(b"\xef\xbb\xbf" + lines([{"text": f"English {i}"} for i in range(20)]).encode())  # a BOM
+    pair_rows = [{"ko": f"원문 {i}", "en": f"source {i}"} for i in range(20)] + [{"ko": "원문 3", "en": "other"}]
+    pairs.write_bytes(lines(pair_rows).encode("cp949"))
+    args = ["--ko-text", str(ko), "--en-text", str(en), "--pairs", str(pairs)]
+    assert stage("s0", tmp_path / "strict", tiny_dir, *args) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"medko: {pairs}:1: byte offset 8 ")
+    assert stage("s0", tmp_path / "auto", tiny_dir, *args, "--encoding", "auto") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"medko: pairs: {pairs}:21 repeats {pairs}:4 with another translation ('other', there 'source 3'); fix one "
+        f"of them, or drop both with --skip-bad")
+    run_dir = tmp_path / "kept"
+    assert stage("s0", run_dir, tiny_dir, *args, "--encoding", "auto", "--skip-bad") == 0
+    left_out = meta(run_dir, "s0")["left_out"]
+    assert left_out["ko_text"] == {"skipped": 0, "dropped": 0, "conflicting": 0, "repeated": 1, "normalized": 3}
+    assert left_out["pairs"]["conflicting"] == 2 and meta(run_dir, "s0")["counts"]["pairs.jsonl"] == 19
+    assert "한국어 문장 0" in (run_dir / "s0_data" / "ko_text.jsonl").read_text()  # composed (NFC) again
+    assert ("Rows within a source: ko_text 1 repeated, 0 dropped for another answer, 3 NFC-normalised, pairs 0 "
+            "repeated, 2 dropped for another answer, 0 NFC-normalised.") in sl.write_run_report(run_dir).read_text()
 
 
 def test_gate_compares_small_and_large_for_hub_sizes():

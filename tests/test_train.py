@@ -18,7 +18,8 @@ import engine.files
 import engine.trainer
 from engine.adapters import duplicate_edge_layers
 from engine.model import Gemma3
-from engine.train_checkpoints import CHECKPOINTS, OPTIMIZER, STATE, WEIGHTS, latest_checkpoint, trainable_state
+from engine.train_checkpoints import (CHECKPOINTS, KEEP, OPTIMIZER, STATE, WEIGHTS, checkpoints, latest_checkpoint,
+                                      trainable_state)
 from engine.examples import Example, collate, lm_examples
 from engine.trainer import METRICS, TrainConfig, batch_at, lr_at, set_trainable, train
 from conftest import randomize, tiny_config
@@ -70,9 +71,10 @@ def config(**overrides) -> TrainConfig:
 
 
 def only_checkpoint(out_dir: Path) -> Path:
-    entries = list((out_dir / CHECKPOINTS).iterdir())
-    assert len(entries) == 1, entries
-    return entries[0]
+    """The newest checkpoint; beside it at most the previous one is kept (KEEP)."""
+    found = checkpoints(out_dir)
+    assert 1 <= len(found) <= KEEP, found
+    return found[0]
 
 
 def metrics(out_dir: Path) -> list[dict]:
@@ -130,7 +132,8 @@ def test_interrupt_saves_last_step_and_resumes_identically(tmp_path, examples):
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), interrupted_loss, examples, cfg, tmp_path / "resumed")
     checkpoint = only_checkpoint(tmp_path / "resumed")
-    assert checkpoint.name == "step-00000003"  # step 2's periodic checkpoint was replaced
+    assert checkpoint.name == "step-00000003"  # step 2's periodic checkpoint stays beside it, the fallback
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step-00000003", "step-00000002"]
     assert json.loads((checkpoint / STATE).read_text())["step"] == 3
     resumed = fresh_model()
     train(resumed, noisy_loss, examples, cfg, tmp_path / "resumed", resume=True)
@@ -377,12 +380,46 @@ def test_checkpoints_record_threads_and_digests_and_resume_checks_them(tmp_path,
     assert "written by a process with 1 threads and this one has 2" in caplog.text
     torch.set_num_threads(1)
 
+    # A flipped bit in the newest checkpoint: the resume falls back to the previous one, with a warning.
     path = only_checkpoint(tmp_path)
+    assert path.name == "step-00000003"
     damaged = bytearray((path / OPTIMIZER).read_bytes())
     damaged[-10] ^= 1
     (path / OPTIMIZER).write_bytes(bytes(damaged))
-    with pytest.raises(MedkoError, match="optimizer.pt differs from the sha256 its checkpoint recorded"):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medko"):
         train(fresh_model(), ce_loss, examples, config(max_steps=4), tmp_path, resume=True)
+    assert ("step-00000003/optimizer.pt differs from the sha256 its checkpoint recorded, so it is damaged; resuming "
+            "from the previous complete checkpoint step-00000002 instead") in caplog.text
+    assert (tmp_path / CHECKPOINTS / "damaged-step-00000003").is_dir()
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, examples, caplog):
+    cfg = config(min_lr_ratio=1.0)
+    straight = fresh_model()
+    train(straight, noisy_loss, examples, cfg, tmp_path / "straight")
+
+    out = tmp_path / "resumed"
+    train(fresh_model(), noisy_loss, examples, replace(cfg, max_steps=4), out)
+    assert [p.name for p in checkpoints(out)] == ["step-00000004", "step-00000002"]
+    weights = checkpoints(out)[0] / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk or copy that cut the file short
+    resumed = fresh_model()
+    with caplog.at_level(logging.WARNING, logger="medko"):
+        train(resumed, noisy_loss, examples, cfg, out, resume=True)
+    assert "step-00000004/adapter.safetensors differs from the sha256" in caplog.text
+    assert "resuming from the previous complete checkpoint step-00000002" in caplog.text
+    assert_same_run(straight, tmp_path / "straight", resumed, out)
+
+    # With every kept checkpoint damaged, the sentence says none is left.
+    for path in checkpoints(out):
+        (path / STATE).write_text("{cut")
+    with pytest.raises(MedkoError) as refused:
+        train(fresh_model(), noisy_loss, examples, replace(cfg, max_steps=8), out, resume=True)
+    message = str(refused.value)
+    assert "step-00000006/state.json is not valid JSON" in message and "step-00000004/state.json" in message
+    assert message.endswith(f"and no earlier complete checkpoint is kept; delete {out} and train it from the start "
+                            f"(without --resume)")
 
 
 @pytest.fixture
@@ -448,14 +485,14 @@ def test_a_disk_with_room_for_one_checkpoint_trains_and_resumes_exactly(tmp_path
 
 
 def test_long_reasoning_loses_its_middle_not_its_answer(tiny_tokenizer):
-    import shared_logic as sl
+    from engine.reasoning import reasoning_examples, reasoning_prompt
     from engine.data import MCQ
 
     row = MCQ("r/0", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "C", reasoning="step " * 200)
     short = MCQ("r/1", "doctor", "Which drug?", {k: k.lower() for k in "ABCDE"}, "B", reasoning="short")
-    (long_ex, short_ex), cut = sl.reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
+    (long_ex, short_ex), cut = reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
     assert cut == 1 and len(long_ex.ids) == 120
-    prompt = tiny_tokenizer.encode(sl.reasoning_prompt(row))
+    prompt = tiny_tokenizer.encode(reasoning_prompt(row))
     assert long_ex.ids[:len(prompt)] == prompt and not any(long_ex.target_mask[:len(prompt)])
     ending = tiny_tokenizer.encode("\n정답： C", bos=False) + [tiny_tokenizer.eos_id]
     assert long_ex.ids[-len(ending):] == ending

@@ -114,11 +114,13 @@ def test_held_out_translation_takes_s1s_budget_when_no_limit_is_given(tiny_model
     from engine.data import Pair
 
     budgets = []
-    real = sl.generate
-    monkeypatch.setattr(sl, "generate", lambda m, t, p, n, *a, **k: budgets.append(n) or real(m, t, p, n, *a, **k))
+    import engine.measures
+
+    real = engine.measures.generate
+    monkeypatch.setattr(engine.measures, "generate", lambda m, t, p, n, *a, **k: budgets.append(n) or real(m, t, p, n, *a, **k))
     pairs = [Pair("고혈압", "hypertension"), Pair("당뇨병 환자의 혈당", "blood sugar of a diabetic")]
     longest = max(len(tiny_tokenizer.encode(p.src, bos=False)) for p in pairs)
     scores = sl.translation_scores(tiny_model, tiny_tokenizer, pairs)  # run.sh passes no --translate-tokens
-    assert budgets == [2 * longest + sl.TRANSLATION_MARGIN] and len(scores["chrf_pairs"]) == 2
+    assert budgets == [2 * longest + engine.measures.TRANSLATION_MARGIN] and len(scores["chrf_pairs"]) == 2
     sl.translation_scores(tiny_model, tiny_tokenizer, pairs, 3)
     assert budgets[-1] == 3
