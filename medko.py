@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import shared_logic as sl
+from engine import distributed
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
 from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
@@ -47,6 +48,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     """The memory plan at the stages' defaults (the largest micro-batch of STAGE_DEFAULTS, --max-len, --lora-rank)."""
     if args.size == "tiny":
         raise sl.MedkoError("plan the real sizes (270m, 4b, 27b); tiny is the tests' model")
+    if args.quantize and args.nproc > 1:
+        raise sl.MedkoError(distributed.NO_NF4)
     defaults = sl.StageOptions()
     setup = Setup(device=args.device, batch=max(b for _, b, _ in sl.STAGE_DEFAULTS[args.size].values()), max_len=defaults.max_len,
                   lora_rank=defaults.lora_rank, quantize=args.quantize == "4bit", nproc=args.nproc)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from engine import distributed, faults
-from engine.adapters import additions_state_dict, apply_surgery, load_additions
+from engine.adapters import additions_state_dict, apply_surgery, load_additions_file
 from engine.checkpoints import SIZES, load_base
 from engine import sources
 from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
@@ -47,7 +47,7 @@ from engine.trainer import TrainConfig, set_trainable, step_tokens, train
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
 from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
 from engine.adapters import adapter_specs as adapter_specs, duplicate_edge_layers as duplicate_edge_layers
-from engine.adapters import snapshot_adapter as snapshot_adapter
+from engine.adapters import snapshot_adapter as snapshot_adapter, teacher_mode as teacher_mode
 from engine.data import mcq_record as mcq_record, split_overlap as split_overlap
 from engine.phase_losses import stage_loss as stage_loss
 from engine.sources import held_out_sets as held_out_sets, reference_exam as reference_exam
@@ -291,14 +291,12 @@ def run_base(run_dir: Path, size: str | None, model: str | None) -> dict[str, An
 def load_run_model_after(run_dir: Path, stage: str, device: str | None = None, quantize: str | None = None,
                          size: str | None = None, model: str | None = None) -> tuple[Gemma3, Tokenizer, dict]:
     """The model as `stage` left it: the run's base with the stage's surgery replayed and its additions loaded."""
-    from safetensors.torch import load_file
-
     base = run_base(run_dir, size, model)
     net, tokenizer, _ = load_base(base["size"], base["model"], device, quantize=quantize or base.get("quantize"))
     meta = stage_meta(run_dir, stage)
     if meta and meta.get("surgery"):
         apply_surgery(net, meta["surgery"], tokenizer)
-        load_additions(net, load_file(str(stage_dir(run_dir, stage) / "adapter.safetensors")), stage)
+        load_additions_file(net, stage_dir(run_dir, stage) / "adapter.safetensors", stage)
     return net.eval(), tokenizer, base
 
 

@@ -1,7 +1,10 @@
 """Model surgery: LoRA (and the NF4 base it may sit on), language embeddings, duplicated edge layers, the
 record that replays surgery on a fresh base, the additions' state, and the teacher view of a model.
 
-Imports engine.errors, engine.model and engine.tokenizer.
+Surgery on a model whose base waits on the meta device (engine.shard_load, FSDP2) works alike: new tensors are
+made on the device it will load to, and a sharded model refuses surgery in one sentence.
+
+Imports engine.distributed, engine.errors, engine.model, engine.shard_load and engine.tokenizer.
 """
 from __future__ import annotations
 
@@ -12,15 +15,18 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import distributed
 from engine.errors import MedkoError
 from engine.linear import linear
 from engine.model import Gemma3, check_keys, model_device, model_dtype
+from engine.shard_load import check_shapes, header, read_rows
 from engine.tokenizer import Tokenizer
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,6 +105,13 @@ class LoRALinear(nn.Module):
                 f"active={sorted(self.active)}")
 
 
+def _unsharded(model: Gemma3) -> None:
+    """Surgery changes a model's parameters, which FSDP2 fixes when it shards the model at its first use."""
+    if distributed.sharded(model):
+        raise MedkoError("the model is sharded by FSDP2 since its first use and takes no more surgery; make every "
+                         "architecture change right after loading, before the model runs")
+
+
 def _record(model: Gemma3, entry: dict[str, Any]) -> None:
     """Ends a surgery: logs it in `model.surgery` and puts new modules in the model's train/eval mode."""
     model.surgery.append(entry)
@@ -129,6 +142,7 @@ def _projections(layer: nn.Module, names: Sequence[str]) -> Iterator[tuple[str, 
 def add_lora(model: Gemma3, name: str, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
              targets: Sequence[str] = LORA_TARGETS) -> Gemma3:
     """Adds adapter `name` (A Kaiming-uniform, B zero) to the named projections of every decoder layer."""
+    _unsharded(model)
     if not _ADAPTER_NAME.fullmatch(name):
         raise MedkoError(f"adapter name {name!r} must be letters, digits and underscores, starting with a letter")
     if name in adapter_specs(model):
@@ -153,6 +167,7 @@ def add_lora(model: Gemma3, name: str, rank: int = 16, alpha: float = 32.0, drop
 
 def snapshot_adapter(model: Gemma3, source: str, target: str = "teacher") -> Gemma3:
     """A frozen, inactive copy of adapter `source` named `target` (the teacher's view of the model)."""
+    _unsharded(model)
     specs = adapter_specs(model)
     if source not in specs:
         raise MedkoError(f"the model has no adapter {source!r} to snapshot; its adapters are {sorted(specs)}")
@@ -259,6 +274,7 @@ class LanguageEmbedding(nn.Module):
 
 def add_language_embeddings(model: Gemma3, tokenizer: Tokenizer, korean_delta: bool = False) -> Gemma3:
     """Adds `model.language_embedding`, zero at the start, to the scaled token embeddings."""
+    _unsharded(model)
     if model.language_embedding is not None:
         raise MedkoError("the model already has language embeddings; add them once per run")
     table = korean_token_table(tokenizer)
@@ -279,8 +295,10 @@ def duplicate_edge_layers(model: Gemma3) -> Gemma3:
     """A copy of the first decoder layer before it and of the last after it, fully trainable, identity at the start.
 
     Identity comes from the post-attention and post-feedforward norms at -1 (Gemma scales by 1 + w = 0) with
-    the projections copied: zeroed projections would leave q/k/v/gate/up without gradient behind the norm.
+    the projections copied: zeroed projections would leave q/k/v/gate/up without gradient behind the norm. On a
+    base waiting on the meta device, the copies' other weights wait too, read from the layer they copy.
     """
+    _unsharded(model)
     if any(layer.added for layer in model.layers):
         raise MedkoError("the model already has duplicated edge layers; duplicate them once per run")
     copies = [copy.deepcopy(model.layers[0]), copy.deepcopy(model.layers[-1])]
@@ -289,9 +307,9 @@ def duplicate_edge_layers(model: Gemma3) -> Gemma3:
         for m in lora_modules(layer):
             if getattr(m.weight, "quant_state", None) is not None:
                 m.weight = nn.Parameter(dense_weight(m.weight).to(model_dtype(model)))  # added layers train densely
-        with torch.no_grad():
-            layer.post_attention_layernorm.weight.fill_(-1.0)
-            layer.post_feedforward_layernorm.weight.fill_(-1.0)
+        for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+            norm.weight = nn.Parameter(torch.full(norm.weight.shape, -1.0, dtype=norm.weight.dtype,
+                                                  device=model_device(model)))
         for name, p in layer.named_parameters():
             if ".lora_" not in name:  # adapters keep their own state: a frozen teacher snapshot stays frozen
                 p.requires_grad_(True)
@@ -339,17 +357,39 @@ def additions_state_dict(model: Gemma3) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if _is_addition(k, added)}
 
 
+def _check_additions(model: Gemma3, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, torch.Tensor]:
+    """The model's additions by name, once the saved ones' names and shapes are checked against them."""
+    expected = additions_state_dict(model)
+    check_keys(expected, shapes, source, "replay the run's surgery before loading")
+    check_shapes(expected, shapes, source, "replay the run's surgery on its own base model")
+    return expected
+
+
 def load_additions(model: Gemma3, state: dict[str, torch.Tensor], source: str = "adapter weights") -> None:
     """Copies saved additions into a model with the same surgery; missing, unexpected or misshapen keys are refused."""
-    expected = additions_state_dict(model)
-    check_keys(expected, state, source, "replay the run's surgery before loading")
-    for key, target in expected.items():
-        if state[key].shape != target.shape:
-            raise MedkoError(f"{source}: {key} has shape {tuple(state[key].shape)} but the model expects "
-                             f"{tuple(target.shape)}; replay the run's surgery on its own base model")
+    expected = _check_additions(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key])  # state_dict tensors share storage with the parameters
+
+
+def load_additions_file(model: Gemma3, path: Path, source: str) -> None:
+    """load_additions from an adapter.safetensors. On a base waiting on the meta device (engine.shard_load), the
+    additions waiting with it (duplicated layers) are read at its first use, each rank its own rows."""
+    pending = getattr(model, "pending_load", None)
+    if pending is None:
+        from safetensors.torch import load_file
+
+        load_additions(model, load_file(str(path)), source)
+        return
+    stored = header(path)
+    expected = _check_additions(model, {k: s.shape for k, s in stored.items()}, source)
+    with torch.no_grad():
+        for key, target in expected.items():
+            if target.is_meta:
+                pending.additions[key] = stored[key]
+            else:
+                target.copy_(read_rows(stored[key], 0, stored[key].shape[0]))
 
 
 @contextmanager
@@ -359,6 +399,7 @@ def teacher_mode(model: Gemma3, adapter: str = "teacher") -> Iterator[Gemma3]:
     Language embeddings are off, added layers are skipped, and only the frozen snapshot `adapter` is active
     (none when there is no such snapshot). Runs in eval mode without gradients: the teacher gives targets.
     """
+    distributed.materialize(model)  # before the layers are swapped: FSDP2 shards them all, added ones included
     loras = list(lora_modules(model))
     saved_active = [m.active for m in loras]
     layers, was_training = model.layers, model.training

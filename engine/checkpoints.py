@@ -1,6 +1,7 @@
 """Base checkpoints in Hugging Face layout: key names, strict loading, and the model named by --size/--model.
 
-Imports engine.errors, engine.model, engine.hub, engine.tokenizer, engine.adapters and engine.embedded_270m.
+Imports engine.errors, engine.model, engine.hub, engine.tokenizer, engine.adapters, engine.embedded_270m,
+engine.distributed and engine.shard_load.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine import distributed
 from engine.adapters import check_4bit, quantize_base_4bit
 from engine.embedded_270m import ensure_270m
 from engine.errors import MedkoError
@@ -22,6 +24,7 @@ from engine.model import (
     config_from_hf,
     resolve_device,
 )
+from engine.shard_load import Stored, deferred_model, header
 from engine.tokenizer import Tokenizer
 
 SIZES = ("270m", "4b", "27b")  # what --size names: the embedded 270M, then MedGemma from the hub (HUB_MODELS)
@@ -58,29 +61,40 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def checkpoint_layout(model_dir: Path) -> tuple[dict[str, Stored], Stored | None]:
+    """Where each text weight of a local checkpoint lies, by medko's name, and its tied head if it has one; read
+    from the files' headers alone."""
+    out: dict[str, Stored] = {}
+    head = None
+    for path in safetensors_files(model_dir):
+        for key, stored in header(path).items():
+            name = checkpoint_key(key)
+            head = stored if key in _TIED_HEADS else head
+            if name is None:
+                continue
+            if name in out:
+                # Two layouts of one weight (a text and a multimodal key): which one is meant cannot be told.
+                raise MedkoError(f"{model_dir} holds {name} twice, as {out[name].key!r} and {key!r}; keep one key "
+                                 f"layout per checkpoint")
+            out[name] = stored
+    return out, head
+
+
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     """All text weights of a local checkpoint, renamed to medko's parameter names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    layout, head_at = checkpoint_layout(model_dir)
     out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}  # medko's name -> the checkpoint key it came from
     head = None
     for path in safetensors_files(model_dir):
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, RuntimeError) as err:
             raise MedkoError(f"{path} is corrupt or truncated ({err}); delete it and download again") from None
-        for key, tensor in tensors.items():
-            name = checkpoint_key(key)
-            head = tensor if key in _TIED_HEADS else head
-            if name is None:
-                continue
-            if name in out:
-                # Two layouts of one weight (a text and a multimodal key): which one is meant cannot be told.
-                raise MedkoError(f"{model_dir} holds {name} twice, as {origin[name]!r} and {key!r}; keep one key "
-                                 f"layout per checkpoint")
-            out[name], origin[name] = tensor, key
+        out.update({name: tensors[s.key] for name, s in layout.items() if s.path == path})
+        head = tensors[head_at.key] if head_at is not None and head_at.path == path else head
     embed = out.get("embed_tokens.weight")
     if head is not None and embed is not None and not torch.equal(head, embed):
         # medko's Gemma 3 ties its head to the embedding, as every released Gemma 3 does; dropping a head that
@@ -110,10 +124,13 @@ def read_config(model_dir: Path) -> ModelConfig:
 def load_model(model_dir: Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, quantize: bool = False) -> Gemma3:
     """A Gemma 3 from a local HF-layout directory, built without a second copy of the weights. quantize: the base
-    projections in NF4, read on the host and moved to the GPU one quantized layer at a time."""
+    projections in NF4, read on the host and moved to the GPU one quantized layer at a time. Under FSDP2 the model
+    comes back on the meta device, each rank to read its own shard at the first use (engine.shard_load)."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dtype = compute_dtype(device, dtype)
+    if distributed.wants_fsdp():
+        return deferred_model(config, *checkpoint_layout(model_dir), torch.device(device), dtype, str(model_dir))
     with torch.device("meta"):
         model = Gemma3(config)
     state = read_checkpoint(model_dir)
@@ -152,6 +169,8 @@ def load_base(size: str = "270m", model_dir: str | Path | None = None, device: s
     device = resolve_device(device)
     if quantize not in (None, "4bit"):
         raise MedkoError(f"unknown --quantize {quantize!r}; the only choice is 4bit")
+    if quantize and distributed.wants_fsdp():
+        raise MedkoError(distributed.NO_NF4)
     if quantize:
         check_4bit(device)
     model = load_model(path, device, dtype, quantize=quantize == "4bit")

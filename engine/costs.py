@@ -74,19 +74,25 @@ MEASURES = {"s1_1": 1, "s2": 2, "s3": 2, "s4": 2, "s5": 2}  # held-out measureme
 
 
 def stage_work(stage: str) -> dict[str, float]:
-    """One stage's work at the real volumes: tokens trained (English per-layer tokens counted at ENGLISH_COST),
-    tokens generated (with rows at once), questions scored and held-out tokens measured."""
-    v, work = VOLUMES, {"trained": 0.0, "generated": 0.0, "scored": 0.0, "measured": 0.0}
+    """One stage's work at the real volumes: tokens trained (English per-layer tokens counted at ENGLISH_COST, and
+    apart as "english"), tokens generated, questions scored and held-out tokens measured."""
+    v, work = VOLUMES, {"trained": 0.0, "generated": 0.0, "scored": 0.0, "measured": 0.0, "english": 0.0}
     if stage == "s1":
         work.update(generated=v["lines"] * v["line_tokens"], scored=2 * v["dev"])  # translated once, 2 candidates
         return work
     if stage == "test":
         work.update(scored=v["test"])
         return work
+    if stage == "sft":  # the lora-sft baseline: the tokens s2-s5 train on their own data, reasoning, every measure
+        work.update(trained=sum(stage_work(s)["trained"] - stage_work(s)["english"] for s in ("s2", "s3", "s4", "s5")),
+                    generated=2 * v["dev"] * v["reasoning_tokens"], scored=2 * 2 * v["dev"])
+        work["measured"] = 2 * (MEASURE_TEXTS["ko"] * 400 + 2 * MEASURE_TEXTS["en"] * ENGLISH_TOKENS)
+        return work
     examples = (2 if stage == "s4" else 1) * STEPS * 8  # s4 trains two phases
     work["trained"] = examples * TRAIN_TOKENS[stage]
     if WORK[stage].english:
-        work["trained"] += examples * ENGLISH_TOKENS * ENGLISH_COST
+        work["english"] = examples * ENGLISH_TOKENS * ENGLISH_COST
+        work["trained"] += work["english"]
     if stage == "s5":  # reasoning on the Korean dev exam, before and after
         work["generated"] = 2 * v["dev"] * v["reasoning_tokens"]
     work["scored"] = MEASURES[stage] * 2 * v["dev"]  # Korean and English dev where measured (an upper bound)
@@ -113,17 +119,18 @@ def hours_table(size: str, gpu: str, gpu_gib: float | None = None) -> str:
     lines = [f"GPU hours for --size {size} on {GPUS[gpu]['name']}, at the real volumes (KorMedMCQA dev {VOLUMES['dev']}, "
              f"train {VOLUMES['train']}, test {VOLUMES['test']}; s1 translates {VOLUMES['lines']} lines; Asan "
              f"{VOLUMES['ko_text']} texts; MedQA {VOLUMES['medqa']}), {STEPS} steps x 8 examples a phase",
-             f"{'stage':<14}{'trained':>10}{'generated':>11}{'scored':>8}{'train h':>9}{'gen h':>7}{'score h':>8}"
+             f"{'stage':<18}{'trained':>10}{'generated':>11}{'scored':>8}{'train h':>9}{'gen h':>7}{'score h':>8}"
              f"{'meas h':>8}{'total h':>9}"]
-    total = 0.0
+    total, rows = 0.0, {}
     for w in WORK.values():
         fit = fitting_settings(PRESETS[size], w, Setup("cuda"), int(gib * GIB))
         work, hours = stage_work(w.name), stage_hours(size, gpu, w.name, fit)
-        total += sum(hours.values())
-        lines.append(f"{w.title:<14}{work['trained'] / 1e6:>9.1f}M{work['generated'] / 1e6:>10.2f}M"
-                     f"{work['scored']:>8.0f}{hours['train']:>9.2f}{hours['generate']:>7.2f}{hours['score']:>8.2f}"
-                     f"{hours['measure']:>8.2f}{sum(hours.values()):>9.2f}")
-    lines.append(f"{'run':<14}{total:>65.1f}")
+        total += sum(hours.values()) if w.name != "sft" else 0.0
+        rows[w.name] = (f"{w.title:<18}{work['trained'] / 1e6:>9.1f}M{work['generated'] / 1e6:>10.2f}M"
+                        f"{work['scored']:>8.0f}{hours['train']:>9.2f}{hours['generate']:>7.2f}{hours['score']:>8.2f}"
+                        f"{hours['measure']:>8.2f}{sum(hours.values()):>9.2f}")
+    baseline = rows.pop("sft")  # run.sh --recipe lora-sft is a run of its own: after the curriculum's total
+    lines += [*rows.values(), f"{'run':<18}{total:>65.1f}", baseline]
     lines.append("throughputs:")
     for kind, unit in (("train", "tokens/s"), ("score", "questions/s"), ("decode", "s per decoding step")):
         value, source = _scaled(size, gpu, kind)

@@ -3,8 +3,10 @@ questions and the results gathered back in order, gradient sums, FSDP2 wrapping,
 
 One process (no torchrun) is the default and every helper is then the identity, so single-process results stay
 bit-identical. Under torchrun each rank holds the whole model (replicated) and the trainable gradients are summed
-with one all-reduce per update, which is exact; on CUDA, or with MEDKO_FSDP=1, train() shards the model instead
-with FSDP2 (fully_shard per decoder layer, then the root, the frozen base included).
+with one all-reduce per update, which is exact; on CUDA, or with MEDKO_FSDP=1, the model is sharded instead with
+FSDP2 (fully_shard per decoder layer, then the root, the frozen base included). A base loaded under FSDP2 waits on
+the meta device (engine.shard_load) until its first use, where materialize() shards it and each rank reads only its
+own rows of every weight.
 
 Imports engine.errors.
 """
@@ -22,6 +24,8 @@ from engine.errors import MedkoError, log
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=10)  # a rank that waits longer than this on the others fails instead of hanging
+NO_NF4 = ("--quantize 4bit does not run with FSDP2 under torchrun, which cannot shard NF4 weights; drop --quantize "
+          "and let --nproc spread the bf16 base over the GPUs (27B: 2 x 80, 4 x 40 or 8 x 24 GB by the plan)")
 
 
 class Relayed(MedkoError):
@@ -89,6 +93,7 @@ def sharded(model: nn.Module) -> bool:
 def split_work(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T], model: nn.Module) -> list[Any]:
     """fn over this rank's share of items, the results gathered in the original order. A sharded model needs the
     same forward passes on every rank (each one gathers weights from all), so it runs the whole list everywhere."""
+    materialize(model)
     if not active() or sharded(model):
         return list(fn(list(items)))
     part = share(items)
@@ -103,6 +108,15 @@ def global_sum(value: float) -> float:
     dist.all_reduce(t)
     total = t.item()
     return int(total) if isinstance(value, int) else total
+
+
+def global_min(value: int) -> int:
+    """The least of `value` over the ranks: what every rank can do, where all must do the same."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def global_weight(count: int, items: int) -> float:
@@ -182,8 +196,7 @@ def wrap(model: nn.Module) -> nn.Module:
     if not wants_fsdp() or sharded(model):
         return model
     if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
-        raise MedkoError("FSDP2 cannot shard 4-bit base weights; drop --quantize under torchrun, where sharding "
-                         "already spreads the base over the GPUs")
+        raise MedkoError(NO_NF4)
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.layers:
@@ -196,18 +209,48 @@ def wrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def materialize(model: nn.Module) -> nn.Module:
+    """A model whose base waits on the meta device (engine.shard_load, under FSDP2) sharded and read, each rank its
+    own rows; any other model as it is. Every first use of a model calls it (split_work, the trainer), so surgery,
+    which a sharded model no longer takes, comes before."""
+    pending = getattr(model, "pending_load", None)
+    if pending is None:
+        return model
+    wrap(model)
+    pending.fill(model)
+    model.pending_load = None
+    return model
+
+
+def local_rows(t: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that this rank holds of an FSDP2-sharded parameter or state: torch.chunk's
+    split, which fully_shard uses (the last ranks may hold fewer rows, or none)."""
+    n, ranks = t.shape[0], t.device_mesh.size()
+    chunk = -(-n // ranks)
+    start = min(t.device_mesh.get_local_rank() * chunk, n)
+    stop = min(start + chunk, n)
+    if t.to_local().shape[0] != stop - start:
+        raise MedkoError(f"FSDP2 gave this rank {t.to_local().shape[0]} rows of a {n}-row tensor where torch.chunk "
+                         f"gives {stop - start}; this torch shards differently, use the torch of requirements.txt")
+    return start, stop
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded (DTensor) parameter or state, gathered on every rank; others as they are."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def local_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """`full` laid out like `target`: this rank's shard when target is a DTensor, else full itself."""
+    """`full` (a tensor, or a safetensors slice) laid out like `target`: this rank's shard when target is a DTensor,
+    else the whole. Only the shard's rows are read, so a memory-mapped `full` costs this rank its shard alone."""
     if hasattr(target, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor
 
-        return distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements)
-    return full
+        start, stop = local_rows(target)
+        rows = full[start:stop].to(target.to_local().device, target.dtype, copy=True)
+        return DTensor.from_local(rows, target.device_mesh, target.placements, run_check=False, shape=target.shape,
+                                  stride=target.stride())
+    return full if torch.is_tensor(full) else full[:]
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -219,9 +262,10 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """A one-process optimizer state laid out like this optimizer's (sharded) parameters."""
+    """A one-process optimizer state laid out like this optimizer's (sharded) parameters; scalars (AdamW's step)
+    copied, so that none refers to a memory-mapped file after the load."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state["state"] = {i: {k: local_like(params[int(i)], v) if torch.is_tensor(v) and v.ndim else v
+    state["state"] = {i: {k: (local_like(params[int(i)], v) if v.ndim else v.clone()) if torch.is_tensor(v) else v
                           for k, v in s.items()} for i, s in state["state"].items()}
     return state
 

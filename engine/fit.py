@@ -4,7 +4,7 @@ which models can run the curriculum at all, checked before anything is downloade
 A GPU's memory is torch.cuda's, or MEDKO_GPU_MEMORY_GIB when set (engine.plan.gpu_memory): that variable lets a
 CPU run the checks as a given GPU would, which is how the tests rehearse a 24 GB box.
 
-Imports engine.checkpoints, engine.errors, engine.model and engine.plan.
+Imports engine.checkpoints, engine.distributed, engine.errors, engine.model and engine.plan.
 """
 from __future__ import annotations
 
@@ -13,24 +13,33 @@ from pathlib import Path
 
 import torch
 
+from engine import distributed
 from engine.checkpoints import read_config
 from engine.errors import MedkoError, log
 from engine.model import PRESETS, ModelConfig, model_device, resolve_device
-from engine.plan import GIB, STAGE_WORK, WORK, Fit, Setup, base_bytes, estimate, fitting_settings, gpu_memory, \
-    rows_within, usable_bytes
+from engine.plan import GIB, STAGE_WORK, WORK, Fit, Setup, base_bytes, estimate, fitting_settings, gathered_bytes, \
+    gpu_memory, rows_within, usable_bytes
 
 
 def rows_that_fit(model: torch.nn.Module, kind: str, wanted: int, tokens: int, new_tokens: int = 0) -> int:
     """On CUDA, the most rows (`wanted` halved until they fit) of an evaluation ("logits", "measures" or
     "generate") of prompts of `tokens` whose working memory by the plan fits what the GPU has beside the tensors
     allocated now; elsewhere `wanted`. Every scoring and generation sizes its batch here, so a large model on a
-    GPU it barely fits evaluates in smaller batches rather than running out of memory."""
+    GPU it barely fits evaluates in smaller batches rather than running out of memory. Under FSDP2 the base is
+    read first (its shard is then allocated), the layers a rank gathers whole while computing are set aside too,
+    and the ranks take the least rows of any, since each runs the same forward passes."""
     device = model_device(model)
     total = gpu_memory(device) if device.type == "cuda" else None
     if total is None:
         return wanted
+    distributed.materialize(model)
+    setup = Setup("cuda", max_len=max(1, tokens))
     budget = usable_bytes(total) - torch.cuda.memory_allocated(device)
-    rows = rows_within(model.config, Setup("cuda", max_len=max(1, tokens)), kind, wanted, budget, new_tokens)
+    if distributed.sharded(model):
+        budget -= gathered_bytes(model.config, setup)
+    rows = rows_within(model.config, setup, kind, wanted, budget, new_tokens)
+    if distributed.sharded(model):
+        rows = distributed.global_min(rows)
     if rows < wanted:
         log.debug("memory plan: %s runs %d rows at once rather than %d on this GPU", kind, rows, wanted)
     return rows

@@ -393,7 +393,10 @@ class Gemma3(nn.Module):
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return model.embed_tokens.weight.device
+    """Where the model computes: its embedding's device, or for a base waiting on the meta device (engine.shard_load
+    reads it at its first use) the device it will be read to, where surgery makes its new tensors."""
+    device = model.embed_tokens.weight.device
+    return getattr(model, "load_device", device) if device.type == "meta" else device
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

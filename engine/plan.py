@@ -16,8 +16,13 @@ The estimate counts the tensors medko's code keeps, read from that code: autogra
   MALLOC_MMAP_THRESHOLD_=65536 the retention is gone and the live-tensor estimate holds alone.
 
 With --nproc N the sharded parts are divided as FSDP2 would: base weights, trainable weights, gradients and AdamW
-states by N; activations, the teacher pass and evaluation stay per rank, and each rank holds the embedding and two
-decoder layers gathered whole while it computes (an assumption until the multi-GPU trainer measures it).
+states by N; activations, the teacher pass and evaluation stay per rank, and each rank holds the embedding and
+FSDP_LAYERS decoder layers gathered whole while it computes (measured on CPU ranks by tests/test_shard_load.py).
+At load a rank holds its shard of the base (engine.shard_load reads nothing else) plus the additions whole before
+they are sharded. NF4 is not planned with N > 1: FSDP2 cannot shard it and medko refuses the combination. Every
+rank runs the whole evaluation and generation batch (a sharded model needs the same forward passes everywhere), so
+their rows are cut, as on one GPU, to what fits beside this rank's base and gathered layers (rows_within here; at
+run time engine.fit.rows_that_fit, which the ranks agree on).
 
 Imports engine.checkpoints, engine.errors and engine.model.
 """
@@ -43,6 +48,8 @@ CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threa
 MEASURE_ROWS = 16  # engine.measures' held-out texts per forward (its batch_size)
 DRIFT_POSITIONS = 16  # engine.measures' drift positions per text
 DRIFT_CHUNK = 128  # engine.measures' drift positions whose [vocab] rows are alive at once
+FSDP_LAYERS = 4  # decoder layers an FSDP2 rank holds whole in a step: computing, next gathered and copied, last kept
+# (3.6 measured by tests/test_shard_load.py on two CPU ranks)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class Estimate:
     teacher: int  # the teacher's kept hidden states and its forward's working memory (not alive in the backward)
     evaluation: int  # the largest of logits scoring, held-out measures and generation with its KV cache
     weights_only: int  # trainable weights alone (what evaluation holds besides the base)
+    load: int  # the peak while the model loads: the base (this rank's shard), the additions whole, a tensor in flight
     allocator: int = 0  # on a CPU, what glibc's heaps and the runtime keep resident beyond the tensors in training
     eval_rows: dict[str, int] = field(default_factory=dict)  # rows at once of each evaluation (logits, measures, ...)
 
@@ -275,22 +283,29 @@ def evaluation_parts(c: ModelConfig, w: StageWork, s: Setup, budget: int | None 
     return parts
 
 
+def gathered_bytes(c: ModelConfig, s: Setup) -> int:
+    """What an FSDP2 rank holds whole beside its shard while it computes: the embedding and FSDP_LAYERS decoder
+    layers."""
+    return (c.vocab_size * c.hidden_size + FSDP_LAYERS * layer_params(c)) * s.width
+
+
 def estimate(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int | None = None) -> Estimate:
     """One stage's estimated peak, by part, for this rank; given the GPU's bytes, each evaluation at the rows that
     fit beside the base and the stage's weights."""
     weights, trainable = trainable_bytes(c, w, s)
     base = base_bytes(c, s)
+    load = base + weights
     if s.nproc > 1:
-        gathered = (c.vocab_size * c.hidden_size + 2 * layer_params(c)) * s.width
-        base, trainable, weights = base // s.nproc + gathered, trainable // s.nproc, weights // s.nproc
+        load = base // s.nproc + weights + layer_params(c) * s.width // s.nproc
+        base, trainable, weights = base // s.nproc + gathered_bytes(c, s), trainable // s.nproc, weights // s.nproc
     kept, transient = activation_bytes(c, w, s) if w.trains else (0, 0)
     allocator = int(CPU_HEAP_RETENTION * kept) + CPU_RUNTIME if s.device == "cpu" and w.trains else 0
     budget = None if gpu_bytes is None else usable_bytes(gpu_bytes) - base - weights
     parts = evaluation_parts(c, w, s, budget)
     return Estimate(base=base, trainable=trainable, activations=kept, transient=transient,
                     teacher=teacher_bytes(c, w, s) if w.trains else 0,
-                    evaluation=max(b for _, b in parts.values()), weights_only=weights, allocator=allocator,
-                    eval_rows={kind: rows for kind, (rows, _) in parts.items()})
+                    evaluation=max(b for _, b in parts.values()), weights_only=weights, load=load,
+                    allocator=allocator, eval_rows={kind: rows for kind, (rows, _) in parts.items()})
 
 
 def usable_bytes(gpu_bytes: int) -> int:
@@ -322,8 +337,8 @@ def fitting_settings(c: ModelConfig, w: StageWork, s: Setup, gpu_bytes: int, all
                      part: str = "peak") -> Fit | None:
     """The first candidate setting whose estimated peak (or, with part="training", training peak) fits the GPU."""
     limit = usable_bytes(gpu_bytes)
-    choices = (False, True) if allow_quantize and s.device == "cuda" and not s.quantize else (s.quantize,)
-    for batch, accum, checkpointing, quantize in candidates(s.batch, choices):
+    nf4 = allow_quantize and s.device == "cuda" and not s.quantize and s.nproc == 1  # FSDP2 cannot shard NF4
+    for batch, accum, checkpointing, quantize in candidates(s.batch, (False, True) if nf4 else (s.quantize,)):
         found = estimate(c, w, replace(s, batch=batch, checkpointing=checkpointing, quantize=quantize), gpu_bytes)
         if getattr(found, part) <= limit:
             return Fit(batch, accum, checkpointing, quantize, found)
@@ -343,8 +358,8 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
     shape = (f"micro-batch {s.batch} x {s.max_len} tokens, LoRA rank {s.lora_rank}; GPU {gpu_bytes / GIB:.0f} GiB, "
              f"{_gib(usable_bytes(gpu_bytes))} GiB usable (less {_gib(CUDA_CONTEXT)} GiB CUDA context and "
              f"{CUDA_SLACK:.0%} allocator slack); GiB per rank")
-    columns = (f"{'stage':<14}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}{'eval':>7}"
-               f"{'peak':>8}  fits with")
+    columns = (f"{'stage':<18}{'load':>7}{'base':>7}{'train+opt':>10}{'act':>8}{'act ckpt':>9}{'teacher':>8}"
+               f"{'eval':>7}{'peak':>8}  fits with")
     lines = [header, shape, columns]
     for w in STAGE_WORK:
         plain = estimate(c, w, replace(s, checkpointing=False))
@@ -361,14 +376,20 @@ def plan_table(c: ModelConfig, s: Setup, gpu_bytes: int, name: str = "") -> str:
             how += f"{nf4}{rows} ({_gib(fit.estimate.peak)})"
         act = _gib(plain.activations + plain.transient) if w.trains else "-"
         act_ckpt = _gib(ckpt.activations + ckpt.transient) if w.trains else "-"
-        lines.append(f"{w.title:<14}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}{act_ckpt:>9}"
-                     f"{_gib(plain.teacher):>8}{_gib(plain.evaluation):>7}{_gib(plain.peak):>8}  {how}")
+        lines.append(f"{w.title:<18}{_gib(plain.load):>7}{_gib(plain.base):>7}{_gib(plain.trainable):>10}{act:>8}"
+                     f"{act_ckpt:>9}{_gib(plain.teacher):>8}{_gib(plain.evaluation):>7}{_gib(plain.peak):>8}  {how}")
     lines.append("trainable weights are float32 (LoRA, language vectors) or the weights' dtype (duplicated layers); "
                  "gradients and AdamW's two states take their dtype. peak = base + the larger of training "
                  "(train+opt + act, with the teacher pass in place of act's transient part when larger) and eval, "
                  "without checkpointing, eval at its default rows (logits 16, measures 16, generation s1 16, s4 32, "
-                 "s5 64); 'fits with' names the rows an evaluation is cut to" + ("; on cpu training adds glibc's retained heap and the runtime "
-                                            "(CPU_HEAP_RETENTION, CPU_RUNTIME)" if s.device == "cpu" else ""))
+                 "s5 64); 'fits with' names the rows an evaluation is cut to"
+                 + ("; on cpu training adds glibc's retained heap and the runtime (CPU_HEAP_RETENTION, CPU_RUNTIME)"
+                    if s.device == "cpu" else ""))
+    if s.nproc > 1:
+        lines.append(f"per rank under FSDP2: load = the rank's shard of the base (each rank reads only its rows) and "
+                     f"the additions whole before they are sharded; base = the shard plus the embedding and "
+                     f"{FSDP_LAYERS} decoder layers gathered whole while computing; every rank runs the whole "
+                     f"generation batch. NF4 (--quantize 4bit) is refused with --nproc > 1: FSDP2 cannot shard it")
     return "\n".join(lines)
 
 
@@ -417,3 +438,4 @@ def stage_settings(stage: str, size: str, model_dir: str | None, device: str | N
     setup = Setup("cuda", batch, max_len, lora_rank, quantize=quantize, nproc=int(os.environ.get("WORLD_SIZE", "1")))
     fit = auto_settings(config, stage, setup, gpu_memory(resolved))
     return fit.batch, fit.grad_accum, fit.checkpointing
+

@@ -212,7 +212,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     The train config must be the saved one except for max_steps; this is checked before anything loads.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     state = verify_checkpoint(path)
     threads = state.get("threads")
@@ -228,15 +228,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         counts = every if "batch_size" in changed else ""
         raise MedkoError(f"resuming {path} with changed train config fields {changed} (saved, now){counts}; "
                          f"resume with the saved values or start a new run directory")
-    weights = load_file(str(path / WEIGHTS))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights) - set(params))[:8]} beyond the trainable "
-                         f"parameters and lacks {sorted(set(params) - set(weights))[:8]}; "
-                         f"call set_trainable with the patterns of the interrupted run")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(distributed.local_like(params[name], tensor))
-    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    # A sharded model's rank reads only its shard's rows of both files (distributed.local_like copies them), the
+    # optimizer's memory-mapped; a whole model loads them whole, so that no mapping outlives the load.
+    with safe_open(str(path / WEIGHTS), "pt") as weights:
+        if set(weights.keys()) != set(params):
+            raise MedkoError(f"{path / WEIGHTS} holds {sorted(set(weights.keys()) - set(params))[:8]} beyond the "
+                             f"trainable parameters and lacks {sorted(set(params) - set(weights.keys()))[:8]}; "
+                             f"call set_trainable with the patterns of the interrupted run")
+        with torch.no_grad():
+            for name in weights.keys():
+                params[name].copy_(distributed.local_like(params[name], weights.get_slice(name)))
+    saved_optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True,
+                                 mmap=distributed.sharded(model))
     optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, saved_optimizer))
     return state

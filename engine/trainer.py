@@ -243,11 +243,13 @@ def train(model: nn.Module, loss_fn: LossFn, examples_or_batch_fn: Sequence[Exam
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     compute_dtype(device, model_dtype(model))  # refuses fp16 weights
-    model.to(device)
     if config.batch_size % distributed.world():
         raise MedkoError(f"batch_size {config.batch_size} does not split over {distributed.world()} processes; "
                          f"give a multiple of the process count")
-    distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    distributed.materialize(model)  # a base loaded under FSDP2 is sharded and read here, at its first use
+    if not distributed.sharded(model):  # a sharded model's parameters are on their device, each rank its own part
+        model.to(device)
+        distributed.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     distributed.wrap(model)
     model.gradient_checkpointing = config.gradient_checkpointing
     optimizer = make_optimizer(model, config)

@@ -12,10 +12,12 @@ import shared_logic as sl  # noqa: E402
 def main(run: sl.StageRun) -> None:
     opts, data = run.opts, run.data
     model, tokenizer = run.load_previous()
-    # What s1.1 is judged on, before lora1 exists (a zero adapter changes nothing): the English dev answers s1 gave
-    # for this very model, and the held-out texts, where the model is its own teacher (drift 0, no teacher pass).
-    before = {**run.gate_english(model, tokenizer), **run.measure(model, tokenizer, ("en_text",))}
+    # lora1 comes before the model first runs: under torchrun FSDP2 shards it then, and it takes no surgery after.
     sl.add_lora(model, "lora1", rank=opts.lora_rank, alpha=opts.lora_alpha)
+    # What s1.1 is judged on, lora1 off (it is zero anyway): the English dev answers s1 gave for this very model,
+    # and the held-out texts, where the model is its own teacher (drift 0, no teacher pass).
+    with sl.teacher_mode(model):
+        before = {**run.gate_english(model, tokenizer), **run.measure(model, tokenizer, ("en_text",))}
     examples = (sl.exam_examples(tokenizer, run.english_exam("train"), "en", opts.max_len)
                 + sl.exam_examples(tokenizer, data.en_mcq, "en", opts.max_len) + run.text(tokenizer, data.en_text))
     # Exam rows also carry the letter loss, so their answers weigh as much as a text's tokens do.

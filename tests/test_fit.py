@@ -39,6 +39,31 @@ def test_rows_are_halved_until_the_evaluation_fits_the_budget():
     assert rows_within(c, s, "generate", 64, None, 256) == 64  # no GPU: the default rows
 
 
+
+def test_a_sharded_model_sets_its_gathered_layers_aside_and_the_ranks_agree_on_rows(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine import fit
+
+    c, s = PRESETS["27b"], Setup("cuda")
+    # A GPU whose room beside the tensors (none allocated here) holds 64 generation rows, but not with the
+    # embedding and FSDP_LAYERS layers a rank gathers whole while it computes.
+    room = evaluation_bytes(c, s, "generate", 64, 256) + plan.gathered_bytes(c, s) // 2
+    monkeypatch.setenv(plan.GPU_MEMORY_ENV, str((room + plan.CUDA_CONTEXT) / (1 - plan.CUDA_SLACK) / GIB))
+    monkeypatch.setattr(fit, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    model = SimpleNamespace(config=c)
+    monkeypatch.setattr(fit.distributed, "sharded", lambda m: False)
+    assert fit.rows_that_fit(model, "generate", 64, s.max_len, 256) == 64
+    monkeypatch.setattr(fit.distributed, "sharded", lambda m: True)
+    agreed = []
+    monkeypatch.setattr(fit.distributed, "global_min", lambda rows: agreed.append(rows) or 1)
+    assert fit.rows_that_fit(model, "generate", 64, s.max_len, 256) == 1  # another rank could do only one
+    assert 1 <= agreed[0] < 64
+
+
 @pytest.mark.parametrize("size,gib", [("27b", 80), ("4b", 24), ("4b", 48)])
 def test_every_stage_fits_without_a_flag_it_does_not_choose(size, gib):
     for work in STAGE_WORK:
@@ -115,8 +140,11 @@ def test_plan_hours_names_the_source_of_every_throughput_and_sums_its_stages():
     rows = [line for line in lines if line.startswith(tuple(w.title for w in plan.STAGE_WORK)) and " h" not in line
             and "M" in line]
     assert len(rows) == len(plan.STAGE_WORK)
-    total = float(next(line for line in lines if line.startswith("run ")).split()[-1])
-    assert total == pytest.approx(sum(float(r.split()[-1]) for r in rows), abs=0.1)
+    run = next(line for line in lines if line.startswith("run "))
+    total = float(run.split()[-1])
+    curriculum = [r for r in rows if not r.startswith(plan.WORK["sft"].title)]  # the baseline is a run of its own
+    assert total == pytest.approx(sum(float(r.split()[-1]) for r in curriculum), abs=0.1)
+    assert lines.index(run) < lines.index(next(r for r in rows if r not in curriculum))
     sources = [line for line in lines if line.startswith("  ") and ": " in line]
     assert len(sources) == 3 and all("measured" in s for s in sources)  # measured, or not measured (estimate ...)
     assert all("not measured (estimate from" in s for s in sources)  # no 27B figure was ever measured

@@ -184,7 +184,7 @@ def test_quantize_on_cpu_says_it_needs_a_gpu(tiny_dir, capsys):
 
     assert medko.main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--device", "cpu",
                        "--quantize", "4bit"]) == 1
-    assert "need a CUDA GPU with bitsandbytes" in capsys.readouterr().err
+    assert "4-bit base weights need a CUDA GPU; drop --quantize" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, sentence", [

@@ -97,10 +97,47 @@ def test_fits_are_chosen_in_order_and_keep_the_global_batch():
 def test_nproc_shards_weights_and_optimizer_but_not_activations():
     config, work = PRESETS["27b"], WORK["s4"]
     one, four = estimate(config, work, Setup()), estimate(config, work, Setup(nproc=4))
-    gathered = (config.vocab_size * config.hidden_size + 2 * plan.layer_params(config)) * 2
+    gathered = (config.vocab_size * config.hidden_size + plan.FSDP_LAYERS * plan.layer_params(config)) * 2
     assert four.base == one.base // 4 + gathered
     assert four.trainable == one.trainable // 4
     assert (four.activations, four.teacher, four.evaluation) == (one.activations, one.teacher, one.evaluation)
+    # At load a rank holds its shard of the base, one layer's rows in flight and the additions whole (engine.shard_load).
+    assert four.load == plan.base_bytes(config, Setup()) // 4 + one.weights_only + plan.layer_params(config) * 2 // 4
+    assert one.load == one.base + one.weights_only
+
+
+@pytest.mark.parametrize("nproc, gib", [(2, 80), (4, 40), (8, 24)])
+def test_27b_fits_every_stage_on_the_multi_gpu_boxes_without_nf4(nproc, gib):
+    setup = Setup(batch=8, nproc=nproc)
+    for work in plan.STAGE_WORK:
+        fit = fitting_settings(PRESETS["27b"], work, setup, gib * GIB)
+        assert fit is not None and not fit.quantize, work.name
+        assert max(fit.estimate.load, fit.estimate.peak) <= plan.usable_bytes(gib * GIB)
+    shown = subprocess.run([sys.executable, str(ROOT / "medko.py"), "plan", "--size", "27b", "--nproc", str(nproc),
+                            "--gpu-memory", str(gib)], capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [line for line in shown.splitlines() if line.startswith(tuple(w.title for w in plan.STAGE_WORK))]
+    assert "load" in shown.splitlines()[2] and len(rows) == len(plan.STAGE_WORK)
+    assert not any("nothing" in row or "--quantize" in row for row in rows), rows
+
+
+def test_a_rank_s_generation_that_does_not_fit_decodes_fewer_rows_at_once():
+    config, work, setup = PRESETS["27b"], WORK["s5"], Setup(nproc=4)
+    found = estimate(config, work, setup, 40 * GIB)
+    rows = found.eval_rows["generate"]
+    assert 1 <= rows < work.generate[0]
+    layers = config.num_layers + 2  # s5 holds the duplicated edge layers
+    wider = plan.evaluation_bytes(config, setup, "generate", rows * 2, work.generate[1], layers)
+    assert found.base + found.weights_only + wider > plan.usable_bytes(40 * GIB)
+    assert estimate(config, work, setup, 400 * GIB).eval_rows["generate"] == work.generate[0]
+
+
+def test_the_plan_refuses_nf4_with_several_processes():
+    done = subprocess.run([sys.executable, "medko.py", "plan", "--size", "27b", "--nproc", "4", "--quantize", "4bit"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("medko: --quantize 4bit does not run with FSDP2 under torchrun, which cannot shard "
+                                   "NF4 weights; drop --quantize and let --nproc spread the bf16 base over the GPUs "
+                                   "(27B: 2 x 80, 4 x 40 or 8 x 24 GB by the plan)")
 
 
 def test_stages_take_the_plan_on_cuda_and_flags_override_it(monkeypatch):
