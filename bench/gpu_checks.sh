@@ -6,21 +6,8 @@
 #
 #   bash bench/gpu_checks.sh
 set -u -o pipefail
-out=${OUT:-gpu_out}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MEDKO_CACHE=${MEDKO_CACHE:-$PWD/.devcache} PYTHONPATH=${PYTHONPATH:-$PWD/.devsite}
-py=${PYTHON:-python3}
-
-step() {  # step NAME SECONDS COMMAND...: run it, keep its log, say how it ended
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    echo "== $name (limit ${limit} s)"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 14 "$out/$name.log"
-    echo "== $name: rc $rc in $((SECONDS - start)) s"
-}
+source "$(dirname "$0")/gpu_step.sh"
 
 nvidia-smi -L
 $py -c "import torch, bitsandbytes; print('torch', torch.__version__, 'bitsandbytes', bitsandbytes.__version__)"
