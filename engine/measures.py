@@ -109,12 +109,12 @@ def _losses_and_drift(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str],
             drifts += [0.0] * len(ids)
             continue
         with teacher_mode(model, teacher):
-            teacher = model(ids, mask, return_logits=False).hidden
+            reference = model(ids, mask, return_logits=False).hidden
         # Position t predicts token t + 1: the last real position predicts nothing and is left out.
         picked = [_spread(int(mask[i].sum()) - 1, positions).to(ids.device) for i in range(len(ids))]
         rows = torch.cat([torch.full_like(p, i) for i, p in enumerate(picked)])
         s_rows = torch.cat([student[i, p] for i, p in enumerate(picked)])
-        t_rows = torch.cat([teacher[i, p] for i, p in enumerate(picked)])
+        t_rows = torch.cat([reference[i, p] for i, p in enumerate(picked)])
         kl = []
         for first in range(0, len(rows), chunk):
             log_s = F.log_softmax(model.logits(s_rows[first:first + chunk]).float(), -1)
