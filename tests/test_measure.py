@@ -70,3 +70,26 @@ def test_english_loss_part_is_en_text_loss_without_the_teacher_pass(tiny_model, 
     loss_only = sl.measure(tiny_model, tiny_tokenizer, tmp_path, data, opts, ("en_loss",))
     assert set(loss_only) == {"en_loss", "en_losses"} and len(passes) == 1  # one batch, the student's pass only
     assert full["drift"] > 0 and loss_only["en_losses"] == pytest.approx(full["en_losses"], abs=2e-6)
+
+
+def test_drift_from_a_snapshot_teacher_holds_in_every_batch(tiny_model, tiny_tokenizer):
+    """The teacher is the named snapshot in every batch, not only the first (a teacher pass once overwrote the
+    snapshot's name, so later batches compared with the bare base), and BASE names the bare base."""
+    from engine.adapters import snapshot_adapter
+    from engine.measures import BASE
+
+    add_lora(tiny_model, "lora1", rank=2, alpha=4.0)
+    lora_b = [p for name, p in tiny_model.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(0, 0.3)  # the teacher's lora1: far from the base
+    snapshot_adapter(tiny_model, "lora1", "teacher")
+    with torch.no_grad():
+        for p in lora_b:
+            p.add_(torch.randn_like(p) * 0.01)  # the student: close to its teacher
+    texts = [f"text number {i} " * (1 + i % 3) for i in range(10)]
+    batched = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=3)
+    whole = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=len(texts))
+    assert batched[1] == pytest.approx(whole[1], rel=1e-5)
+    from_base = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=3, teacher=BASE)[1]
+    assert all(b > 5 * s for b, s in zip(from_base, batched[1]))  # every batch's texts, the last included
