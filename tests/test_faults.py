@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each command's required arguments; a command added without an entry here fails the test below.
 COMMAND_ARGS = {"download": [], "convert": [], "plan": [], "generate": ["--prompt", "x"], "eval": [],
                 "translate": ["--data", "x", "--out", "y"], "export": ["run/s2_embed", "--out", "y"],
-                "test": ["--run-dir", "run"], "report": ["run"]}
+                "test": ["--run-dir", "run"], "compare": ["base", "run"], "report": ["run"]}
 
 
 def python(code: str, *args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -155,7 +155,7 @@ def test_eval_reads_another_encoding_when_told(tiny_dir, tmp_path, capsys):
     assert medko.main(["eval", "--model", str(tiny_dir), "--data", str(path)]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"medko: {path}:2: byte offset 24 ")
     assert medko.main(["eval", "--model", str(tiny_dir), "--data", str(path), "--encoding", "cp949"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["exam", "1"]  # the one question, decoded
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["exam", "1"]  # the one question, decoded
 
 
 def test_the_commands_docs_faults_shows_run_as_written(tiny_dir, tmp_path):
