@@ -33,6 +33,9 @@ def score_exams(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], englis
     """A Korean exam and (when given) its row-aligned English version, each in both formulations, with EN↔KO
     agreement overall and on the `unseen` question ids; the top level is the Korean exam in `formulation`, and
     "english" the English one's outcomes."""
+    if english is not None:  # row-aligned by id; a smoke run scores the first Korean rows only
+        by_id = {r.id: r for r in english}
+        english = [by_id[r.id] for r in rows if r.id in by_id]
     formulations = {}
     for mode in ("logits", "cloze"):
         ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)

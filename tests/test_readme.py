@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FEW_TOKENS = ["--max-new-tokens", "8"]
 
 
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# docs/faults.md's commands read the damaged files they describe: tests/test_faults.py runs them where those exist.
+DOCUMENTS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "faults.md")]
 
 
 def documented_commands(path: Path) -> list[str]:

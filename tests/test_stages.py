@@ -275,8 +275,14 @@ def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir,
     assert err.splitlines()[-1] == f"medko: s2 terminated (SIGTERM); continue it with --resume ({killed / 's2_embed'})"
     assert "Traceback" not in err
     assert sl.latest_checkpoint(killed / "s2_embed" / "train").name == "step-00000004"  # the last completed step
-    assert stage("s2", killed, tiny_dir, "--max-steps", "6", "--resume") == 0
-    assert stage("s2", straight, tiny_dir, "--max-steps", "6") == 0
+    # Both runs train in fresh processes like the killed one: a global torch setting another test left in this
+    # process would otherwise make the in-process steps differ from the child's.
+    threads, env = str(torch.get_num_threads()), {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'stages'}"}
+    again = "import sys, torch, s2_embed; torch.set_num_threads(int(sys.argv[1])); sys.exit(s2_embed.main(sys.argv[2:]))"
+    for run_dir, extra in ((killed, ["--resume"]), (straight, [])):
+        done = subprocess.run([sys.executable, "-c", again, threads, *args[:3], str(run_dir), *args[4:], *extra],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
     a = load_file(str(straight / "s2_embed" / "adapter.safetensors"))
     b = load_file(str(killed / "s2_embed" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
