@@ -15,12 +15,13 @@ from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
 from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
 from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, format_table, translate
-from engine.compare import compare, table as compare_table
+from engine.compare import Side, compare, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
 from engine.faults import catch_sigterm, crash_report, interrupt_code, interrupt_word
 from engine.files import read_json
 from engine.generate import generate
+from engine.measures import BASE, losses_and_drift
 from engine.hub import HUB_MODELS, hub_download
 from engine.options import COUNT, POSITIVE, ZERO_OR_MORE, add_options
 from engine.model import PRESETS
@@ -191,11 +192,35 @@ def cmd_test(args: argparse.Namespace) -> None:
             print(f"EN↔KO ({mode}): {describe_agreement(scored['languages'])}")
 
 
+def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side, set[str]]:
+    """A run directory's final model (its test_report.json, and English held-out loss and drift from its base), or
+    "base": the base model of the other run, its test split scored once and kept in OTHER/base_test_report.json.
+    Returns the side and the test ids whose answer no Korean training text holds."""
+    run_dir = Path(other if path == "base" else path)
+    data = sl.load_run_data(run_dir)
+    if path == "base":
+        base = sl.run_base(run_dir, None, None)
+        model, tokenizer, _ = load_base(base["size"], base["model"], device)
+        cached = run_dir / "base_test_report.json"
+        test = read_json(cached) if cached.is_file() else sl.test_exams(model, tokenizer, run_dir, data, "base")
+        distributed.on_main(sl.write_json_atomic, test, cached)
+        name = f"base ({base['model'] or base['size']})"
+    else:
+        report = run_dir / "test_report.json"
+        if not report.is_file():
+            raise sl.MedkoError(f"{report} is missing: score the run's test split first (python medko.py test --run-dir "
+                             f"{run_dir})")
+        test, name = read_json(report), str(run_dir)
+        model, tokenizer, _ = sl.load_run_model_after(run_dir, sl.final_stage(run_dir), device)
+    losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512, teacher=BASE)
+    return Side(name, test, losses, drifts), sl.unseen_test_ids(run_dir, data.exam["test"])
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     if args.a == "base" and args.b == "base":
         raise sl.MedkoError("compare needs at least one run directory; 'base' is the base of the other run")
-    a, unseen = sl.compare_side(args.a, args.b, args.device)
-    b, _ = sl.compare_side(args.b, args.a, args.device)
+    a, unseen = compare_side(args.a, args.b, args.device)
+    b, _ = compare_side(args.b, args.a, args.device)
     rows = compare(a, b, sorted(unseen))
     print(compare_table(a, b, rows))
     if args.out:

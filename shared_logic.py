@@ -17,51 +17,48 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine import distributed, faults
+from engine import distributed, faults, sources
 from engine.adapters import additions_state_dict, apply_surgery, load_additions_file
 from engine.checkpoints import SIZES, load_base
-from engine import sources
+from engine.compare import score_exams
 from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
                          load_texts, parse_field_map)
 from engine.errors import MedkoError, log, setup_logging
-from engine.evaluate import (translation_prompt)
+from engine.evaluate import translation_prompt
+from engine.examples import Example, text_examples
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
-from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
-from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
 from engine.guard import guard_record, recover
-from engine.phase_losses import english_only_loss
-from engine.compare import Side, score_exams
-from engine.measures import BASE, losses_and_drift, measure_parts
-from engine.measures import translation_scores as translation_scores
+from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
+from engine.measures import losses_and_drift, measure_parts
 from engine.model import Gemma3
 from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options, number, option
+from engine.phase_losses import english_only_loss
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
-from engine.stats import (bootstrap_mean, describe, guard_check, judge, mean,
-                          overall_verdict)
+from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
+from engine.stats import bootstrap_mean, describe, guard_check, judge, mean, overall_verdict
 from engine.tokenizer import Tokenizer
 from engine.train_checkpoints import latest_checkpoint
-from engine.examples import Example, text_examples
 from engine.trainer import TrainConfig, set_trainable, step_tokens, train
 
 # Engine names the stage scripts use, re-exported (`x as x`), so a stage imports only this module.
-from engine.adapters import add_language_embeddings as add_language_embeddings, add_lora as add_lora  # noqa: I001
-from engine.adapters import adapter_specs as adapter_specs, duplicate_edge_layers as duplicate_edge_layers
-from engine.adapters import snapshot_adapter as snapshot_adapter, teacher_mode as teacher_mode
+from engine.adapters import (add_language_embeddings as add_language_embeddings, add_lora as add_lora,  # noqa: I001
+                             adapter_specs as adapter_specs, duplicate_edge_layers as duplicate_edge_layers,
+                             snapshot_adapter as snapshot_adapter, teacher_mode as teacher_mode)
 from engine.data import mcq_record as mcq_record, split_overlap as split_overlap
-from engine.phase_losses import stage_loss as stage_loss
-from engine.sources import held_out_sets as held_out_sets, reference_exam as reference_exam
-from engine.sources import unseen_answers as unseen_answers
-from engine.evaluate import evaluate as evaluate, letter_token_ids as letter_token_ids
-from engine.evaluate import translate_mcqs as translate_mcqs
-from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
-from engine.fit import base_plan as base_plan, candidates_that_fit as candidates_that_fit
+from engine.evaluate import (choose_formulation as choose_formulation, evaluate as evaluate,
+                             letter_token_ids as letter_token_ids, translate_mcqs as translate_mcqs)
 from engine.examples import lm_examples as lm_examples
-from engine.evaluate import choose_formulation as choose_formulation
-from engine.reasoning import answer_line_tokens as answer_line_tokens, exam_examples as exam_examples
-from engine.reasoning import reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples
+from engine.files import file_sha256 as file_sha256, write_jsonl_atomic as write_jsonl_atomic
+from engine.fit import (base_plan as base_plan, candidates_that_fit as candidates_that_fit,
+                        gate_candidates as gate_candidates)
+from engine.measures import translation_scores as translation_scores
+from engine.phase_losses import stage_loss as stage_loss
+from engine.reasoning import (answer_line_tokens as answer_line_tokens, exam_examples as exam_examples,
+                              reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples)
+from engine.sources import (held_out_sets as held_out_sets, reference_exam as reference_exam,
+                            unseen_answers as unseen_answers)
 from engine.trainer import mixed_batches as mixed_batches, steps_for_tokens as steps_for_tokens
-
 
 # ───────────────────────────── the stage table ─────────────────────────────
 
@@ -399,9 +396,13 @@ def added_layer_patterns(model: Gemma3) -> list[str]:
 
 # ───────────────────────────── a stage of a run ─────────────────────────────
 
-class StageRun:
-    """One stage of one run, as its script drives it: options, directories, data, base model, training phases,
-    measurements, the English guard and the save."""
+# StageRun is built in layers, one concern each, every layer using those above it: RunInputs (options, data,
+# base, the starting model), RunMeasures (dev exams and held-out texts, verdicts), RunPhases (training phases),
+# RunGuard (the English guard) and StageRun (the stage's lock, directory and save). A stage sees one object.
+
+class RunInputs:
+    """What a stage starts from: its options and directories, the run's data, the base s1 chose, the previous
+    stage's model."""
 
     def __init__(self, stage: str, opts: StageOptions):
         self.stage = stage
@@ -410,39 +411,7 @@ class StageRun:
         self.out = stage_dir(self.run_dir, stage)
         self._data: RunData | None = None
         self._base: dict[str, Any] | None = None
-        self._start = time.perf_counter()
-        self._lock, self._made = None, []  # the stage's lock file; the directories this process made
-        self.logger = MetricLogger()  # live curves (--log-to), opened by start() on the process that writes
 
-    def start(self) -> None:
-        """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
-        directory (under torchrun rank 0 alone does, and holds the lock)."""
-        made_run = not self.run_dir.exists()
-        self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
-        self.logger = open_logger(self.opts.log_to, self.run_dir, STAGES[self.stage].directory, asdict(self.opts))
-        self._made = [self.run_dir] if made_run else []
-        require_previous(self.run_dir, self.stage)
-        meta = stage_meta(self.run_dir, self.stage)
-        if self.opts.resume and meta is not None:
-            raise MedkoError(f"{self.stage} already ended in {self.out} with status {meta.get('status')!r}; --resume "
-                             f"continues only an interrupted stage: delete {self.out} and the stages after it to "
-                             f"train it again")
-        if self.out.exists() and not self.opts.resume:
-            raise MedkoError(f"{self.out} exists; pass --resume to continue it or delete it to start the stage over")
-        if not self.out.exists():
-            self._made.append(self.out)
-            self.out.mkdir()
-
-    def discard(self) -> bool:
-        """After a refusal or failure: removes the directories this process made when they hold nothing to
-        resume (no checkpoint, meta.json or translation cache), so the next command starts clean."""
-        if self.out not in self._made or any(self.out.glob("*/checkpoints/step-*")) or any(
-                (self.out / name).exists() for name in ("meta.json", "translations.jsonl")):
-            return False
-        shutil.rmtree(self.out, ignore_errors=True)
-        if self.run_dir in self._made and list(self.run_dir.iterdir()) == [Path(self._lock.name)]:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        return True
 
     @property
     def data(self) -> RunData:
@@ -466,15 +435,6 @@ class StageRun:
         rows = self.data.exam["dev"] if lang == "ko" else self.english_exam("dev")
         return limited(rows, self.opts.eval_limit)
 
-    def gate_english(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
-        """The English dev exam's answers as s1 scored the chosen base (the model s1.1 starts from), else scored."""
-        gate = stage_meta(self.run_dir, "s1") or {}
-        correct = gate.get("en_correct", {}).get(gate.get("chosen"))
-        preds = gate.get("en_preds", {}).get(gate.get("chosen"))
-        if correct is None or preds is None or len(correct) != len(self.dev("en")):
-            return self.measure(model, tokenizer, ("en_exam",))
-        return {"en_accuracy": mean(correct), "en_correct": correct, "en_preds": preds}
-
     def load_previous(self) -> tuple[Gemma3, Tokenizer]:
         """The model this stage starts from: the base with the previous stage's surgery and additions."""
         o = self.opts
@@ -485,6 +445,10 @@ class StageRun:
 
     def text(self, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Example]:
         return text_examples(tokenizer, texts, self.opts.max_len)
+
+
+class RunMeasures(RunInputs):
+    """The stage's measurements: dev exams and held-out texts as it enters and leaves; its verdicts."""
 
     def measure(self, model: Gemma3, tokenizer: Tokenizer, parts: Sequence[str] | None = None) -> dict[str, Any]:
         """measure() of the parts this stage reads (STAGE_MEASURES, else all)."""
@@ -512,6 +476,19 @@ class StageRun:
         result = stage_verdicts(self.stage, before, after, self.opts.drift_bound)
         log.info("%s: %s", self.stage, result["verdict_line"])
         return result
+
+    def gate_english(self, model: Gemma3, tokenizer: Tokenizer) -> dict[str, Any]:
+        """The English dev exam's answers as s1 scored the chosen base (the model s1.1 starts from), else scored."""
+        gate = stage_meta(self.run_dir, "s1") or {}
+        correct = gate.get("en_correct", {}).get(gate.get("chosen"))
+        preds = gate.get("en_preds", {}).get(gate.get("chosen"))
+        if correct is None or preds is None or len(correct) != len(self.dev("en")):
+            return self.measure(model, tokenizer, ("en_exam",))
+        return {"en_accuracy": mean(correct), "en_correct": correct, "en_preds": preds}
+
+
+class RunPhases(RunMeasures):
+    """The stage's training phases and their settings: steps, batch, lr, the per-layer loss's weight."""
 
     def defaults(self) -> tuple[int, int, float]:
         """(steps per phase, micro-batch, lr) of this stage on the run's base when no option overrides them."""
@@ -555,6 +532,10 @@ class StageRun:
                 "tokens_per_s": summary["tokens_per_s"], "patterns": list(patterns),
                 "trainable": sum(counts[n].numel() for n in trained), "tensors": len(trained)}
 
+
+class RunGuard(RunPhases):
+    """The English guard after a stage's training."""
+
     def english_guard(self, model: Gemma3, tokenizer: Tokenizer, patterns: Sequence[str],
                       after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """English must hold above noise: mean English drift within --drift-bound, and English dev accuracy at
@@ -596,6 +577,46 @@ class StageRun:
             else:
                 after = self.measure(model, tokenizer)
         return after, guard
+
+
+class StageRun(RunGuard):
+    """One stage of one run, as its script drives it: the layers above, and the stage's lock, directory and save."""
+
+    def __init__(self, stage: str, opts: StageOptions):
+        super().__init__(stage, opts)
+        self._start = time.perf_counter()
+        self._lock, self._made = None, []  # the stage's lock file; the directories this process made
+        self.logger = MetricLogger()  # live curves (--log-to), opened by start() on the process that writes
+
+    def start(self) -> None:
+        """Takes the stage's lock for the life of the process, checks the stage order and makes the stage
+        directory (under torchrun rank 0 alone does, and holds the lock)."""
+        made_run = not self.run_dir.exists()
+        self._lock = hold_lock(self.run_dir / f".{STAGES[self.stage].directory}.lock", str(self.out))
+        self.logger = open_logger(self.opts.log_to, self.run_dir, STAGES[self.stage].directory, asdict(self.opts))
+        self._made = [self.run_dir] if made_run else []
+        require_previous(self.run_dir, self.stage)
+        meta = stage_meta(self.run_dir, self.stage)
+        if self.opts.resume and meta is not None:
+            raise MedkoError(f"{self.stage} already ended in {self.out} with status {meta.get('status')!r}; --resume "
+                             f"continues only an interrupted stage: delete {self.out} and the stages after it to "
+                             f"train it again")
+        if self.out.exists() and not self.opts.resume:
+            raise MedkoError(f"{self.out} exists; pass --resume to continue it or delete it to start the stage over")
+        if not self.out.exists():
+            self._made.append(self.out)
+            self.out.mkdir()
+
+    def discard(self) -> bool:
+        """After a refusal or failure: removes the directories this process made when they hold nothing to
+        resume (no checkpoint, meta.json or translation cache), so the next command starts clean."""
+        if self.out not in self._made or any(self.out.glob("*/checkpoints/step-*")) or any(
+                (self.out / name).exists() for name in ("meta.json", "translations.jsonl")):
+            return False
+        shutil.rmtree(self.out, ignore_errors=True)
+        if self.run_dir in self._made and list(self.run_dir.iterdir()) == [Path(self._lock.name)]:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return True
 
     def save(self, model: Gemma3 | None, meta: dict[str, Any]) -> None:
         """adapter.safetensors (the additions only, never base weights) and meta.json, each written atomically;
@@ -680,19 +701,6 @@ def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, di
     return ("hub" if hub else str(root)), rows, counts
 
 
-HUB_CANDIDATES = ["4b", "27b"]  # the gate's default for a hub size: the small and the large MedGemma
-
-
-def gate_candidates(opts: StageOptions) -> list[str]:
-    """Sizes (or the --model directory) the gate scores, smallest first: --candidates, else both MedGemmas for a
-    hub --size, else the 270M alone."""
-    if opts.model:
-        return [opts.model]
-    if opts.candidates:
-        return opts.candidates.split(",")
-    return list(HUB_CANDIDATES) if opts.size in HUB_CANDIDATES else [opts.size or "270m"]
-
-
 def source_translations(run_dir: Path) -> Path | None:
     """The reference translations beside a local data source's exam (DIR/kormedmcqa_en, as the bundled data
     has), or None."""
@@ -770,30 +778,6 @@ def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData
     rows = data.exam["test"]
     return score_exams(model, tokenizer, rows, test_english(run_dir, rows), run_formulation(run_dir),
                        unseen_test_ids(run_dir, rows), name)
-
-
-def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side, set[str]]:
-    """A run directory's final model (its test_report.json, and English held-out loss and drift from its base), or
-    "base": the base model of the other run, its test split scored once and kept in OTHER/base_test_report.json.
-    Returns the side and the test ids whose answer no Korean training text holds."""
-    run_dir = Path(other if path == "base" else path)
-    data = load_run_data(run_dir)
-    if path == "base":
-        base = run_base(run_dir, None, None)
-        model, tokenizer, _ = load_base(base["size"], base["model"], device)
-        cached = run_dir / "base_test_report.json"
-        test = read_json(cached) if cached.is_file() else test_exams(model, tokenizer, run_dir, data, "base")
-        distributed.on_main(write_json_atomic, test, cached)
-        name = f"base ({base['model'] or base['size']})"
-    else:
-        report = run_dir / "test_report.json"
-        if not report.is_file():
-            raise MedkoError(f"{report} is missing: score the run's test split first (python medko.py test --run-dir "
-                             f"{run_dir})")
-        test, name = read_json(report), str(run_dir)
-        model, tokenizer, _ = load_run_model_after(run_dir, final_stage(run_dir), device)
-    losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512, teacher=BASE)
-    return Side(name, test, losses, drifts), unseen_test_ids(run_dir, data.exam["test"])
 
 
 def write_run_report(run_dir: Path) -> Path:

@@ -81,6 +81,19 @@ def candidate_fit(name: str, c: ModelConfig, s: Setup, gpu_bytes: int, may_quant
                   f"{asked} (the plan then chooses NF4 for it) or --quantize 4bit")
 
 
+HUB_CANDIDATES = ("4b", "27b")  # the gate's default for a hub size: the small and the large MedGemma
+
+
+def gate_candidates(size: str | None, candidates: str | None = None, model: str | None = None) -> list[str]:
+    """Sizes (or the --model directory) the gate scores, smallest first: --candidates, else both MedGemmas for a
+    hub --size, else the 270M alone."""
+    if model:
+        return [model]
+    if candidates:
+        return candidates.split(",")
+    return list(HUB_CANDIDATES) if size in HUB_CANDIDATES else [size or "270m"]
+
+
 def candidates_that_fit(names: list[str], asked: set[str], quantize: bool, device: str | None,
                         model_dir: str | Path | None = None) -> dict[str, bool]:
     """The gate's candidates that can run the curriculum on this GPU, each with whether its base loads in NF4,

@@ -13,7 +13,7 @@ import shared_logic as sl  # noqa: E402
 
 @sl.stage_script("s1", __doc__)
 def main(run: sl.StageRun) -> None:
-    opts, names = run.opts, sl.gate_candidates(run.opts)
+    opts, names = run.opts, sl.gate_candidates(run.opts.size, run.opts.candidates, run.opts.model)
     # Before any download, each candidate against this GPU by the memory plan: one that cannot run the curriculum is
     # skipped (it would win the gate and fail later); NF4 only for a model the user named that fits no other way.
     asked = set(names) if opts.candidates or opts.model else {opts.size or "270m"}
