@@ -1,4 +1,5 @@
 """Loaders, bad-row messages, hub loading from local snapshots, and split hygiene."""
+import random
 import json
 from pathlib import Path
 
@@ -285,3 +286,23 @@ def test_s0_overlap_report_includes_the_fewshot_split(tmp_path):
     assert s0(["--run-dir", str(tmp_path)]) == 0
     overlap = json.loads((tmp_path / "s0_data" / "meta.json").read_text())["overlap"]
     assert {"dev/fewshot", "train/fewshot", "test/fewshot"} <= set(overlap)
+
+
+def test_unseen_answers_finds_every_answer_in_one_scan_as_a_substring_search_would():
+    """unseen_answers' one-scan search (the longest answer at each place, then answers inside found ones) gives
+    what a substring search of every text for every answer gives: nested, overlapping, repeated, one-character and
+    regex-special answers, random Korean text."""
+    from engine.sources import unseen_answers
+
+    rng = random.Random(5)
+    syllables = "고혈압당뇨병간신장심근경색폐렴."
+    texts = ["".join(rng.choice(syllables) for _ in range(rng.randint(0, 60))) for _ in range(40)]
+    answers = ["고혈압", "혈압", "고혈", "고혈압성", "간", "(a+b)*", " 당뇨 ", "", "병간신", "렴렴렴렴", "심근경색증"]
+    answers += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 6))) for _ in range(200)]
+    texts += ["식 (a+b)* 는", "뇌졸중 환자"]  # 뇌졸 occurs only where the longer answer 뇌졸중 begins
+    answers += ["뇌졸중", "뇌졸", "졸중", "뇌졸중후"]
+    questions = [MCQ(f"q/{i}", "doctor", "?", {**{k: "x" for k in "ABCDE"}, "C": a}, "C")
+                 for i, a in enumerate(answers)]
+    expected = [i for i, a in enumerate(answers) if not any(a.strip() in t for t in texts)]
+    assert unseen_answers(questions, texts) == expected
+    assert 0 < len(expected) < len(answers)
