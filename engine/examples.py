@@ -6,6 +6,7 @@ Imports engine.errors and engine.tokenizer.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,8 +18,15 @@ from engine.tokenizer import Tokenizer
 
 @dataclass
 class Example:
-    ids: list[int]  # BOS, prompt tokens, target tokens, EOS
-    target_mask: list[bool]  # True where the token itself is a target; BOS and prompt tokens are not
+    """One training example, stored compactly (5 bytes a token, where a list of Python ints costs up to 36), so that
+    a stage's examples cost little beside its text however large the data."""
+
+    ids: Sequence[int]  # BOS, prompt tokens, target tokens, EOS (kept as array("i"))
+    target_mask: Sequence[bool]  # where the token itself is a target, not BOS or a prompt token (array("b") of 0/1)
+
+    def __post_init__(self) -> None:
+        self.ids = array("i", self.ids)
+        self.target_mask = array("b", self.target_mask)
 
 
 def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
@@ -32,10 +40,8 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
         raise MedkoError(f"lm_examples got {len(prompts)} prompts but {len(targets)} targets; "
                          f"pass one of each per example")
     # Prompt and target are encoded apart, as at inference, where the prompt is encoded alone.
-    prompt_ids = tokenizer.encode_batch(prompts)
-    target_ids = tokenizer.encode_batch(targets, bos=False)
     examples, truncated, dropped = [], 0, 0
-    for prompt, target in zip(prompt_ids, target_ids):
+    for prompt, target in zip(tokenizer.encode_each(prompts), tokenizer.encode_each(targets, bos=False)):
         ids = prompt + target + [tokenizer.eos_id]
         mask = [False] * len(prompt) + [True] * (len(target) + 1)
         if len(ids) > max_len:
@@ -47,7 +53,7 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
         examples.append(Example(ids, mask))
     if truncated:
         log.info("lm_examples: truncated %d of %d examples to max_len %d tokens; dropped %d left with no target",
-                 truncated, len(prompt_ids), max_len, dropped)
+                 truncated, len(prompts), max_len, dropped)
     if not examples:
         raise MedkoError(f"every example's prompt fills max_len {max_len}; raise max_len or shorten the prompts")
     return examples
@@ -58,12 +64,10 @@ def cut_middle_examples(tokenizer: Tokenizer, prompts: Sequence[str], bodies: Se
     """Examples whose target is body + ending (EOS after it); one longer than max_len loses the middle of its body,
     marked by `marker`, so that the prompt and the ending (an answer line) stay whole. Returns the examples and how
     many were cut; one whose prompt and ending alone overflow is dropped and logged."""
-    prompt_ids = tokenizer.encode_batch(prompts)
-    body_ids = tokenizer.encode_batch(bodies, bos=False)
-    ending_ids = tokenizer.encode_batch(endings, bos=False)
     mark = tokenizer.encode(marker, bos=False)
     examples, cut, dropped = [], 0, 0
-    for prompt, body, ending in zip(prompt_ids, body_ids, ending_ids):
+    for prompt, body, ending in zip(tokenizer.encode_each(prompts), tokenizer.encode_each(bodies, bos=False),
+                                    tokenizer.encode_each(endings, bos=False)):
         room = max_len - len(prompt) - len(ending) - 1
         if len(body) > room:
             keep = room - len(mark)

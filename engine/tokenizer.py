@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from engine.errors import MedkoError
 
@@ -40,8 +40,14 @@ class Tokenizer:
         return [self.bos_id] + ids if bos else ids
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True) -> list[list[int]]:
-        encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
-        return [([self.bos_id] if bos else []) + e.ids for e in encoded]
+        return list(self.encode_each(texts, bos))
+
+    def encode_each(self, texts: Sequence[str], bos: bool = True, chunk: int = 64) -> Iterator[list[int]]:
+        """Each text's ids in order, encoded `chunk` texts at a time: tokenizers' Encoding objects (every token's
+        string and offsets) cost ~100 bytes a token, so only one chunk of them is ever alive."""
+        for start in range(0, len(texts), chunk):
+            for e in self.tok.encode_batch(list(texts[start:start + chunk]), add_special_tokens=False):
+                yield ([self.bos_id] if bos else []) + e.ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

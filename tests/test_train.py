@@ -20,7 +20,7 @@ from engine.adapters import duplicate_edge_layers
 from engine.model import Gemma3
 from engine.train_checkpoints import (CHECKPOINTS, KEEP, OPTIMIZER, STATE, WEIGHTS, checkpoints, latest_checkpoint,
                                       trainable_state)
-from engine.examples import Example, collate, lm_examples
+from engine.examples import Example, collate, lm_examples, text_examples
 from engine.trainer import METRICS, TrainConfig, batch_at, lr_at, set_trainable, train
 from conftest import randomize, tiny_config
 
@@ -289,13 +289,33 @@ def test_resume_refusals(tmp_path, examples):
         TrainConfig.from_dict({"lr_max": 1.0})
 
 
+def test_examples_are_encoded_a_chunk_at_a_time_and_kept_compact(tiny_tokenizer, monkeypatch):
+    """However many texts a stage reads, tokenizers' Encoding objects (~100 bytes a token) live one chunk at a time,
+    and the examples keep 4 bytes an id and 1 a mask entry; the ids are those of encoding each text alone."""
+    texts = [f"혈압 {i} " * (1 + i % 9) for i in range(150)]
+    real, sizes = tiny_tokenizer.tok, []
+
+    class Recording:
+        def encode_batch(self, batch, **kwargs):
+            sizes.append(len(batch))
+            return real.encode_batch(batch, **kwargs)
+
+    monkeypatch.setattr(tiny_tokenizer, "tok", Recording())
+    examples = text_examples(tiny_tokenizer, texts, max_len=64)
+    monkeypatch.setattr(tiny_tokenizer, "tok", real)
+    assert sum(sizes) == 2 * len(texts) and max(sizes) <= 64  # the prompts ("") and the texts, 64 at a time
+    for text, e in zip(texts, examples):
+        assert list(e.ids) == (tiny_tokenizer.encode(text) + [tiny_tokenizer.eos_id])[:64]
+        assert e.ids.itemsize == 4 and e.target_mask.itemsize == 1
+
+
 def test_lm_examples_mask_prompts_and_truncate(tiny_tokenizer, caplog):
     tok = tiny_tokenizer
     (qa, text), = [lm_examples(tok, ["Q: 1+1?\nA:", ""], [" 2", "plain text"], max_len=64)]
     prompt = tok.encode("Q: 1+1?\nA:")
-    assert qa.ids == prompt + tok.encode(" 2", bos=False) + [tok.eos_id]
-    assert qa.target_mask == [False] * len(prompt) + [True] * (len(qa.ids) - len(prompt))
-    assert text.ids[0] == tok.bos_id and text.target_mask == [False] + [True] * (len(text.ids) - 1)
+    assert list(qa.ids) == prompt + tok.encode(" 2", bos=False) + [tok.eos_id]
+    assert list(qa.target_mask) == [False] * len(prompt) + [True] * (len(qa.ids) - len(prompt))
+    assert text.ids[0] == tok.bos_id and list(text.target_mask) == [False] + [True] * (len(text.ids) - 1)
 
     with caplog.at_level(logging.INFO, logger="medko"):
         short = lm_examples(tok, ["Q: 1+1?\nA:", "a much longer prompt that fills the window"], [" 2", " x"],
@@ -308,7 +328,7 @@ def test_lm_examples_mask_prompts_and_truncate(tiny_tokenizer, caplog):
     batch = collate([qa, text])
     assert batch["input_ids"].shape == (2, max(len(qa.ids), len(text.ids)))
     assert batch["attention_mask"].sum().item() == len(qa.ids) + len(text.ids)
-    assert batch["target_mask"][0].tolist()[:len(qa.ids)] == qa.target_mask
+    assert batch["target_mask"][0].tolist()[:len(qa.ids)] == [bool(m) for m in qa.target_mask]
     assert not (batch["target_mask"] & ~batch["attention_mask"]).any()
 
 
@@ -493,9 +513,9 @@ def test_long_reasoning_loses_its_middle_not_its_answer(tiny_tokenizer):
     (long_ex, short_ex), cut = reasoning_examples(tiny_tokenizer, [row, short], max_len=120)
     assert cut == 1 and len(long_ex.ids) == 120
     prompt = tiny_tokenizer.encode(reasoning_prompt(row))
-    assert long_ex.ids[:len(prompt)] == prompt and not any(long_ex.target_mask[:len(prompt)])
+    assert list(long_ex.ids[:len(prompt)]) == prompt and not any(long_ex.target_mask[:len(prompt)])
     ending = tiny_tokenizer.encode("\n정답： C", bos=False) + [tiny_tokenizer.eos_id]
-    assert long_ex.ids[-len(ending):] == ending
+    assert list(long_ex.ids[-len(ending):]) == ending
     text = tiny_tokenizer.decode(long_ex.ids[len(prompt):])
     assert text.startswith(" step step") and " … " in text
     assert " … " not in tiny_tokenizer.decode(short_ex.ids)
