@@ -628,11 +628,12 @@ class StageRun(RunGuard):
         if model is not None:
             from safetensors.torch import save_file
 
-            additions = {k: distributed.full_tensor(v) for k, v in additions_state_dict(model).items()}
-            if additions and distributed.is_main():
+            state = additions_state_dict(model)
+            additions = distributed.on_main_whole(state)
+            if additions:
                 with atomic_write(self.out / "adapter.safetensors") as tmp:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in additions.items()}, str(tmp))
-            meta.update(surgery=model.surgery, additions=sum(v.numel() for v in additions.values()),
+                    save_file(additions, str(tmp))
+            meta.update(surgery=model.surgery, additions=sum(v.numel() for v in state.values()),
                         seconds=time.perf_counter() - self._start)
         else:
             meta.setdefault("surgery", [])

@@ -1,7 +1,7 @@
 """Per-rank resident memory of FSDP2's shard-at-load (engine.shard_load) with 4 CPU processes (gloo): the random
-Gemma 3 of tests/shard_load_worker.py (8 layers of 34 MiB, float32 safetensors in two shards), loaded with s3's
+Gemma 3 of tests/shard_load_worker.py (8 layers of 58 MiB, float32 safetensors in two shards), loaded with s3's
 additions and trained two updates of s3's loss; each rank's peak above its runtime at load and through the first
-update, against base/N + two layers (load) and base/N + FSDP_LAYERS layers (the step), with 10% on top.
+update, against base/N + two layers (FSDP_LAYERS), with 10% on top, at load and through the step.
 
 The worker's own one-process reference is not run here: tests/test_shard_load.py checks the training against it.
 glibc's mmap threshold is fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so that what is resident is what is held.

@@ -205,6 +205,11 @@ def wrap(model: nn.Module) -> nn.Module:
     for module in [*model.layers, model]:  # each FSDP module reduces its own parameters
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    # FSDP2's default keeps a layer's all-gather buffer in forward until the next layer's all-gather, to overlap
+    # that copy-out with the next collective: a third layer whole. Unsharding as an async op frees the buffer as
+    # soon as it is copied into the layer's parameters, so a rank holds at most two layers whole (the buffer and
+    # the parameters, for the copy; then one), at the cost of that overlap on a GPU.
+    model._set_unshard_async_op(True)
     log.info("FSDP2: %d decoder layers and the root sharded over %d ranks", len(model.layers), world())
     return model
 
@@ -240,6 +245,31 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def on_main_whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors whole, on the CPU, on rank 0 alone (what rank 0 writes; the others get {}): a sharded one is
+    gathered into rank 0 one tensor at a time, so no other rank ever holds more of it than its own shard."""
+    out = {}
+    for name, t in tensors.items():
+        whole = _gathered_on_main(t.detach()) if hasattr(t, "device_mesh") else t.detach()
+        if is_main():
+            out[name] = whole.cpu().contiguous()
+    return out
+
+
+def _gathered_on_main(t: torch.Tensor) -> torch.Tensor | None:
+    """A DTensor sharded on dim 0 (torch.chunk's rows per rank) whole on rank 0, None elsewhere: every rank sends
+    its rows padded to the first rank's count, rank 0 concatenates them and drops the padding."""
+    local = t.to_local()
+    n, ranks = t.shape[0], t.device_mesh.size()
+    chunk = -(-n // ranks)
+    padded = local.new_zeros((chunk, *t.shape[1:]))
+    padded[:local.shape[0]] = local
+    group = t.device_mesh.get_group()
+    parts = [torch.empty_like(padded) for _ in range(ranks)] if is_main() else None
+    dist.gather(padded, parts, group_dst=0, group=group)
+    return torch.cat(parts)[:n] if is_main() else None
+
+
 def local_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` (a tensor, or a safetensors slice) laid out like `target`: this rank's shard when target is a DTensor,
     else the whole. Only the shard's rows are read, so a memory-mapped `full` costs this rank its shard alone."""
@@ -254,9 +284,10 @@ def local_like(target: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """optimizer.state_dict() with sharded states gathered: the file one process would write."""
+    """optimizer.state_dict() with sharded states gathered into rank 0 (on_main_whole): the file one process would
+    write, whole on rank 0; the other ranks' copy lacks the tensors and is not written."""
     state = optimizer.state_dict()
-    state["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+    state["state"] = {i: {**s, **on_main_whole({k: v for k, v in s.items() if torch.is_tensor(v)})}
                       for i, s in state["state"].items()}
     return state
 

@@ -48,8 +48,8 @@ CPU_RUNTIME = 96 * 2 ** 20  # a CPU training step's fixed resident growth: threa
 MEASURE_ROWS = 16  # engine.measures' held-out texts per forward (its batch_size)
 DRIFT_POSITIONS = 16  # engine.measures' drift positions per text
 DRIFT_CHUNK = 128  # engine.measures' drift positions whose [vocab] rows are alive at once
-FSDP_LAYERS = 4  # decoder layers an FSDP2 rank holds whole in a step: computing, next gathered and copied, last kept
-# (3.6 measured by tests/test_shard_load.py on two CPU ranks)
+FSDP_LAYERS = 2  # decoder layers an FSDP2 rank holds whole in a step: the one computing and one all-gather buffer
+# (engine.distributed unshards as an async op; tests/test_shard_load.py measures 2.4 with the step's own memory)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ KEEP = 2  # the newest checkpoint and the one before it, the fallback when the n
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: distributed.full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
+    """The trainable parameters whole on the CPU; under FSDP2 on rank 0 alone (distributed.on_main_whole)."""
+    return distributed.on_main_whole({n: p for n, p in model.named_parameters() if p.requires_grad})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -84,12 +84,16 @@ def checkpoint_bytes(path: Path) -> int:
 def _serialized(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, state: dict[str, Any]
                 ) -> dict[str, bytes]:
     """The checkpoint's files as bytes: their exact sizes are known before the disk is touched, and every write
-    goes through one plain file write whose OSError can be named. It costs one checkpoint's size in memory."""
+    goes through one plain file write whose OSError can be named. It costs one checkpoint's size in memory, on rank
+    0 alone under torchrun (the other ranks get {})."""
     from safetensors.torch import save
 
+    weights, optimizer_state = trainable_state(model), distributed.full_optimizer_state(optimizer)
+    if not distributed.is_main():  # every rank sends its rows to rank 0 above; rank 0 alone writes
+        return {}
     buffer = io.BytesIO()
-    torch.save(distributed.full_optimizer_state(optimizer), buffer)
-    files = {WEIGHTS: save(trainable_state(model)), OPTIMIZER: buffer.getvalue()}
+    torch.save(optimizer_state, buffer)
+    files = {WEIGHTS: save(weights), OPTIMIZER: buffer.getvalue()}
     # Resume checks the files against these digests, and says when the thread count (which changes float sums)
     # differs from the one the checkpoint was written with.
     state = {**state, "step": step, "threads": torch.get_num_threads(),

@@ -86,7 +86,7 @@ def train_run(out: Path, tok: Tokenizer, stop_at: int | None = None, resume: boo
         pass
     finally:
         engine.trainer.accumulate_gradients = real
-    state = trainable_state(model)  # gathered on every rank
+    state = trainable_state(model)  # whole on rank 0
     if distributed.is_main():
         torch.save(state, out / "trainable.pt")
 
