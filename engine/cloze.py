@@ -18,6 +18,7 @@ engine.tokenizer.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +33,7 @@ from engine.losses import token_losses
 from engine.model import Gemma3, KVCache, model_device, model_dtype
 from engine.tokenizer import Tokenizer
 
+OPTION_ROWS = 16  # option rows per continuation pass
 CLOZE_CUE = {"en": ("Question: ", "\nAnswer:"), "ko": ("질문: ", "\n정답:")}
 
 
@@ -91,25 +93,43 @@ def _logprobs(model: Gemma3, tokenizer: Tokenizer, encoded: list[Encoded], batch
         width = max(len(c) for c in conts)
         cache = KVCache(model.config, len(chunk), ids.shape[1] + width, model_dtype(model), device)
         last = model(ids, mask, cache=cache, return_logits=False).hidden[:, -1]  # left padding: last slot is real
-        rows = torch.tensor(owner, device=device)
-        _keep_rows(cache, rows)  # each option row starts from a copy of its question's prefilled cache
-        cont_ids = torch.full((len(conts), width), tokenizer.pad_id, dtype=torch.long, device=device)
-        cont_mask = torch.zeros(len(conts), width, dtype=torch.bool, device=device)
-        for i, tokens in enumerate(conts):
-            cont_ids[i, :len(tokens)] = torch.tensor(tokens, device=device)
-            cont_mask[i, :len(tokens)] = True
-        hidden = model(cont_ids, cont_mask, cache=cache, return_logits=False).hidden
-        # Row r predicts its continuation from the prompt's last state, then from each continuation state but its last.
-        hidden = torch.cat([last[rows][:, None], hidden], 1)
-        targets = torch.cat([ids[rows, -1:], cont_ids], 1)
-        target_mask = torch.cat([torch.zeros_like(cont_mask[:, :1]), cont_mask], 1)
-        losses, row_of = token_losses(model, hidden, targets, target_mask)
-        sums = torch.zeros(len(conts), dtype=torch.float64, device=losses.device).index_add_(0, row_of, -losses.double())
+        # Option rows run in groups of like length, longest first, each padded only to its own longest: padded to
+        # the batch's longest, the bundled exam's continuation passes were half padding.
+        sums = torch.zeros(len(conts), dtype=torch.float64)
+        by_length = sorted(range(len(conts)), key=lambda r: -len(conts[r]))
+        for g in range(0, len(by_length), OPTION_ROWS):
+            group = by_length[g:g + OPTION_ROWS]
+            sums[group] = _continuation_sums(model, tokenizer, cache, last, ids, [owner[r] for r in group],
+                                             [conts[r] for r in group])
         r = 0
         for q, e in zip(order[start:start + batch_size], chunk):
             out[q] = [(sums[r + j].item(), len(e.options[j])) for j in range(len(e.options))]
             r += len(e.options)
     return out
+
+
+def _continuation_sums(model: Gemma3, tokenizer: Tokenizer, prefilled: KVCache, last: torch.Tensor,
+                       ids: torch.Tensor, owner: list[int], conts: list[list[int]]) -> torch.Tensor:
+    """Each continuation's summed log-probability (float64), row r continuing question owner[r] from a copy of
+    that question's prefilled cache rows (the prefilled cache itself stays as it is)."""
+    device = last.device
+    rows = torch.tensor(owner, device=device)
+    cache = copy.copy(prefilled)
+    _keep_rows(cache, rows)  # new tensors: each option row starts from its question's prefilled rows
+    width = max(len(c) for c in conts)
+    cont_ids = torch.full((len(conts), width), tokenizer.pad_id, dtype=torch.long, device=device)
+    cont_mask = torch.zeros(len(conts), width, dtype=torch.bool, device=device)
+    for i, tokens in enumerate(conts):
+        cont_ids[i, :len(tokens)] = torch.tensor(tokens, device=device)
+        cont_mask[i, :len(tokens)] = True
+    hidden = model(cont_ids, cont_mask, cache=cache, return_logits=False).hidden
+    # Row r predicts its continuation from the prompt's last state, then from each continuation state but its last.
+    hidden = torch.cat([last[rows][:, None], hidden], 1)
+    targets = torch.cat([ids[rows, -1:], cont_ids], 1)
+    target_mask = torch.cat([torch.zeros_like(cont_mask[:, :1]), cont_mask], 1)
+    losses, row_of = token_losses(model, hidden, targets, target_mask)
+    return torch.zeros(len(conts), dtype=torch.float64, device=losses.device).index_add_(
+        0, row_of, -losses.double()).cpu()
 
 
 def cloze_predictions(rows: Sequence[MCQ], logprobs: Sequence[Sequence[tuple[float, int]]]) -> list[dict]:
