@@ -157,16 +157,16 @@ def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> 
 
     One scan of the text finds every answer at once (longest_answers), so the cost grows with the text and not with
     answers x text, which at the hub's volumes (4,000 answers, 25M characters) took a minute, and 100 at ten times."""
-    answers = {row.options[row.answer].strip() for row in questions}
+    answer_of = [row.options[row.answer].strip() for row in questions]
+    searched = set(answer_of) - {""}  # the empty answer is in every text
     found = set()
-    if answers - {""}:
-        pattern = longest_answers(answers - {""})
+    if searched:
+        pattern = longest_answers(searched)
         for text in korean_training:
             found.update(m.group(1) for m in pattern.finditer(text))
     # found holds the longest answer beginning at each place; an answer inside a found one occurs where it does.
     joined = "\0".join(found)
-    seen = {a for a in answers if a in joined}
-    return [i for i, row in enumerate(questions) if row.options[row.answer].strip() not in seen]
+    return [i for i, answer in enumerate(answer_of) if answer not in joined]
 
 
 def longest_answers(answers: set[str]) -> re.Pattern[str]:
