@@ -173,6 +173,8 @@ class StageOptions:
     quantize: str | None = option(None, "NF4 frozen base weights (CUDA only)", choices=["4bit"])
     resume: bool = option(False, "continue this stage from its last checkpoint")
     max_steps: int | None = option(None, "optimizer steps per training phase (default by stage and size)", COUNT)
+    budget: float = option(1.0, "a longer (or shorter) run: each training phase's default steps times this, the "
+                           "baseline's matched tokens with them (--max-steps overrides)", POSITIVE)
     batch_size: int | None = option(None, "examples per micro-batch and process (default by stage and size; on CUDA "
                                      "the memory plan's unless this, --grad-accum or --gradient-checkpointing is "
                                      "given)", COUNT)
@@ -516,8 +518,8 @@ class RunPhases(RunMeasures):
         return self.opts.layer_weight if self.opts.layer_weight is not None else LAYER_WEIGHTS.get(self.stage, 10.0)
 
     def steps(self) -> int:
-        """Optimizer steps of a training phase: --max-steps, else the stage's default."""
-        return self.opts.max_steps or self.defaults()[0]
+        """Optimizer steps of a training phase: --max-steps, else the stage's default times --budget (at least 1)."""
+        return self.opts.max_steps or max(1, round(self.defaults()[0] * self.opts.budget))
 
     def train_phase(self, name: str, model: Gemma3, patterns: Sequence[str], loss_fn, batches,
                     config: TrainConfig, resume: bool | None = None) -> dict[str, Any]:

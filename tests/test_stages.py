@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,15 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     opts = sl.StageOptions(run_dir=run_dir, model=str(tiny_dir), max_steps=2, max_len=1024)
     budget = sl.curriculum_tokens(opts, sl.load_run_data(run_dir), sl.Tokenizer(tiny_dir / "tokenizer.json"))
     assert budget == {name: sum(ph["tokens"] for ph in meta(run_dir, name)["phases"]) for name in ("s2", "s3", "s4", "s5")}
+    # --budget multiplies each phase's default steps (never below one), and the baseline's tokens follow them.
+    size = sl.StageRun("s2", opts).base["size"]
+    for budget_x in (0.01, 2.5):
+        longer = replace(opts, max_steps=None, budget=budget_x)
+        for name in ("s1_1", "s2", "s3", "s4", "s5"):
+            assert sl.StageRun(name, longer).steps() == max(1, round(sl.STAGE_DEFAULTS[size][name][0] * budget_x))
+    once, twice = (sl.curriculum_tokens(replace(opts, max_steps=None, budget=b), sl.load_run_data(run_dir),
+                                        sl.Tokenizer(tiny_dir / "tokenizer.json")) for b in (1, 2))
+    assert all(once[name] < twice[name] for name in once)
     for title in ("s1.1 english", "s2 embed", "s3 korean", "s4 translate", "s5 reasoning", "Test split", "dentist"):
         assert title in report
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
