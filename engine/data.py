@@ -395,10 +395,10 @@ def _pair_parser(src: str, tgt: str, mapping: Mapping[str, str]) -> Callable[[Pa
 def lazy_rows(path: Path, kind: str, lang: str = "ko") -> JsonlRows:
     """A JSONL file in medko's own fields (as s0 writes them) as rows read when used (engine.rows.JsonlRows): kind
     "mcq", "reasoning", "text" or "pair" gives what load_mcq_file, load_reasoning, load_texts or load_pairs give."""
-    parsers = {"mcq": lambda: _mcq_parser({}, lang, need_reasoning=False),
-               "reasoning": lambda: _mcq_parser({}, lang, need_reasoning=True),
-               "text": lambda: _text_parser("text", "output"), "pair": lambda: _pair_parser("ko", "en", {})}
-    return JsonlRows(path, parsers[kind]())
+    parsers = {"mcq": _mcq_parser({}, lang, need_reasoning=False),
+               "reasoning": _mcq_parser({}, lang, need_reasoning=True),
+               "text": _text_parser("text", "output"), "pair": _pair_parser("ko", "en", {})}
+    return JsonlRows(path, parsers[kind])
 
 
 def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | None = None,
