@@ -21,11 +21,10 @@ from engine import distributed, faults, sources
 from engine.adapters import additions_state_dict, apply_surgery, load_additions_file
 from engine.checkpoints import SIZES, load_base
 from engine.compare import score_exams
-from engine.data import (ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, load_mcq_file, load_pairs, load_reasoning,
-                         load_texts, parse_field_map)
+from engine.data import ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, lazy_rows, parse_field_map
 from engine.errors import MedkoError, log, setup_logging
 from engine.evaluate import translation_prompt
-from engine.examples import Example, text_examples
+from engine.examples import Example, ExampleFile, text_examples
 from engine.files import atomic_write, hold_lock, read_json, write_json_atomic
 from engine.guard import guard_record, recover
 from engine.loggers import LOG_TO, MetricLogger, log_stage, open_logger
@@ -35,6 +34,7 @@ from engine.options import COUNT, FRACTION, POSITIVE, ZERO_OR_MORE, add_options,
 from engine.phase_losses import english_only_loss
 from engine.plan import stage_settings
 from engine.report import write_run_report as render_run_report
+from engine.rows import Mapped
 from engine.smoke import SMOKE_TEST_QUESTIONS, smoke_data, smoke_options
 from engine.stats import bootstrap_mean, describe, guard_check, judge, mean, overall_verdict
 from engine.tokenizer import Tokenizer
@@ -239,27 +239,29 @@ def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str
 
 @dataclass
 class RunData:
-    """The normalised data s0 wrote into the run."""
+    """The normalised data s0 wrote into the run. What grows with the data is read from s0's files as it is used
+    (engine.rows), so a stage's memory stays flat however large the data; the small held-out sets are lists."""
 
-    exam: dict[str, list[MCQ]]  # Korean exam by split: train, dev, test, fewshot
-    en_mcq: list[MCQ]  # English exam-style questions (MedQA style)
-    ko_text: list[str]  # Korean medical text for training
-    en_text: list[str]  # English medical text for training
+    exam: dict[str, Sequence[MCQ]]  # Korean exam by split: train, dev, test, fewshot
+    en_mcq: Sequence[MCQ]  # English exam-style questions (MedQA style)
+    ko_text: Sequence[str]  # Korean medical text for training
+    en_text: Sequence[str]  # English medical text for training
     ko_heldout: list[str]  # Korean text never trained on, for before/after losses
     en_heldout: list[str]  # English text never trained on, for losses and drift
-    pairs: list[Pair]  # Korean-English pairs
-    reasoning: list[MCQ]  # Korean exam rows with worked reasoning
+    pairs: Sequence[Pair]  # Korean-English pairs
+    reasoning: Sequence[MCQ]  # Korean exam rows with worked reasoning
     pairs_heldout: list[Pair] = field(default_factory=list)  # Korean-English pairs never trained on (s4's chrF)
 
 
 def load_run_data(run_dir: Path) -> RunData:
     d = stage_dir(run_dir, "s0")
-    exam = {s: list(load_mcq_file(d / f"exam_{s}.jsonl", lang="ko")) for s in KORMEDMCQA_SPLITS}
-    texts = lambda name: list(load_texts(d / f"{name}.jsonl"))  # noqa: E731
-    pairs = lambda name: list(load_pairs(d / name)) if (d / name).is_file() else []  # noqa: E731
-    return RunData(exam, list(load_mcq_file(d / "en_mcq.jsonl", lang="en")), texts("ko_text"), texts("en_text"),
-                   texts("ko_heldout"), texts("en_heldout"), pairs("pairs.jsonl"),
-                   list(load_reasoning(d / "reasoning.jsonl", lang="ko")), pairs("pairs_heldout.jsonl"))
+    exam = {s: lazy_rows(d / f"exam_{s}.jsonl", "mcq", "ko") for s in KORMEDMCQA_SPLITS}
+    texts = lambda name: list(lazy_rows(d / f"{name}.jsonl", "text"))  # noqa: E731
+    pairs = lambda name: lazy_rows(d / name, "pair") if (d / name).is_file() else []  # noqa: E731
+    return RunData(exam, lazy_rows(d / "en_mcq.jsonl", "mcq", "en"), lazy_rows(d / "ko_text.jsonl", "text"),
+                   lazy_rows(d / "en_text.jsonl", "text"), texts("ko_heldout"), texts("en_heldout"),
+                   pairs("pairs.jsonl"), lazy_rows(d / "reasoning.jsonl", "reasoning", "ko"),
+                   list(pairs("pairs_heldout.jsonl")))
 
 
 def run_formulation(run_dir: Path) -> str:
@@ -268,9 +270,9 @@ def run_formulation(run_dir: Path) -> str:
     return (stage_meta(run_dir, "s1") or {}).get("formulation", "logits")
 
 
-def english_exam(run_dir: Path, split: str) -> list[MCQ]:
+def english_exam(run_dir: Path, split: str) -> Sequence[MCQ]:
     """The English translation of a Korean exam split that s1 made."""
-    return list(load_mcq_file(stage_dir(run_dir, "s1") / f"en_exam_{split}.jsonl", lang="en"))
+    return lazy_rows(stage_dir(run_dir, "s1") / f"en_exam_{split}.jsonl", "mcq", "en")
 
 
 def run_base(run_dir: Path, size: str | None, model: str | None) -> dict[str, Any]:
@@ -299,7 +301,7 @@ def load_run_model_after(run_dir: Path, stage: str, device: str | None = None, q
     return net.eval(), tokenizer, base
 
 
-def limited(rows: list[MCQ], limit: int | None) -> list[MCQ]:
+def limited(rows: Sequence[MCQ], limit: int | None) -> Sequence[MCQ]:
     return rows[:limit] if limit else rows
 
 
@@ -369,12 +371,13 @@ def stage_verdicts(stage: str, before: dict[str, Any], after: dict[str, Any], dr
 
 # ───────────────────────────── training phases ─────────────────────────────
 
-def translation_examples(run_dir: Path, data: RunData, tokenizer: Tokenizer, max_len: int) -> list[Example]:
+def translation_examples(run_dir: Path, data: RunData, tokenizer: Tokenizer, max_len: int) -> ExampleFile:
     """s4's translation rows: the train exam's translations from s1 (never dev or test) and any local pair file."""
-    exam_pairs = [(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
+    exam_pairs = [Pair(k, e) for ko, en in zip(data.exam["train"], english_exam(run_dir, "train"))
                   for k, e in zip((ko.question, *ko.options.values()), (en.question, *en.options.values()))]
-    pairs = exam_pairs + [(p.src, p.tgt) for p in data.pairs]
-    return lm_examples(tokenizer, [translation_prompt(k, "en") for k, _ in pairs], [f" {e}" for _, e in pairs], max_len)
+    pairs = exam_pairs + data.pairs
+    return lm_examples(tokenizer, Mapped(pairs, lambda p: translation_prompt(p.src, "en")),
+                       Mapped(pairs, lambda p: f" {p.tgt}"), max_len)
 
 
 def curriculum_tokens(opts: StageOptions, data: RunData, tokenizer: Tokenizer) -> dict[str, int]:
@@ -429,10 +432,10 @@ class RunInputs:
             self._base = run_base(self.run_dir, self.opts.size, self.opts.model)
         return self._base
 
-    def english_exam(self, split: str) -> list[MCQ]:
+    def english_exam(self, split: str) -> Sequence[MCQ]:
         return english_exam(self.run_dir, split)
 
-    def dev(self, lang: str = "ko") -> list[MCQ]:
+    def dev(self, lang: str = "ko") -> Sequence[MCQ]:
         """The dev exam (Korean, or s1's English version), limited by --eval-limit."""
         rows = self.data.exam["dev"] if lang == "ko" else self.english_exam("dev")
         return limited(rows, self.opts.eval_limit)
@@ -445,7 +448,7 @@ class RunInputs:
         self._base = self.base
         return model, tokenizer
 
-    def text(self, tokenizer: Tokenizer, texts: Sequence[str]) -> list[Example]:
+    def text(self, tokenizer: Tokenizer, texts: Sequence[str]) -> ExampleFile:
         return text_examples(tokenizer, texts, self.opts.max_len)
 
 
@@ -561,7 +564,7 @@ class RunGuard(RunPhases):
 
         config = self.train_config()
         examples = self.text(tokenizer, self.data.en_text)
-        for_loss = [Example(e.ids, [False] + [True] * (len(e.ids) - 1)) for e in examples]  # every token after BOS
+        for_loss = Mapped(examples, lambda e: Example(e.ids, [False] + [True] * (len(e.ids) - 1)))  # all after BOS
 
         def train_round(n: int, failed: dict[str, Any]) -> None:
             log.info("English guard: %s; recovery round %d of %d", failed["line"], n, o.guard_rounds)
@@ -727,7 +730,7 @@ def load_candidate(name: str, opts: StageOptions, nf4: bool) -> tuple[Gemma3, To
 
 # ───────────────────────────── the test split and the run report ─────────────────────────────
 
-def test_english(run_dir: Path, rows: list[MCQ]) -> list[MCQ] | None:
+def test_english(run_dir: Path, rows: Sequence[MCQ]) -> Sequence[MCQ] | None:
     """The English version of the test split: s1's (reference or model translation), else the data source's own
     reference translations, else None."""
     if (stage_dir(run_dir, "s1") / "en_exam_test.jsonl").is_file():

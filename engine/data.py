@@ -1,7 +1,7 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
-texts, pairs and instructions; KorMedMCQA; split overlap.
+texts, pairs and instructions; KorMedMCQA; split overlap; the files s0 wrote, read lazily.
 
-Imports engine.errors, engine.hub and engine.records.
+Imports engine.errors, engine.hub, engine.records and engine.rows.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from engine.errors import MedkoError, log
 from engine.hub import hub_snapshot
 from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
+from engine.rows import JsonlRows
 
 LETTERS = "ABCDE"
 KORMEDMCQA = "sean0042/KorMedMCQA"
@@ -357,14 +358,7 @@ def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool 
     Instruction rows (no text field, an output field: Asan-AMC-Healthinfo's schema) give their output.
     """
     mapping = dict(source.mapping) if isinstance(source, Source) else {}
-    field = mapping.get("text", field)
-    output = mapping.get("output", "output")
-
-    def parse(path: Path, index: int, record: dict[str, Any]) -> str:
-        if field not in record and output in record:
-            return str(_field(record, "output", {"output": output}))
-        return str(_field(record, "text", {"text": field}))
-
+    parse = _text_parser(mapping.get("text", field), mapping.get("output", "output"))
     rows = Rows()
     for path in source_files(source):
         if path.suffix == ".txt":
@@ -382,8 +376,29 @@ def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", sk
                encoding: str = "utf-8") -> Rows:
     """Parallel text pairs from the fields src and tgt of each row."""
     mapping = source.mapping if isinstance(source, Source) else {}
-    return _parse_files(source_files(source), lambda p, i, r: Pair(str(_field(r, src, mapping)),
-                                                                    str(_field(r, tgt, mapping))), skip_bad, encoding)
+    return _parse_files(source_files(source), _pair_parser(src, tgt, mapping), skip_bad, encoding)
+
+
+def _text_parser(field: str, output: str) -> Callable[[Path, int, dict[str, Any]], str]:
+    def parse(path: Path, index: int, record: dict[str, Any]) -> str:
+        if field not in record and output in record:
+            return str(_field(record, "output", {"output": output}))
+        return str(_field(record, "text", {"text": field}))
+
+    return parse
+
+
+def _pair_parser(src: str, tgt: str, mapping: Mapping[str, str]) -> Callable[[Path, int, dict[str, Any]], Pair]:
+    return lambda path, index, r: Pair(str(_field(r, src, mapping)), str(_field(r, tgt, mapping)))
+
+
+def lazy_rows(path: Path, kind: str, lang: str = "ko") -> JsonlRows:
+    """A JSONL file in medko's own fields (as s0 writes them) as rows read when used (engine.rows.JsonlRows): kind
+    "mcq", "reasoning", "text" or "pair" gives what load_mcq_file, load_reasoning, load_texts or load_pairs give."""
+    parsers = {"mcq": _mcq_parser({}, lang, need_reasoning=False),
+               "reasoning": _mcq_parser({}, lang, need_reasoning=True),
+               "text": _text_parser("text", "output"), "pair": _pair_parser("ko", "en", {})}
+    return JsonlRows(path, parsers[kind])
 
 
 def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | None = None,

@@ -1,11 +1,13 @@
-"""Training examples and their batches: Example (ids and which tokens are targets), language-modelling examples
-from prompts and targets (the end cut, or the middle of a long body), plain collation and packing several
-examples into one row with attention confined to each.
+"""Training examples and their batches: Example (ids and which tokens are targets), ExampleFile (a stage's examples
+on disk), language-modelling examples from prompts and targets (the end cut, or the middle of a long body), plain
+collation and packing several examples into one row with attention confined to each.
 
-Imports engine.errors and engine.tokenizer.
+Imports engine.errors, engine.rows and engine.tokenizer.
 """
 from __future__ import annotations
 
+import tempfile
+import weakref
 from array import array
 from dataclasses import dataclass
 from typing import Sequence
@@ -13,13 +15,13 @@ from typing import Sequence
 import torch
 
 from engine.errors import MedkoError, log
+from engine.rows import View
 from engine.tokenizer import Tokenizer
 
 
 @dataclass
 class Example:
-    """One training example, stored compactly (5 bytes a token, where a list of Python ints costs up to 36), so that
-    a stage's examples cost little beside its text however large the data."""
+    """One training example, stored compactly (5 bytes a token, where a list of Python ints costs up to 36)."""
 
     ids: Sequence[int]  # BOS, prompt tokens, target tokens, EOS (kept as array("i"))
     target_mask: Sequence[bool]  # where the token itself is a target, not BOS or a prompt token (array("b") of 0/1)
@@ -29,8 +31,36 @@ class Example:
         self.target_mask = array("b", self.target_mask)
 
 
+class ExampleFile(View):
+    """Examples in an unlinked temporary file (the ids, then the mask, of each), only each one's byte offset in
+    memory, so that a stage's examples cost no memory however large the data. Each process writes its own; the file
+    has no name, so a failure leaves nothing behind. Read-only once built; `+` chains without copying."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+        weakref.finalize(self, self._file.close)
+        self._ends = array("q", [0])  # example k is bytes [ends[k], ends[k + 1]): 4 a token of ids, 1 of mask
+
+    def append(self, ids: Sequence[int], target_mask: Sequence[bool]) -> None:
+        self._file.seek(0, 2)
+        self._file.write(array("i", ids).tobytes() + array("b", target_mask).tobytes())
+        self._ends.append(self._ends[-1] + 5 * len(ids))
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def _one(self, k: int) -> Example:
+        start, tokens = self._ends[k], (self._ends[k + 1] - self._ends[k]) // 5
+        self._file.seek(start)
+        data = self._file.read(5 * tokens)
+        ids, mask = array("i"), array("b")
+        ids.frombytes(data[:4 * tokens])
+        mask.frombytes(data[4 * tokens:])
+        return Example(ids, mask)
+
+
 def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                max_len: int) -> list[Example]:
+                max_len: int) -> ExampleFile:
     """Language-modelling examples: the targets, and EOS after them, are learned; the prompts are context.
 
     Plain text is a target with prompt "". An example longer than max_len loses its end; one left with
@@ -40,7 +70,7 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
         raise MedkoError(f"lm_examples got {len(prompts)} prompts but {len(targets)} targets; "
                          f"pass one of each per example")
     # Prompt and target are encoded apart, as at inference, where the prompt is encoded alone.
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped = ExampleFile(), 0, 0
     for prompt, target in zip(tokenizer.encode_each(prompts), tokenizer.encode_each(targets, bos=False)):
         ids = prompt + target + [tokenizer.eos_id]
         mask = [False] * len(prompt) + [True] * (len(target) + 1)
@@ -50,7 +80,7 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
         if not any(mask):
             dropped += 1
             continue
-        examples.append(Example(ids, mask))
+        examples.append(ids, mask)
     if truncated:
         log.info("lm_examples: truncated %d of %d examples to max_len %d tokens; dropped %d left with no target",
                  truncated, len(prompts), max_len, dropped)
@@ -60,12 +90,12 @@ def lm_examples(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[
 
 
 def cut_middle_examples(tokenizer: Tokenizer, prompts: Sequence[str], bodies: Sequence[str], endings: Sequence[str],
-                        max_len: int, marker: str = " … ") -> tuple[list[Example], int]:
+                        max_len: int, marker: str = " … ") -> tuple[ExampleFile, int]:
     """Examples whose target is body + ending (EOS after it); one longer than max_len loses the middle of its body,
     marked by `marker`, so that the prompt and the ending (an answer line) stay whole. Returns the examples and how
     many were cut; one whose prompt and ending alone overflow is dropped and logged."""
     mark = tokenizer.encode(marker, bos=False)
-    examples, cut, dropped = [], 0, 0
+    examples, cut, dropped = ExampleFile(), 0, 0
     for prompt, body, ending in zip(tokenizer.encode_each(prompts), tokenizer.encode_each(bodies, bos=False),
                                     tokenizer.encode_each(endings, bos=False)):
         room = max_len - len(prompt) - len(ending) - 1
@@ -77,7 +107,7 @@ def cut_middle_examples(tokenizer: Tokenizer, prompts: Sequence[str], bodies: Se
             body = body[:keep // 2] + mark + body[len(body) - (keep - keep // 2):]
             cut += 1
         target = body + ending + [tokenizer.eos_id]
-        examples.append(Example(prompt + target, [False] * len(prompt) + [True] * len(target)))
+        examples.append(prompt + target, [False] * len(prompt) + [True] * len(target))
     if cut or dropped:
         log.info("cut the middle of %d of %d examples to fit max_len %d tokens; dropped %d whose prompt and ending "
                  "alone overflow", cut, len(prompts), max_len, dropped)
@@ -150,5 +180,5 @@ def pack(examples: Sequence[Example], max_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": segments, "target_mask": targets}
 
 
-def text_examples(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[Example]:
-    return lm_examples(tokenizer, [""] * len(texts), list(texts), max_len)
+def text_examples(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> ExampleFile:
+    return lm_examples(tokenizer, [""] * len(texts), texts, max_len)

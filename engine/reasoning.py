@@ -1,8 +1,8 @@
 """The exam as training rows: the answer letter as the only target (s1.1), and worked reasoning ending in the answer
 line (s5 and the lora-sft baseline), with greedy reasoning scored for strict answer-line compliance.
 
-Imports engine.data, engine.errors, engine.evaluate, engine.examples, engine.generate, engine.model, engine.stats and
-engine.tokenizer.
+Imports engine.data, engine.errors, engine.evaluate, engine.examples, engine.generate, engine.model, engine.rows,
+engine.stats and engine.tokenizer.
 """
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import torch
 from engine.data import LETTERS, MCQ
 from engine.errors import MedkoError
 from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, strict_answer
-from engine.examples import Example, cut_middle_examples, lm_examples
+from engine.examples import ExampleFile, cut_middle_examples, lm_examples
 from engine.generate import generate
 from engine.model import Gemma3
+from engine.rows import Mapped
 from engine.stats import mean
 from engine.tokenizer import Tokenizer
 
 
-def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> list[Example]:
+def exam_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, max_len: int) -> ExampleFile:
     """Exam questions with the answer letter as the only target, as the evaluator scores it."""
-    return lm_examples(tokenizer, [mcq_prompt(r, lang) for r in rows], [f" {r.answer}" for r in rows], max_len)
+    return lm_examples(tokenizer, Mapped(rows, lambda r: mcq_prompt(r, lang)), Mapped(rows, lambda r: f" {r.answer}"),
+                       max_len)
 
 
 def reasoning_prompt(row: MCQ) -> str:
@@ -30,12 +32,12 @@ def reasoning_prompt(row: MCQ) -> str:
     return question_block(row, "ko")[:-len(ANSWER_CUE["ko"])] + "풀이："
 
 
-def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[list[Example], int]:
+def reasoning_examples(tokenizer: Tokenizer, rows: Sequence[MCQ], max_len: int) -> tuple[ExampleFile, int]:
     """Worked reasoning ending in the answer line, the prompt masked; reasoning too long for max_len loses its
     middle, never the prompt or the answer line. Returns the examples and how many were cut."""
-    return cut_middle_examples(tokenizer, [reasoning_prompt(r) for r in rows],
-                               [f" {r.reasoning.strip()}" for r in rows],
-                               [f"\n{ANSWER_CUE['ko']} {r.answer}" for r in rows], max_len)
+    return cut_middle_examples(tokenizer, Mapped(rows, reasoning_prompt),
+                               Mapped(rows, lambda r: f" {r.reasoning.strip()}"),
+                               Mapped(rows, lambda r: f"\n{ANSWER_CUE['ko']} {r.answer}"), max_len)
 
 
 def answer_line_tokens(tokenizer: Tokenizer) -> int:

@@ -60,19 +60,22 @@ def nfc(value: Any) -> Any:
     return value
 
 
+def json_record(text: str) -> dict[str, Any] | BadRow:
+    """One JSONL line's record, or what is wrong with it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return BadRow(f"not valid JSON ({err.msg})")
+    return record if isinstance(record, dict) else BadRow("is not a JSON object")
+
+
 def read_records(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     """(line, record) of a JSONL, parquet or CSV file; line is the row number for parquet."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         for line, text in enumerate(decode(path, encoding).split("\n"), 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield line, BadRow(f"not valid JSON ({err.msg})")
-                continue
-            yield line, record if isinstance(record, dict) else BadRow("is not a JSON object")
+            if text.strip():
+                yield line, json_record(text)
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
