@@ -304,8 +304,9 @@ def test_sigterm_saves_the_last_step_and_the_resume_matches(gated_run, tiny_dir,
 
 
 def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
-    """`bash run.sh --smoke --log-to tensorboard` as a user runs it: every stage, the cut measurements, a report
-    that says it is a smoke run, files others can read, no lock left, and each stage's curves in TensorBoard."""
+    """`bash run.sh --smoke --log-to tensorboard --budget 4` as a user runs it: every stage, the cut measurements, a
+    report that says it is a smoke run, files others can read, no lock left, and each stage's curves in TensorBoard.
+    --budget reaches every stage (each would refuse an option it does not take); the smoke run's one step wins."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from engine.smoke import SMOKE_HELD_OUT, SMOKE_TEST_QUESTIONS
@@ -314,7 +315,7 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
     env = {**os.environ, "S0_ARGS": f"--data {small_data}", "S1_ARGS": "--translate-tokens 2",
            "S4_ARGS": "--translate-tokens 2", "S5_ARGS": "--reasoning-tokens 2", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(["bash", str(ROOT / "run.sh"), "--model", str(tiny_dir), "--smoke", "--log-to", "tensorboard",
-                          "--max-len", "1024", "--run-dir", str(run_dir)],
+                          "--budget", "4", "--max-len", "1024", "--run-dir", str(run_dir)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "its numbers mean nothing" in (run_dir / "report.md").read_text().splitlines()[2]
