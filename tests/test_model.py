@@ -132,3 +132,24 @@ def test_medko_onednn_0_turns_onednn_off():
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1], env={**os.environ, "MEDKO_ONEDNN": value})
         assert out.stdout.strip() == expected
+
+
+def test_onednn_caches_stay_small_over_many_input_shapes():
+    """oneDNN keeps what it built for each input shape; medko caps its two caches (engine/linear.py), so that 400
+    lengths cost what a few do. With oneDNN's default capacities (1,024 each) the same loop grows by ~240 MiB."""
+    probe = ("import torch, engine.linear as L\n"
+             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+             "w = torch.randn(2048, 256)\n"
+             "with torch.no_grad():\n"
+             "    [L.linear(torch.randn(m, 256), w) for m in range(1, 9)]\n"
+             "    start = rss()\n"
+             "    [L.linear(torch.randn(m, 256), w) for m in range(9, 409)]\n"
+             "print(rss() - start)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    grown = {}
+    for capacity in (None, "1024"):
+        extra = {} if capacity is None else {"LRU_CACHE_CAPACITY": capacity, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1], env={**env, **extra})
+        grown[capacity] = float(out.stdout.strip())
+    assert grown[None] < 64 and grown["1024"] > 3 * grown[None] + 64, grown  # MiB
