@@ -89,7 +89,7 @@ def padded(examples: list[Example], device: str) -> tuple[torch.Tensor, torch.Te
     for i, e in enumerate(examples):
         row = torch.tensor(e.ids)
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
-        labels[i, :len(row)] = torch.where(torch.tensor(e.target_mask), row, -100)
+        labels[i, :len(row)] = torch.where(torch.tensor(e.target_mask, dtype=torch.bool), row, -100)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
