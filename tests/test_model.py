@@ -137,8 +137,10 @@ def test_medko_onednn_0_turns_onednn_off():
 def test_onednn_caches_stay_small_over_many_input_shapes():
     """oneDNN keeps what it built for each input shape; medko caps its two caches (engine/linear.py), so that 400
     lengths cost what a few do. With oneDNN's default capacities (1,024 each) the same loop grows by ~240 MiB."""
-    probe = ("import torch, engine.linear as L\n"
-             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+    probe = ("import ctypes, torch, engine.linear as L\n"
+             "def rss():\n"
+             "    ctypes.CDLL('libc.so.6').malloc_trim(0)\n"  # freed memory back first: only what is held counts
+             "    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
              "w = torch.randn(2048, 256)\n"
              "with torch.no_grad():\n"
              "    [L.linear(torch.randn(m, 256), w) for m in range(1, 9)]\n"
