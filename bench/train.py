@@ -185,7 +185,8 @@ def main() -> None:
         tokenizer = Tokenizer(Path(args.model_dir) / "tokenizer.json")
         examples, described = workload(args, tokenizer)
         steps = chunks(examples, args.batch, args.warmup + args.steps)
-        saved = [{name: [[list(e.ids), list(e.target_mask)] for e in part] for name, part in chunk.items()} for chunk in steps]
+        saved = [{name: [[list(e.ids), list(e.target_mask)] for e in part] for name, part in chunk.items()}
+                 for chunk in steps]  # examples hold arrays, which json does not write
         (Path(tmp) / "examples.json").write_text(json.dumps(saved))
         passed = ["--workload", args.workload, "--model-dir", args.model_dir, "--device", args.device,
                   "--batch", str(args.batch), "--seq", str(args.seq), "--max-len", str(args.max_len),

@@ -24,7 +24,8 @@ os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 # oneDNN keeps what it built for every input shape it has seen, in two caches of 1,024 entries by default (ideep's,
 # LRU_CACHE_CAPACITY, and oneDNN's own, ONEDNN_PRIMITIVE_CACHE_CAPACITY), and an exam or a data set of many lengths
 # fills them: on the tiny model at 0.3x the real volumes the test step's peak grew 824 -> 1,153 MiB with the rows and
-# is 522 MiB with 16 entries each, as fast (docs/costs.md). Both are read when oneDNN first runs, below.
+# is 522 MiB with 16 entries each; no slower measurably on the real 270M (docs/costs.md). Both are read when oneDNN
+# first runs, below.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "16")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 

@@ -126,17 +126,21 @@ def test_head_over_a_vocab_subset_equals_those_columns(tiny_model):
     assert torch.allclose(tiny_model.logits(hidden, vocab), full[:, vocab], rtol=1e-6, atol=1e-6)
 
 
+def probe_output(code: str, env: dict[str, str]) -> str:
+    """What `python -c code` prints, run fresh from the repository root: settings read at import time apply."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env).stdout.strip()
+
+
 def test_medko_onednn_0_turns_onednn_off():
     probe = "import engine.linear; print(engine.linear._ONEDNN_LINEAR)"
     for value, expected in (("0", "False"), ("1", "True")):
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1], env={**os.environ, "MEDKO_ONEDNN": value})
-        assert out.stdout.strip() == expected
+        assert probe_output(probe, {**os.environ, "MEDKO_ONEDNN": value}) == expected
 
 
 def test_onednn_caches_stay_small_over_many_input_shapes():
     """oneDNN keeps what it built for each input shape; medko caps its two caches (engine/linear.py), so that 400
-    lengths cost what a few do. With oneDNN's default capacities (1,024 each) the same loop grows by ~240 MiB."""
+    lengths cost what a few do. With oneDNN's default capacities (1,024 each) the same loop grows by ~230 MiB."""
     probe = ("import ctypes, torch, engine.linear as L\n"
              "def rss():\n"
              "    ctypes.CDLL('libc.so.6').malloc_trim(0)\n"  # freed memory back first: only what is held counts
@@ -147,11 +151,8 @@ def test_onednn_caches_stay_small_over_many_input_shapes():
              "    start = rss()\n"
              "    [L.linear(torch.randn(m, 256), w) for m in range(9, 409)]\n"
              "print(rss() - start)")
-    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
-    grown = {}
-    for capacity in (None, "1024"):
-        extra = {} if capacity is None else {"LRU_CACHE_CAPACITY": capacity, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1], env={**env, **extra})
-        grown[capacity] = float(out.stdout.strip())
+    caches = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    env = {k: v for k, v in os.environ.items() if k not in caches}
+    grown = {None: float(probe_output(probe, env)),
+             "1024": float(probe_output(probe, {**env, **dict.fromkeys(caches, "1024")}))}
     assert grown[None] < 64 and grown["1024"] > 3 * grown[None] + 64, grown  # MiB
