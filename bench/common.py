@@ -110,7 +110,7 @@ def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = 
     return directory
 
 
-def bench_model_dir(model_dir: str | None, shape: str, tmp: Path) -> str:
+def bench_model_dir(model_dir: str | None, shape: str, tmp: Path, device: str = "cuda") -> str:
     """--model-dir, else the embedded 270M, or random weights of a bigger preset's shape (its tokenizer)."""
     if model_dir is not None:
         return model_dir
@@ -119,4 +119,4 @@ def bench_model_dir(model_dir: str | None, shape: str, tmp: Path) -> str:
     # Random weights need only the tokenizer: the cached 270M's, without its weights, where the package is absent
     cached = default_270m_dir()
     tokenizer_dir = cached if (cached / "tokenizer.json").is_file() else ensure_270m()
-    return str(random_checkpoint(shape, tmp / "model", tokenizer_dir=tokenizer_dir))
+    return str(random_checkpoint(shape, tmp / "model", tokenizer_dir=tokenizer_dir, device=device))

@@ -38,23 +38,25 @@ def prompts(tokenizer, rows: int) -> list[list[int]]:
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="4b", choices=["4b", "27b"])
+    p.add_argument("--shape", default="4b", choices=["270m", "4b", "27b"], help="270m: the real one, a CPU rehearsal of the script")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, default=16, help="prompts, all decoding at once (s1 uses 16)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--model-dir", default=None, help="a checkpoint instead of random weights of --shape")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_model_dir(args.model_dir, args.shape, Path(tmp))
-        model, tokenizer, _ = load_base("270m", model_dir, "cuda")
+        model_dir = bench_model_dir(args.model_dir, args.shape, Path(tmp), args.device)
+        model, tokenizer, _ = load_base("270m", model_dir, args.device)
         rows = prompts(tokenizer, args.rows)
         run = functools.partial(generate_ids, model, rows, args.new_tokens, set(), tokenizer.pad_id,
                                 tokenizer.vocab_size, batch_size=args.rows)
@@ -64,8 +66,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         from transformers import Gemma3ForCausalLM
 
-        peer = Gemma3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-        ids, mask = left_pad(rows, tokenizer.pad_id, "cuda")
+        peer = Gemma3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(args.device).eval()
+        ids, mask = left_pad(rows, tokenizer.pad_id, args.device)
         gen = lambda: peer.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False,  # noqa: E731
                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                     eos_token_id=None, pad_token_id=tokenizer.pad_id)
@@ -75,7 +77,7 @@ def main() -> None:
     theirs = [row[ids.shape[1]:].tolist() for row in out]
     same = sum(a == b for a, b in zip(medko, theirs))
     tokens = args.rows * args.new_tokens
-    result = {"shape": args.shape, "rows": args.rows, "new_tokens": args.new_tokens, "device": torch.cuda.get_device_name(),
+    result = {"shape": args.shape, "rows": args.rows, "new_tokens": args.new_tokens, "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
               "medko_s": medko_s, "medko_tokens_per_s": tokens / medko_s, "medko_s_per_step": medko_s / args.new_tokens,
               "peer_s": peer_s, "peer_tokens_per_s": tokens / peer_s, "identical_rows": same,
               "ratio": peer_s / medko_s}

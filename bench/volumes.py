@@ -61,10 +61,11 @@ def run_volume(volume: float, work: Path, model_dir: str | None = None,
            "S1_ARGS": os.environ.get("S1_ARGS", "--translate-tokens 2"),
            "S5_ARGS": os.environ.get("S5_ARGS", "--reasoning-tokens 2")}
     start = time.perf_counter()
-    out = subprocess.run(["bash", "run.sh", "--size", "4b", *run_args, "--run-dir", str(work / f"run-{volume}")],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(work / f"run-{volume}.log", "w") as run_log:  # run.sh's output, readable while it runs
+        out = subprocess.run(["bash", "run.sh", "--size", "4b", *run_args, "--run-dir", str(work / f"run-{volume}")],
+                             cwd=ROOT, env=env, stdout=run_log, stderr=subprocess.STDOUT)
     if out.returncode != 0:
-        raise SystemExit(f"run.sh at volume {volume} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"run.sh at volume {volume} failed:\n{(work / f'run-{volume}.log').read_text()[-3000:]}")
     steps = {}
     for line in log.read_text().splitlines():
         entry = json.loads(line)
@@ -80,10 +81,14 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--model-dir", default=None, help="a checkpoint served as MedGemma 4B (e.g. random 4B weights)")
     p.add_argument("--run-args", default=None, help="run.sh's options in place of the tiny model's limits")
+    p.add_argument("--work", default=None, help="keep the caches, runs and step logs (steps-VOLUME.jsonl) here, "
+                   "so a run cut short still shows the stages it finished; default: a temporary folder")
     args = p.parse_args()
     run_args = tuple(args.run_args.split()) if args.run_args else TINY_ARGS
     with tempfile.TemporaryDirectory() as tmp:
-        results = {v: run_volume(v, Path(tmp), args.model_dir, run_args) for v in args.volumes}
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = {v: run_volume(v, work, args.model_dir, run_args) for v in args.volumes}
     first, last = args.volumes[0], args.volumes[-1]
     header = "step".ljust(16) + "".join(f"{f'{v:g}x s':>10}{f'{v:g}x MiB':>10}" for v in args.volumes)
     print(header + (f"{'s ratio':>9}{'MiB ratio':>10}" if len(args.volumes) > 1 else ""))
