@@ -28,38 +28,43 @@ class Throughput:
 # GPUs costed, with the specifications the unmeasured figures are scaled by (vendor datasheets, dense bf16).
 GPUS = {"h200": {"name": "one H200 (141 GB)", "memory_gib": 141, "tflops": 989.0, "tb_s": 4.8},
         "80gb": {"name": "one A100 80 GB", "memory_gib": 80, "tflops": 312.0, "tb_s": 2.0}}
-LAUNCH_S = 10e-6  # seconds per CUDA kernel launch from Python (eager, no CUDA graphs), a common figure
-KERNELS_PER_LAYER = 30  # kernels one decoder layer's decoding step launches in engine.model (norms, RoPE, SDPA, ...)
 
 # The one table. Only the H200 4B rows were measured; every other figure derives from them.
 THROUGHPUTS = {
     ("h200", "train"): Throughput(
+        3378, "tokens/s", "H200", "4B, bf16 base, LoRA r16, bf16 autocast, 4 x 256 tokens a step", "2026-12-04",
+        "measured: bench/gpu_cost.sh (bench/train.py --shape 4b --steps 6 --warmup 2; transformers + peft: 4,173)"),
+    ("h200", "train_nf4"): Throughput(
         3568, "tokens/s", "H200", "4B, NF4 base, LoRA r16, bf16 autocast", "2026-11-30",
-        "measured: bench/train.py --shape 4b --quantize 4bit --steps 6 --warmup 2 (README, GPU checks)"),
+        "measured: bench/train.py --shape 4b --quantize 4bit --steps 6 --warmup 2 (bench/gpu_checks.sh)"),
     ("h200", "score"): Throughput(
         160.6, "questions/s", "H200", "4B, bf16, logits, KorMedMCQA prompts, batch 16", "2026-11-30",
-        "measured: bench/eval.py --shape 4b --questions 300 (README, GPU checks)"),
+        "measured: bench/eval.py --shape 4b --questions 300 (bench/gpu_checks.sh)"),
     ("h200", "decode"): Throughput(
-        0.0, "s per decoding step", "H200", "4B, bf16", "-",
-        "not measured (estimate from weights read at half of HBM bandwidth plus one launch per kernel: "
-        "bench/gpu_cost.sh measures it)"),
+        0.0410, "s per decoding step", "H200", "4B, bf16, 64 rows, 128 new tokens (16 rows: 0.0430), seconds per new "
+        "token with prompt-lookup drafting on, random weights", "2026-12-04",
+        "measured: bench/gpu_cost.sh (bench/gpu_generate.py; transformers' generate: 0.0763 at 64 rows, 0.0436 "
+        "at 16, identical outputs)"),
 }
 
 
 def _scaled(size: str, gpu: str, kind: str) -> tuple[float, str]:
     """(value, source) of a throughput for a size on a GPU: the table's 4B H200 figure, scaled by parameters and by
-    the GPU's bf16 FLOP/s for training and scoring; decoding by weight bytes over bandwidth plus launches."""
-    spec, c = GPUS[gpu], PRESETS[size]
-    if kind == "decode":
-        step = 2 * base_params(c) / (0.5 * spec["tb_s"] * 1e12) + c.num_layers * KERNELS_PER_LAYER * LAUNCH_S
-        return step, THROUGHPUTS[("h200", "decode")].source
-    base = THROUGHPUTS[("h200", kind)]
-    ratio = base_params(PRESETS["4b"]) / base_params(c) * spec["tflops"] / GPUS["h200"]["tflops"]
-    if ratio == 1.0:
+    the GPU's bf16 FLOP/s for training and scoring. A decoding step at 4B is bound by the host's kernel launches (41
+    ms against 3 ms of weights read at HBM bandwidth), so it scales with the layers, or with the weights' bytes over
+    half the bandwidth where that is longer."""
+    spec, c, base = GPUS[gpu], PRESETS[size], THROUGHPUTS[("h200", kind)]
+    if size == "4b" and gpu == "h200":
         return base.value, base.source
+    if kind == "decode":
+        launches = base.value / PRESETS["4b"].num_layers * c.num_layers
+        weights = 2 * base_params(c) / (0.5 * spec["tb_s"] * 1e12)
+        return max(launches, weights), ("not measured (estimate from the H200 4B step per layer times the layers, "
+                                        "or the weights read at half the HBM bandwidth where longer)")
+    ratio = base_params(PRESETS["4b"]) / base_params(c) * spec["tflops"] / GPUS["h200"]["tflops"]
     why = [f"{size} parameters" if size != "4b" else "", f"{gpu} bf16 FLOP/s" if gpu != "h200" else ""]
     return base.value * ratio, (f"not measured (estimate from the H200 4B figure scaled by "
-                                f"{' and '.join(w for w in why if w)}; the 4B NF4 rate stands for bf16)")
+                                f"{' and '.join(w for w in why if w)})")
 
 
 # The real volumes (the issue's counts; token lengths are estimates with MedGemma's tokenizer, not counted).
@@ -101,10 +106,11 @@ def stage_work(stage: str) -> dict[str, float]:
 
 
 def stage_hours(size: str, gpu: str, stage: str, fit: Fit | None) -> dict[str, float]:
-    """GPU hours of a stage's work: training at the train rate (a third more under the plan's checkpointing), generation at its rows per decoding step (the
-    plan's rows on this GPU), scoring at the score rate and measuring (forward only) at three times the train rate."""
+    """GPU hours of a stage's work: training at the train rate (NF4's where the plan quantizes; a third more under the
+    plan's checkpointing), generation at its rows per decoding step (the plan's rows on this GPU), scoring at the
+    score rate and measuring (forward only) at three times the train rate."""
     work = stage_work(stage)
-    train = _scaled(size, gpu, "train")[0]
+    train = _scaled(size, gpu, "train_nf4" if fit is not None and fit.quantize else "train")[0]
     rows = (fit.estimate.eval_rows.get("generate") if fit else None) or WORK[stage].generate[0] or 1
     step = _scaled(size, gpu, "decode")[0]
     recompute = 4 / 3 if fit is not None and fit.checkpointing else 1.0  # checkpointing runs each forward twice
@@ -121,9 +127,10 @@ def hours_table(size: str, gpu: str, gpu_gib: float | None = None) -> str:
              f"{VOLUMES['ko_text']} texts; MedQA {VOLUMES['medqa']}), {STEPS} steps x 8 examples a phase",
              f"{'stage':<18}{'trained':>10}{'generated':>11}{'scored':>8}{'train h':>9}{'gen h':>7}{'score h':>8}"
              f"{'meas h':>8}{'total h':>9}"]
-    total, rows = 0.0, {}
+    total, rows, nf4 = 0.0, {}, False
     for w in WORK.values():
         fit = fitting_settings(PRESETS[size], w, Setup("cuda"), int(gib * GIB))
+        nf4 = nf4 or (fit is not None and fit.quantize)
         work, hours = stage_work(w.name), stage_hours(size, gpu, w.name, fit)
         total += sum(hours.values()) if w.name != "sft" else 0.0
         rows[w.name] = (f"{w.title:<18}{work['trained'] / 1e6:>9.1f}M{work['generated'] / 1e6:>10.2f}M"
@@ -132,7 +139,8 @@ def hours_table(size: str, gpu: str, gpu_gib: float | None = None) -> str:
     baseline = rows.pop("sft")  # run.sh --recipe lora-sft is a run of its own: after the curriculum's total
     lines += [*rows.values(), f"{'run':<18}{total:>65.1f}", baseline]
     lines.append("throughputs:")
-    for kind, unit in (("train", "tokens/s"), ("score", "questions/s"), ("decode", "s per decoding step")):
+    kinds = [("train", "tokens/s"), ("train_nf4", "tokens/s")] if nf4 else [("train", "tokens/s")]
+    for kind, unit in (*kinds, ("score", "questions/s"), ("decode", "s per decoding step")):
         value, source = _scaled(size, gpu, kind)
         lines.append(f"  {kind}: {value:,.4g} {unit} ({size}, {gpu}): {source}")
     lines.append("s1.1 runs when no candidate reaches the gate (none does: MedGemma-27B scores 87.7 on MedQA); the "

@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,9 @@ def test_plan_hours_names_the_source_of_every_throughput_and_sums_its_stages():
     sources = [line for line in lines if line.startswith("  ") and ": " in line]
     assert len(sources) == 3 and all("measured" in s for s in sources)  # measured, or not measured (estimate ...)
     assert all("not measured (estimate from" in s for s in sources)  # no 27B figure was ever measured
-    assert costs.THROUGHPUTS[("h200", "train")].source.startswith("measured: bench/train.py")
+    measured = costs.hours_table("4b", "h200").splitlines()  # the 4B on an H200 is what bench/gpu_cost.sh measured
+    assert [line.split(": ")[0] for line in measured if line.startswith("  ")] == ["  train", "  score", "  decode"]
+    assert all(": measured: bench/" in line for line in measured if line.startswith("  "))
 
 
 def test_hours_grow_with_the_work_and_with_checkpointing():
@@ -158,6 +161,22 @@ def test_hours_grow_with_the_work_and_with_checkpointing():
     plain = costs.stage_hours("27b", "80gb", "s3", None)["train"]
     assert fit.checkpointing and costs.stage_hours("27b", "80gb", "s3", fit)["train"] == pytest.approx(plain * 4 / 3)
     assert costs.stage_hours("27b", "80gb", "s3", None)["train"] > costs.stage_hours("4b", "80gb", "s3", None)["train"]
+
+
+def test_decoding_scales_with_the_layers_where_launches_bound_it_and_nf4_stages_train_at_the_nf4_rate(monkeypatch):
+    from engine import costs
+
+    step_4b = costs.THROUGHPUTS[("h200", "decode")].value
+    assert costs._scaled("27b", "h200", "decode")[0] == pytest.approx(step_4b * 62 / 34)
+    # a GPU so slow that reading the weights takes longer than launching the kernels
+    monkeypatch.setitem(costs.GPUS, "slow", dict(costs.GPUS["80gb"], tb_s=0.1))
+    assert costs._scaled("27b", "slow", "decode")[0] == pytest.approx(2 * plan.base_params(PRESETS["27b"]) / 0.05e12)
+    fit = plan.fitting_settings(PRESETS["27b"], plan.WORK["s3"], Setup("cuda"), 40 * GIB)
+    assert fit.quantize  # 54 GB of bf16 weights cannot sit on 40 GiB
+    hours = costs.stage_hours("27b", "80gb", "s3", fit)["train"]
+    bf16 = costs.stage_hours("27b", "80gb", "s3", replace(fit, quantize=False))["train"]
+    assert hours == pytest.approx(bf16 * costs.THROUGHPUTS[("h200", "train")].value
+                                  / costs.THROUGHPUTS[("h200", "train_nf4")].value)
 
 
 def test_the_hub_fixture_at_a_hundredth_of_the_real_volumes_reads_every_row_once(tmp_path, monkeypatch):
