@@ -152,7 +152,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
                               args.encoding)
         out = sl.translate_mcqs(rows, model, tokenizer, args.to, cache_path=cache, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, progress=True, model_id=name, chat=args.chat)
-        records = [sl.mcq_record(r) for r in out]
+        records = map(sl.mcq_record, out)  # written as translated: one chunk in memory at a time
     sl.write_jsonl_atomic(records, Path(args.out))
     print(args.out)
 

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -310,19 +310,21 @@ def failed_translation(text: str) -> str | None:
 def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str = "en",
               cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
               progress: bool = False, *, model_id: str, chat: bool = False,
-              stats: dict[str, int] | None = None) -> list[str]:
+              stats: dict[str, int] | None = None, cache: dict[str, str] | None = None, bar: Any = None) -> list[str]:
     """Greedy translations, line by line (so a line break stops a base model without losing text).
 
     Each line may take twice its source's tokens plus a margin (at most max_new_tokens when given); `stats`, when
     given, receives the lines, those that used their whole budget (likely cut) and those that came back empty or
     degenerate, which keep their source text. Each line is cached under sha256(prompt + model_id) in a JSONL file
     appended after every batch, so an interrupted run resumes where it stopped. model_id must change whenever the
-    weights do.
+    weights do. `cache`: the file's entries already read, and `bar`: a progress bar over every call's lines
+    (translate_mcqs reads the file once and shows one bar for all its chunks).
     """
     from tqdm import tqdm
 
     cache_path = Path(cache_path) if cache_path else None
-    cache = _read_cache(cache_path) if cache_path else {}
+    if cache is None:
+        cache = _read_cache(cache_path) if cache_path else {}
     split = [text.split("\n") for text in texts]
     prompts = {line.strip(): translation_prompt(line.strip(), to, chat) for lines in split for line in lines
                if line.strip()}
@@ -332,7 +334,11 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
         budget = {line: min(b, max_new_tokens) for line, b in budget.items()}
     # Longest first, so each batch holds lines of similar length (and budget).
     todo = sorted((line for line in prompts if keys[line] not in cache), key=lambda s: -len(s))
-    bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not progress, file=sys.stderr)
+    shared = bar is not None
+    if shared:
+        bar.update(len(prompts) - len(todo))  # the cached lines
+    else:
+        bar = tqdm(total=len(todo), desc="translate", unit="line", disable=not progress, file=sys.stderr)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         outs = generate(model, tokenizer, [prompts[line] for line in chunk], max(budget[line] for line in chunk),
@@ -342,7 +348,8 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
         if cache_path:
             distributed.on_main(_append_cache, cache_path, entries)
         bar.update(len(chunk))
-    bar.close()
+    if not shared:
+        bar.close()
     done = {line: cache[keys[line]] for line in prompts}
     failed = {line: failed_translation(out) for line, out in done.items()}
     if stats is not None:
@@ -355,14 +362,29 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
                       for line in lines) for lines in split]
 
 
+TRANSLATION_CHUNK = 256  # questions translated per call: memory holds one chunk's prompts, whatever the exam's size
+
+
 def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to: str = "en",
-                   **kwargs: Any) -> list[MCQ]:
-    """The rows with question and options translated; ids, answers and meta unchanged."""
-    texts = [t for r in rows for t in (r.question, *r.options.values())]
-    done = iter(translate(model, tokenizer, texts, to, **kwargs))
-    out = []
-    for row in rows:
-        question = next(done)
-        options = {letter: next(done) for letter in row.options}
-        out.append(replace(row, question=question, options=options, lang=to))
-    return out
+                   chunk: int = TRANSLATION_CHUNK, **kwargs: Any) -> Iterator[MCQ]:
+    """The rows with question and options translated, yielded in order, `chunk` rows at a time (longest lines
+    first within a chunk); ids, answers and meta unchanged. The cache file is read once for all chunks."""
+    from tqdm import tqdm
+
+    def texts(part: Sequence[MCQ]) -> list[str]:
+        return [t for r in part for t in (r.question, *r.options.values())]
+
+    chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)]
+    lines = sum(len({line.strip() for text in texts([rows[i] for i in c]) for line in text.split("\n")} - {""})
+                for c in chunks)  # what translate() counts: each chunk's distinct lines
+    path = kwargs.get("cache_path")
+    kwargs["cache"] = _read_cache(Path(path)) if path else {}
+    with tqdm(total=lines, desc="translate", unit="line", disable=not kwargs.pop("progress", False),
+              file=sys.stderr) as kwargs["bar"]:
+        for c in chunks:
+            part = [rows[i] for i in c]
+            done = iter(translate(model, tokenizer, texts(part), to, **kwargs))
+            for row in part:
+                question = next(done)
+                options = {letter: next(done) for letter in row.options}
+                yield replace(row, question=question, options=options, lang=to)

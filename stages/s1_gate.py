@@ -31,7 +31,7 @@ def main(run: sl.StageRun) -> None:
                            sl.translate_mcqs(korean, model, tokenizer, "en", cache_path=run.out / "translations.jsonl",
                                              batch_size=16, max_new_tokens=opts.translate_tokens, progress=True,
                                              model_id=str(path), stats=translation))
-                sl.write_jsonl_atomic([sl.mcq_record(r) for r in english], run.out / f"en_exam_{split}.jsonl")
+                sl.write_jsonl_atomic(map(sl.mcq_record, english), run.out / f"en_exam_{split}.jsonl")
         formulations[name] = sl.choose_formulation(model, tokenizer, run.dev("en"))
         report = formulations[name].pop("reports")[formulations[name]["formulation"]]
         scores[name], correct[name] = report.accuracy, [p["correct"] for p in report.predictions]
