@@ -48,7 +48,8 @@ def timed(fn):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="4b", choices=["270m", "4b", "27b"], help="270m: the real one, a CPU rehearsal of the script")
+    p.add_argument("--shape", default="4b", choices=["270m", "4b", "27b"],
+                   help="270m: the real one, for a CPU rehearsal of the script (--device cpu)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, default=16, help="prompts, all decoding at once (s1 uses 16)")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -77,7 +78,8 @@ def main() -> None:
     theirs = [row[ids.shape[1]:].tolist() for row in out]
     same = sum(a == b for a, b in zip(medko, theirs))
     tokens = args.rows * args.new_tokens
-    result = {"shape": args.shape, "rows": args.rows, "new_tokens": args.new_tokens, "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    result = {"shape": args.shape, "rows": args.rows, "new_tokens": args.new_tokens, "device": device,
               "medko_s": medko_s, "medko_tokens_per_s": tokens / medko_s, "medko_s_per_step": medko_s / args.new_tokens,
               "peer_s": peer_s, "peer_tokens_per_s": tokens / peer_s, "identical_rows": same,
               "ratio": peer_s / medko_s}

@@ -307,6 +307,11 @@ def failed_translation(text: str) -> str | None:
     return "degenerate" if len(squeezed) > 3 and len(set(squeezed)) == 1 else None
 
 
+def distinct_lines(texts: Sequence[str]) -> list[str]:
+    """The non-empty lines of the texts, stripped, each once in first-seen order: what translate() translates."""
+    return list(dict.fromkeys(line.strip() for text in texts for line in text.split("\n") if line.strip()))
+
+
 def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str = "en",
               cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
               progress: bool = False, *, model_id: str, chat: bool = False,
@@ -326,8 +331,7 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
     if cache is None:
         cache = _read_cache(cache_path) if cache_path else {}
     split = [text.split("\n") for text in texts]
-    prompts = {line.strip(): translation_prompt(line.strip(), to, chat) for lines in split for line in lines
-               if line.strip()}
+    prompts = {line: translation_prompt(line, to, chat) for line in distinct_lines(texts)}
     keys = {line: hashlib.sha256(f"{p}\0{model_id}".encode()).hexdigest() for line, p in prompts.items()}
     budget = {line: 2 * len(tokenizer.encode(line, bos=False)) + TRANSLATION_MARGIN for line in prompts}
     if max_new_tokens is not None:
@@ -375,15 +379,14 @@ def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to:
         return [t for r in part for t in (r.question, *r.options.values())]
 
     chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)]
-    lines = sum(len({line.strip() for text in texts([rows[i] for i in c]) for line in text.split("\n")} - {""})
-                for c in chunks)  # what translate() counts: each chunk's distinct lines
+    lines = sum(len(distinct_lines(texts([rows[i] for i in c]))) for c in chunks)  # as translate() counts them
     path = kwargs.get("cache_path")
-    kwargs["cache"] = _read_cache(Path(path)) if path else {}
+    cache = _read_cache(Path(path)) if path else {}
     with tqdm(total=lines, desc="translate", unit="line", disable=not kwargs.pop("progress", False),
-              file=sys.stderr) as kwargs["bar"]:
+              file=sys.stderr) as bar:
         for c in chunks:
             part = [rows[i] for i in c]
-            done = iter(translate(model, tokenizer, texts(part), to, **kwargs))
+            done = iter(translate(model, tokenizer, texts(part), to, cache=cache, bar=bar, **kwargs))
             for row in part:
                 question = next(done)
                 options = {letter: next(done) for letter in row.options}
