@@ -14,7 +14,8 @@ from engine import distributed
 from engine.checkpoints import ensure_270m, load_base, resolve_model_dir
 from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
-from engine.evaluate import EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, format_table, translate
+from engine.evaluate import (EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, check_cloze_prompt,
+                             format_table, translate)
 from engine.compare import Side, compare, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
@@ -101,10 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if left_out:
         rows = [r for r in rows if normalize_question(r.question) not in in_prompt]
         print(f"{len(left_out)} questions left out of scoring: they are the few-shot examples", file=sys.stderr)
+    check_cloze_prompt(args.mode, args.chat, fewshot)  # before the model loads
     model, tokenizer, name = model_for(args)
-    if args.mode in ("cloze", "all") and (args.chat or fewshot):
-        raise sl.MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:`; drop --chat and --fewshot, "
-                            "or use --mode logits, generate or both")
     modes = {"both": ["logits", "generate"], "all": list(EVAL_MODES)}.get(args.mode, [args.mode])
     reports = [sl.evaluate(model, tokenizer, rows, mode, args.lang, args.chat, fewshot, args.batch_size,
                            args.max_new_tokens, model_name=name, extraction=args.extraction) for mode in modes]

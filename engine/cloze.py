@@ -28,7 +28,7 @@ import torch
 from engine import distributed
 from engine.data import MCQ
 from engine.errors import MedkoError
-from engine.generate import _keep_rows, left_pad
+from engine.generate import keep_rows, left_pad
 from engine.losses import token_losses
 from engine.model import Gemma3, KVCache, model_device, model_dtype
 from engine.tokenizer import Tokenizer
@@ -115,7 +115,7 @@ def _continuation_sums(model: Gemma3, tokenizer: Tokenizer, prefilled: KVCache, 
     device = last.device
     rows = torch.tensor(owner, device=device)
     cache = copy.copy(prefilled)
-    _keep_rows(cache, rows)  # new tensors: each option row starts from its question's prefilled rows
+    keep_rows(cache, rows)  # new tensors: each option row starts from its question's prefilled rows
     width = max(len(c) for c in conts)
     cont_ids = torch.full((len(conts), width), tokenizer.pad_id, dtype=torch.long, device=device)
     cont_mask = torch.zeros(len(conts), width, dtype=torch.bool, device=device)

@@ -227,11 +227,15 @@ def materialize(model: nn.Module) -> nn.Module:
     return model
 
 
+def _rows_per_rank(t: torch.Tensor) -> int:
+    """torch.chunk's rows per rank of dim 0 across t's mesh: the first ranks hold this many, the last may hold fewer."""
+    return -(-t.shape[0] // t.device_mesh.size())
+
+
 def local_rows(t: torch.Tensor) -> tuple[int, int]:
     """The rows [start, stop) of dim 0 that this rank holds of an FSDP2-sharded parameter or state: torch.chunk's
     split, which fully_shard uses (the last ranks may hold fewer rows, or none)."""
-    n, ranks = t.shape[0], t.device_mesh.size()
-    chunk = -(-n // ranks)
+    n, chunk = t.shape[0], _rows_per_rank(t)
     start = min(t.device_mesh.get_local_rank() * chunk, n)
     stop = min(start + chunk, n)
     if t.to_local().shape[0] != stop - start:
@@ -260,8 +264,7 @@ def _gathered_on_main(t: torch.Tensor) -> torch.Tensor | None:
     """A DTensor sharded on dim 0 (torch.chunk's rows per rank) whole on rank 0, None elsewhere: every rank sends
     its rows padded to the first rank's count, rank 0 concatenates them and drops the padding."""
     local = t.to_local()
-    n, ranks = t.shape[0], t.device_mesh.size()
-    chunk = -(-n // ranks)
+    n, ranks, chunk = t.shape[0], t.device_mesh.size(), _rows_per_rank(t)
     padded = local.new_zeros((chunk, *t.shape[1:]))
     padded[:local.shape[0]] = local
     group = t.device_mesh.get_group()

@@ -167,6 +167,13 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str | None]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def check_cloze_prompt(mode: str, chat: bool, fewshot: Sequence[MCQ]) -> None:
+    """Refuses cloze scoring ("cloze", or "all" which includes it) with chat turns or few-shot examples."""
+    if mode in ("cloze", "all") and (chat or fewshot):
+        raise MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:` with no chat turns and no "
+                         "few-shot examples; drop --chat and --fewshot, or use --mode logits, generate or both")
+
+
 def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str = "logits", lang: str = "ko",
              chat: bool = False, fewshot: Sequence[MCQ] = (), batch_size: int = 16,
              max_new_tokens: int = GENERATE_TOKENS, progress: bool = True, model_name: str = "",
@@ -180,9 +187,7 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
     _check_lang(lang)
     if mode not in MODES:
         raise MedkoError(f"unknown evaluation mode {mode!r}; use {', '.join(MODES)}")
-    if mode == "cloze" and (chat or fewshot):
-        raise MedkoError("cloze scoring uses the raw prompt `Question: ...\\nAnswer:` with no chat turns and no "
-                         "few-shot examples; drop --chat and --fewshot, or use --mode logits or generate")
+    check_cloze_prompt(mode, chat, fewshot)
     if not rows:
         raise MedkoError("no questions to evaluate; check the data source and split")
     start = time.perf_counter()

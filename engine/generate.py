@@ -28,8 +28,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return ids.to(device), mask.to(device)
 
 
-def _keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
-    """Drops finished rows from the cache: only the rows still decoding stay in the batch."""
+def keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    """Keeps only `rows` of the cache, in that order, as new tensors: the rows still decoding, or (cloze) each option
+    row's copy of its question's prefilled rows."""
     cache.keys = [k[rows] for k in cache.keys]
     cache.values = [v[rows] for v in cache.values]
     cache.key_mask, cache.next_position = cache.key_mask[rows], cache.next_position[rows]
@@ -133,7 +134,7 @@ def generate_ids(model: Gemma3, rows: Sequence[Sequence[int]], max_new_tokens: i
             if on_done is not None:
                 on_done(i)
         if len(going) < len(active):
-            _keep_rows(cache, torch.tensor(going, dtype=torch.long, device=device))
+            keep_rows(cache, torch.tensor(going, dtype=torch.long, device=device))
             active = [active[s] for s in going]
         if not active:
             cache, pending = None, []
