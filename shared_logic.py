@@ -56,8 +56,8 @@ from engine.measures import translation_scores as translation_scores
 from engine.phase_losses import stage_loss as stage_loss
 from engine.reasoning import (answer_line_tokens as answer_line_tokens, exam_examples as exam_examples,
                               reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples)
-from engine.sources import (held_out_sets as held_out_sets, reference_exam as reference_exam,
-                            unseen_answers as unseen_answers)
+from engine.sources import (held_out_sets as held_out_sets, korean_training_text as korean_training_text,
+                            reference_exam as reference_exam, unseen_answers as unseen_answers)
 from engine.trainer import mixed_batches as mixed_batches, steps_for_tokens as steps_for_tokens
 from stage_layout import (ADDED_LR_SCALE as ADDED_LR_SCALE, DATA_DIR as DATA_DIR,
                           LANGUAGE_PATTERNS as LANGUAGE_PATTERNS, LORA_PATTERNS as LORA_PATTERNS,

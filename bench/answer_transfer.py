@@ -42,14 +42,6 @@ def exam(split: str, lang: str) -> list:
     return list(load_kormedmcqa(KORMEDMCQA_SUBSETS, split, source, lang=lang))
 
 
-def korean_training_text(train: list) -> list[str]:
-    """What s0 counts as Korean training text (stages/s0_data.py), for the unseen-answer subset."""
-    reasoning = load_reasoning(DATA / LOCAL_FILES["reasoning"])
-    return [*load_texts(DATA / LOCAL_FILES["ko_text"]), *(p.src for p in load_pairs(DATA / LOCAL_FILES["pairs"])),
-            *(f"{r.question} {' '.join(r.options.values())} {r.reasoning}" for r in reasoning),
-            *(f"{r.question} {' '.join(r.options.values())}" for r in train)]
-
-
 def option_scores(model, tokenizer, row, lang: str) -> torch.Tensor:
     """Each option's summed log-probability per character (acc_norm's score), with gradients: the options as five
     whole rows (prompt + option), the head applied to the option positions only."""
@@ -79,7 +71,10 @@ def main() -> None:
     model, tokenizer, _ = load_base("270m")
     train = {lang: sl.limited(exam("train", lang), args.limit) for lang in ("ko", "en")}
     dev = {lang: exam("dev", lang) for lang in ("ko", "en")}
-    unseen = sl.unseen_answers(dev["ko"], korean_training_text(exam("train", "ko")))
+    korean = sl.korean_training_text(load_texts(DATA / LOCAL_FILES["ko_text"]),
+                                     load_pairs(DATA / LOCAL_FILES["pairs"]),
+                                     load_reasoning(DATA / LOCAL_FILES["reasoning"]), exam("train", "ko"))
+    unseen = sl.unseen_answers(dev["ko"], korean)  # as s0 finds them
 
     def score(tag: str) -> dict:
         model.eval()

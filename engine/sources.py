@@ -150,6 +150,15 @@ def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: st
     return [by_id[r.id] for r in rows]
 
 
+def korean_training_text(texts: Sequence[str], pairs: Sequence[Pair], reasoning: Sequence[MCQ],
+                         train_exam: Sequence[MCQ]) -> list[str]:
+    """The Korean every later stage trains on, for unseen_answers: texts, pairs' sources, reasoning rows (question,
+    options, reasoning) and the train exam (question and options; s4 translates it)."""
+    return [*texts, *(p.src for p in pairs),
+            *(f"{r.question} {' '.join(r.options.values())} {r.reasoning}" for r in reasoning),
+            *(f"{r.question} {' '.join(r.options.values())}" for r in train_exam)]
+
+
 def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> list[int]:
     """Positions of the questions whose right option's text appears in no Korean text a run trains on: what the
     model gets right there in Korean it did not read in Korean. On the bundled data these are the questions on the

@@ -30,10 +30,7 @@ def main(run: sl.StageRun) -> None:
                   "reasoning.jsonl": [sl.mcq_record(r) for r in rows["reasoning"]]})
     for name, records in files.items():
         sl.write_jsonl_atomic(records, run.out / name)
-    # Korean every later stage trains on: texts, pairs, reasoning rows and the train exam (s4 translates it).
-    korean = [*ko_train, *(p.src for p in pairs), *(f"{r.question} {' '.join(r.options.values())} {r.reasoning}"
-                                                    for r in rows["reasoning"]),
-              *(f"{r.question} {' '.join(r.options.values())}" for r in exam["train"])]
+    korean = sl.korean_training_text(ko_train, pairs, rows["reasoning"], exam["train"])
     unseen = {split: sl.unseen_answers(exam[split], korean) for split in ("dev", "test")}
     run.save(None, {"source": source, "counts": {name: len(records) for name, records in files.items()},
                     "unseen_answers": unseen,
