@@ -110,6 +110,19 @@ def random_checkpoint(shape: str, directory: Path, tokenizer_dir: Path | None = 
     return directory
 
 
+def random_model(shape: str, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Gemma3:
+    """A preset's shape with random weights (normal, std 0.02, as random_checkpoint draws them) built on `device`
+    in `dtype`, without a checkpoint: the 27B shape's 54 GB need no disk and no read."""
+    with torch.device("meta"):
+        model = Gemma3(PRESETS[shape])
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02, generator=generator)
+    return model.eval()
+
+
 def bench_model_dir(model_dir: str | None, shape: str, tmp: Path, device: str = "cuda") -> str:
     """--model-dir, else the embedded 270M, or random weights of a bigger preset's shape (its tokenizer)."""
     if model_dir is not None:

@@ -7,8 +7,9 @@
     python bench/train.py --shape 27b --quantize 4bit   # 27B shape, NF4 base weights (needs bitsandbytes)
 
 On a GPU only --shape 4b has run (one H200, torch 2.11, transformers 5.17, peft 0.21, 2026-11-30: rows 1.14,
-exam 1.22, s3 1.10; with --quantize 4bit and bitsandbytes 0.50.2, rows 1.19 over 6 steps, 0.92 over 3); --shape
-27b has never run.
+exam 1.22, s3 1.10; with --quantize 4bit and bitsandbytes 0.50.2, rows 1.19 over 6 steps, 0.92 over 3; rows 0.81
+over 6 steps and 1.17 over 20 on 2026-12-04, where --profile showed the GPU busy 14-19% of a step: the host sets
+the pace, so these ratios move with it); --shape 27b has never run (bench/gpu_shape.py times medko alone there).
 
 Both sides train one adapter (rank 16, alpha 32, dropout 0) on q,k,v,o,gate,up,down of every decoder layer, with
 AdamW (lr 1e-4, constant, no weight decay, no gradient clipping), float32 on CPU and bf16 autocast on CUDA (see
@@ -45,6 +46,7 @@ import argparse
 import importlib.util
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -134,7 +136,29 @@ def run(args: argparse.Namespace) -> dict:
     result["load_peak_mb"] = load_peak
     result["metrics"] = metrics
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.profile:
+        result["profile"] = profiled(step, timed_steps[:3], device, args.profile)
     return result
+
+
+def profiled(step, chunks: list, device: str, rows: int) -> dict:
+    """The busiest kernels of a few more steps under torch.profiler, and how much of the steps' wall time the
+    device was busy (a low share: the host, launching kernels one by one, sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for chunk in chunks:
+            step(chunk)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key, 0) for e in averages if e.device_type.name == ("CUDA" if device == "cuda" else "CPU"))
+    table = averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    return {"steps": len(chunks), "wall_s": wall, "device_busy_s": busy / 1e6, "table": table}
 
 
 def compare(results: dict[str, dict], key: str, step: int) -> str:
@@ -163,6 +187,8 @@ def main() -> None:
                    "peer BitsAndBytesConfig nf4); needs bitsandbytes")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads per side (default: torch's default here); 1 is steadier on a busy machine")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed steps, 3 more under "
+                   "torch.profiler: each side's N busiest kernels and the device's busy share of the wall time")
     p.add_argument("--side", choices=["medko", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--examples", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,6 +219,7 @@ def main() -> None:
                   "--layer-weight", str(args.layer_weight), "--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--examples", str(Path(tmp) / "examples.json"), "--threads", str(args.threads)]
         passed += ["--quantize", args.quantize] if args.quantize else []
+        passed += ["--profile", str(args.profile)] if args.profile else []
         results = {side: run_side(__file__, side, passed) for side in ("medko", "peer")}
         params = forward_params(Path(args.model_dir))
     precision = "bf16 autocast" if args.device == "cuda" else f"float32, {args.threads} threads"
@@ -224,6 +251,12 @@ def main() -> None:
         for name, r in results.items():
             print(f"{name} MFU: {100 * 6 * params * r['per_s'] / H100_BF16_DENSE_FLOPS:.1f}% "
                   f"(6 x {params / 1e9:.2f}B forward parameters x tokens/s over 989 TFLOP/s)")
+    for name, r in results.items():
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"{name} profile: {prof['steps']} steps in {prof['wall_s']:.3f} s wall, device busy "
+                  f"{prof['device_busy_s']:.3f} s ({100 * prof['device_busy_s'] / prof['wall_s']:.0f}%)")
+            print(prof["table"])
     print(f"ratio: {medko['per_s'] / peer['per_s']:.2f}")
 
 

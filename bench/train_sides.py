@@ -54,10 +54,12 @@ def autocast(device: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
-def medko_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Step]:
+def medko_trainer(args: argparse.Namespace, device: str, dtype: torch.dtype,
+                  model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, Step]:
     """medko as a stage trains: packed rows (trainer.pack) and the stages' own loss (shared_logic.stage_loss: CE,
-    plus the per-layer English loss against teacher_mode when the batch carries English rows)."""
-    model = load_model(Path(args.model_dir), device, dtype, quantize=bool(args.quantize))
+    plus the per-layer English loss against teacher_mode when the batch carries English rows). `model`: a base
+    already built (bench/gpu_shape.py's random weights) instead of args.model_dir's."""
+    model = model or load_model(Path(args.model_dir), device, dtype, quantize=bool(args.quantize))
     add_lora(model, "lora1", rank=RANK, alpha=ALPHA, dropout=0.0, targets=LORA_TARGETS)
     set_trainable(model, sl.LORA_PATTERNS)
     same_adapter_init(model)
