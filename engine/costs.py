@@ -29,42 +29,68 @@ class Throughput:
 GPUS = {"h200": {"name": "one H200 (141 GB)", "memory_gib": 141, "tflops": 989.0, "tb_s": 4.8},
         "80gb": {"name": "one A100 80 GB", "memory_gib": 80, "tflops": 312.0, "tb_s": 2.0}}
 
-# The one table. Only the H200 4B rows were measured; every other figure derives from them.
+# The one table, keyed (GPU, size, kind). Only H200 figures were measured; every other figure derives from them.
 THROUGHPUTS = {
-    ("h200", "train"): Throughput(
+    ("h200", "4b", "train"): Throughput(
         3378, "tokens/s", "H200", "4B, bf16 base, LoRA r16, bf16 autocast, 4 x 256 tokens a step", "2026-12-04",
         "measured: bench/gpu_cost.sh (bench/train.py --shape 4b --steps 6 --warmup 2; transformers + peft: 4,173)"),
-    ("h200", "train_nf4"): Throughput(
+    ("h200", "4b", "train_nf4"): Throughput(
         3568, "tokens/s", "H200", "4B, NF4 base, LoRA r16, bf16 autocast", "2026-11-30",
         "measured: bench/train.py --shape 4b --quantize 4bit --steps 6 --warmup 2 (bench/gpu_checks.sh)"),
-    ("h200", "score"): Throughput(
+    ("h200", "4b", "score"): Throughput(
         160.6, "questions/s", "H200", "4B, bf16, logits, KorMedMCQA prompts, batch 16", "2026-11-30",
         "measured: bench/eval.py --shape 4b --questions 300 (bench/gpu_checks.sh)"),
-    ("h200", "decode"): Throughput(
+    ("h200", "4b", "decode"): Throughput(
         0.0410, "s per decoding step", "H200", "4B, bf16, 64 rows, 128 new tokens (16 rows: 0.0430), seconds per new "
         "token with prompt-lookup drafting on, random weights", "2026-12-04",
         "measured: bench/gpu_cost.sh (bench/gpu_generate.py; transformers' generate: 0.0763 at 64 rows, 0.0436 "
         "at 16, identical outputs)"),
+    ("h200", "27b", "train"): Throughput(
+        1787, "tokens/s", "H200", "27B, bf16 base, LoRA r16, bf16 autocast, 4 x 256 tokens a step", "2026-12-04",
+        "measured: bash bench/gpu_cost.sh 27b (bench/gpu_shape.py --shape 27b, medko alone, 6 steps after 2; its "
+        "attention ran a variant not landed, which at 4B trained within noise of the landed code)"),
+    ("h200", "27b", "score"): Throughput(
+        92.0, "questions/s", "H200", "27B, bf16, logits, KorMedMCQA prompts, batch 16, 300 questions", "2026-12-04",
+        "measured: bash bench/gpu_cost.sh 27b (bench/gpu_shape.py --shape 27b, medko alone; its attention ran a "
+        "variant not landed, which at 4B scored 10-20% slower than the landed code)"),
+    ("h200", "27b", "decode"): Throughput(
+        0.1085, "s per decoding step", "H200", "27B, bf16, 64 rows, 128 new tokens (16 rows: 0.1033), seconds per new "
+        "token with prompt-lookup drafting on, random weights", "2026-12-04",
+        "measured: bash bench/gpu_cost.sh 27b (bench/gpu_shape.py --shape 27b, medko alone)"),
 }
 
 
 def _scaled(size: str, gpu: str, kind: str) -> tuple[float, str]:
-    """(value, source) of a throughput for a size on a GPU: the table's 4B H200 figure, scaled by parameters and by
-    the GPU's bf16 FLOP/s for training and scoring. A decoding step at 4B is bound by the host's kernel launches (41
-    ms against 3 ms of weights read at HBM bandwidth), so it scales with the layers, or with the weights' bytes over
-    half the bandwidth where that is longer."""
-    spec, c, base = GPUS[gpu], PRESETS[size], THROUGHPUTS[("h200", kind)]
-    if size == "4b" and gpu == "h200":
-        return base.value, base.source
+    """(value, source) of a throughput for a size on a GPU. The H200 figure of that size where one was measured;
+    NF4 training at a size measured in bf16 alone, its bf16 figure times the 4B NF4/bf16 ratio; anything else, the
+    4B figure scaled by parameters. Another GPU scales training and scoring by its bf16 FLOP/s. A decoding step is
+    bound by the host's kernel launches (41 ms at 4B against 3 ms of weights read at HBM bandwidth): with no
+    measurement it scales with the layers, and on another GPU it stays, or is the weights' bytes over half the
+    bandwidth where that is longer."""
+    spec, c = GPUS[gpu], PRESETS[size]
+    measured = THROUGHPUTS.get(("h200", size, kind))
+    if measured is not None:
+        value, source = measured.value, measured.source
+    elif kind == "train_nf4" and ("h200", size, "train") in THROUGHPUTS:
+        ratio = THROUGHPUTS[("h200", "4b", "train_nf4")].value / THROUGHPUTS[("h200", "4b", "train")].value
+        value = THROUGHPUTS[("h200", size, "train")].value * ratio
+        source = f"not measured (estimate from the H200 {size} bf16 figure times the 4B NF4/bf16 ratio)"
+    elif kind == "decode":
+        value = THROUGHPUTS[("h200", "4b", kind)].value / PRESETS["4b"].num_layers * c.num_layers
+        source = "not measured (estimate from the H200 4B step per layer times the layers)"
+    else:
+        value = THROUGHPUTS[("h200", "4b", kind)].value * base_params(PRESETS["4b"]) / base_params(c)
+        source = f"not measured (estimate from the H200 4B figure scaled by {size} parameters)"
+    if gpu == "h200":
+        return value, source
     if kind == "decode":
-        launches = base.value / PRESETS["4b"].num_layers * c.num_layers
         weights = 2 * base_params(c) / (0.5 * spec["tb_s"] * 1e12)
-        return max(launches, weights), ("not measured (estimate from the H200 4B step per layer times the layers, "
-                                        "or the weights read at half the HBM bandwidth where longer)")
-    ratio = base_params(PRESETS["4b"]) / base_params(c) * spec["tflops"] / GPUS["h200"]["tflops"]
-    why = [f"{size} parameters" if size != "4b" else "", f"{gpu} bf16 FLOP/s" if gpu != "h200" else ""]
-    return base.value * ratio, (f"not measured (estimate from the H200 4B figure scaled by "
-                                f"{' and '.join(w for w in why if w)})")
+        return max(value, weights), ("not measured (estimate: the H200 step, host-bound, or the weights read at half "
+                                     "the HBM bandwidth where longer)")
+    value *= spec["tflops"] / GPUS["h200"]["tflops"]
+    if measured is not None:
+        return value, f"not measured (estimate from the H200 {size} figure scaled by {gpu} bf16 FLOP/s)"
+    return value, f"{source[:-1]}, then by {gpu} bf16 FLOP/s)"
 
 
 # The real volumes (the issue's counts; token lengths are estimates with MedGemma's tokenizer, not counted).

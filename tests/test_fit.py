@@ -148,10 +148,12 @@ def test_plan_hours_names_the_source_of_every_throughput_and_sums_its_stages():
     assert lines.index(run) < lines.index(next(r for r in rows if r not in curriculum))
     sources = [line for line in lines if line.startswith("  ") and ": " in line]
     assert len(sources) == 3 and all("measured" in s for s in sources)  # measured, or not measured (estimate ...)
-    assert all("not measured (estimate from" in s for s in sources)  # no 27B figure was ever measured
-    measured = costs.hours_table("4b", "h200").splitlines()  # the 4B on an H200 is what bench/gpu_cost.sh measured
-    assert [line.split(": ")[0] for line in measured if line.startswith("  ")] == ["  train", "  score", "  decode"]
-    assert all(": measured: bench/" in line for line in measured if line.startswith("  "))
+    elsewhere = [line for line in costs.hours_table("27b", "80gb").splitlines() if line.startswith("  ")]
+    assert all("not measured (estimate from the H200 27b figure scaled by 80gb" in s for s in elsewhere[:2])
+    for size, script in (("4b", "bench/"), ("27b", "bash bench/gpu_cost.sh 27b")):  # what the H200 leases measured
+        measured = costs.hours_table(size, "h200").splitlines()
+        assert [line.split(": ")[0] for line in measured if line.startswith("  ")] == ["  train", "  score", "  decode"]
+        assert all(f": measured: {script}" in line for line in measured if line.startswith("  "))
 
 
 def test_hours_grow_with_the_work_and_with_checkpointing():
@@ -166,7 +168,8 @@ def test_hours_grow_with_the_work_and_with_checkpointing():
 def test_decoding_scales_with_the_layers_where_launches_bound_it_and_nf4_stages_train_at_the_nf4_rate(monkeypatch):
     from engine import costs
 
-    step_4b = costs.THROUGHPUTS[("h200", "decode")].value
+    step_4b = costs.THROUGHPUTS[("h200", "4b", "decode")].value
+    monkeypatch.delitem(costs.THROUGHPUTS, ("h200", "27b", "decode"))  # as before the 27B was measured
     assert costs._scaled("27b", "h200", "decode")[0] == pytest.approx(step_4b * 62 / 34)
     # a GPU so slow that reading the weights takes longer than launching the kernels
     monkeypatch.setitem(costs.GPUS, "slow", dict(costs.GPUS["80gb"], tb_s=0.1))
@@ -175,8 +178,13 @@ def test_decoding_scales_with_the_layers_where_launches_bound_it_and_nf4_stages_
     assert fit.quantize  # 54 GB of bf16 weights cannot sit on 40 GiB
     hours = costs.stage_hours("27b", "80gb", "s3", fit)["train"]
     bf16 = costs.stage_hours("27b", "80gb", "s3", replace(fit, quantize=False))["train"]
-    assert hours == pytest.approx(bf16 * costs.THROUGHPUTS[("h200", "train")].value
-                                  / costs.THROUGHPUTS[("h200", "train_nf4")].value)
+    assert hours == pytest.approx(bf16 * costs.THROUGHPUTS[("h200", "4b", "train")].value
+                                  / costs.THROUGHPUTS[("h200", "4b", "train_nf4")].value)
+    value, source = costs._scaled("27b", "h200", "train_nf4")  # the 27B's bf16 figure times the 4B's NF4/bf16 ratio
+    assert value == pytest.approx(costs.THROUGHPUTS[("h200", "27b", "train")].value
+                                  * costs.THROUGHPUTS[("h200", "4b", "train_nf4")].value
+                                  / costs.THROUGHPUTS[("h200", "4b", "train")].value)
+    assert source.startswith("not measured (estimate from the H200 27b bf16 figure")
 
 
 def test_the_hub_fixture_at_a_hundredth_of_the_real_volumes_reads_every_row_once(tmp_path, monkeypatch):
