@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from array import array
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -68,12 +69,17 @@ def encode_question(tokenizer: Tokenizer, row: MCQ, lang: str) -> Encoded:
     return Encoded(context, options, [len(text) for text in texts])
 
 
+def compact(e: Encoded) -> Encoded:
+    """The same tokens as 32-bit arrays (Tokenizer.encode_compact), which a whole split's questions are held in."""
+    return Encoded(array("i", e.context), [array("i", o) for o in e.options], e.chars)
+
+
 @torch.no_grad()
 def cloze_logprobs(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], lang: str, batch_size: int = 8,
                    progress: bool = False) -> list[list[tuple[float, int]]]:
     """For each question, each option's (summed log-probability, token count), in option order. Under torchrun each
     rank scores its share of the questions and the rows are gathered in order."""
-    encoded = [encode_question(tokenizer, r, lang) for r in rows]
+    encoded = [compact(encode_question(tokenizer, r, lang)) for r in rows]
     return distributed.split_work(lambda part: _logprobs(model, tokenizer, part, batch_size, progress), encoded, model)
 
 

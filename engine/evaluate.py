@@ -117,11 +117,11 @@ def letter_scores(model: Gemma3, tokenizer: Tokenizer, prompts: Sequence[str], c
     """
     letters = torch.tensor(letter_token_ids(tokenizer, chat), device=model_device(model))
     rows = distributed.split_work(lambda part: list(_letter_scores(model, tokenizer, part, letters, batch_size,
-                                                                   progress)), tokenizer.encode_batch(prompts), model)
+                                                                   progress)), tokenizer.encode_compact(prompts), model)
     return torch.stack(rows)
 
 
-def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: list[list[int]], letters: torch.Tensor,
+def _letter_scores(model: Gemma3, tokenizer: Tokenizer, encoded: Sequence[Sequence[int]], letters: torch.Tensor,
                    batch_size: int, progress: bool) -> torch.Tensor:
     from tqdm import tqdm
 
