@@ -1,11 +1,10 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
 texts, pairs and instructions; KorMedMCQA; split overlap; the files s0 wrote, read lazily.
 
-Imports engine.errors, engine.hub, engine.records and engine.rows.
+Imports engine.errors, engine.locations, engine.records and engine.rows.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine.errors import MedkoError, log
-from engine.hub import hub_snapshot
+from engine.locations import SOURCES, Source, hub_files, one_format, source_files  # noqa: F401 (SOURCES: re-exported)
 from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
 from engine.rows import JsonlRows
 
@@ -22,7 +21,6 @@ LETTERS = "ABCDE"
 KORMEDMCQA = "sean0042/KorMedMCQA"
 KORMEDMCQA_SUBSETS = ("doctor", "nurse", "pharm", "dentist")
 KORMEDMCQA_SPLITS = ("train", "dev", "test", "fewshot")
-DATA_SUFFIXES_BY_PREFERENCE = (".parquet", ".jsonl", ".json", ".csv", ".txt")
 
 
 @dataclass
@@ -77,26 +75,6 @@ class Rows(list):
         self.columns = self.columns or other.columns
 
 
-@dataclass
-class Source:
-    """A data set on the hub or in a local file or directory, read through a field mapping.
-
-    Hub schemas change, so every field can be renamed: mapping is medko's field name -> the source's.
-    """
-
-    location: str  # hub id "owner/name", or a local file or directory
-    mapping: dict[str, str] = field(default_factory=dict)  # e.g. {"question": "q", "answer": "label"}
-    split: str = "train"  # hub split, matched against file names ({split}-*.parquet, {split}.jsonl)
-    subset: str = ""  # hub sub-directory (a config such as "doctor"); empty for none
-
-
-# Default hub sources by role (DESIGN "Data"); a local file with a mapping replaces any of them.
-SOURCES: Mapping[str, Source] = MappingProxyType({
-    "medqa": Source("GBaker/MedQA-USMLE-4-options", {"answer": "answer_idx"}),  # "answer" holds the text
-    "ko_text": Source("ChuGyouk/Asan-AMC-Healthinfo"),  # instruction/output rows: load_instructions
-    # Columns inferred from third-party code, not verified: question, A-E, answer (1-5), thinking, response.
-    "reasoning": Source("ChuGyouk/medical-reasoning-train-kormedmcqa", {"reasoning": "thinking"}),
-})
 # The roles whose fields --map renames (ROLE.FIELD=COLUMN), with the fields each role reads.
 MAP_ROLES: Mapping[str, set[str]] = MappingProxyType({
     "exam": {"question", "answer", *LETTERS}, "medqa": {"id", "subset", "question", "options", "answer", *LETTERS},
@@ -128,56 +106,6 @@ def require_rows(rows: Rows, role: str, source: Any) -> Rows:
                          f"columns: {columns}{'; every row was skipped as bad' if rows.skipped else ''}); map its "
                          f"fields with --map {role}.FIELD=COLUMN or give another file")
     return rows
-
-
-def _hub_matches(repo_id: str, patterns: list[str], local_hint: str) -> list[Path]:
-    root = hub_snapshot(repo_id, patterns, local_hint=local_hint)
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns))
-
-
-def _hub_files(repo_id: str, patterns: list[str], local_hint: str, single_file: bool = False) -> list[Path]:
-    """The repository's files matching patterns; with single_file, a repository holding one data file whose name
-    names no split (Asan-AMC-Healthinfo.jsonl) gives that file when the patterns match nothing."""
-    files = _hub_matches(repo_id, patterns, local_hint)
-    if not files and single_file:
-        data = _hub_matches(repo_id, [f"*{suffix}" for suffix in DATA_SUFFIXES_BY_PREFERENCE if suffix != ".json"],
-                            local_hint)
-        files = data if len(data) == 1 else []
-    if not files:
-        raise MedkoError(f"{repo_id} has no files matching {patterns}"
-                         f"{' nor a single data file' if single_file else ''} in the cache or on the hub; check "
-                         f"the split and subset names, {local_hint}")
-    return files
-
-
-def source_files(source: str | Path | Source) -> list[Path]:
-    """The data files behind a source: a local file, a local directory's {split}* files, or a hub split."""
-    if not isinstance(source, Source):
-        source = Source(str(source))
-    path = Path(source.location)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = _one_format(sorted(p for p in path.rglob("*") if p.name.startswith(source.split)))
-        if not files:
-            raise MedkoError(f"{path} holds no {source.split}*.jsonl/.parquet/.csv files; check the split name")
-        return files
-    if path.suffix in DATA_SUFFIXES_BY_PREFERENCE:
-        raise MedkoError(f"{path} does not exist; check the path")
-    prefix = f"{source.subset}/" if source.subset else ""
-    patterns = [f"{prefix}*{source.split}{tail}" for tail in ("-*.parquet", ".parquet", "-*.jsonl", ".jsonl", ".csv")]
-    return _one_format(_hub_files(source.location, patterns, "or give a local file with a field mapping",
-                                  single_file=not source.subset))
-
-
-def _one_format(files: Sequence[Path]) -> list[Path]:
-    # A repository may hold the same split in two formats (parquet beside jsonl); read only one.
-    for suffix in DATA_SUFFIXES_BY_PREFERENCE:
-        chosen = [f for f in files if f.suffix == suffix]
-        if chosen:
-            return chosen
-    return []
 
 
 def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool,
@@ -320,7 +248,7 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
                          f"{list(KORMEDMCQA_SUBSETS)} and splits {list(KORMEDMCQA_SPLITS)}")
     hint = "or pass a local directory laid out {subset}/{split}.jsonl (data/kormedmcqa is one)"
     if source == "hub":
-        files = _hub_files(KORMEDMCQA, [f"{s}/{split}-*.parquet" for s in subsets], hint)
+        files = hub_files(KORMEDMCQA, [f"{s}/{split}-*.parquet" for s in subsets], hint)
         root = files[0].parents[1]
     else:
         root = Path(source)
@@ -328,7 +256,7 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
             raise MedkoError(f"KorMedMCQA source {root} is not a directory; {hint}")
     rows = Rows()
     for subset in subsets:
-        files = _one_format(sorted((root / subset).glob(f"{split}*")))
+        files = one_format(sorted((root / subset).glob(f"{split}*")))
         if not files:
             raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
         parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)

@@ -3,7 +3,7 @@ read from the bundled data, a local directory, a file per role or the hub, each 
 skip and repeat counts per source; the held-out sets that are never trained on; and reference translations of
 an exam, row for row.
 
-Imports engine.data and engine.errors.
+Imports engine.data, engine.errors and engine.locations.
 """
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, Source, load_kormedmcqa, load_mcq_file,
-                         load_pairs, load_reasoning, load_texts, require_rows)
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, Pair, Rows, load_kormedmcqa, load_mcq_file, load_pairs,
+                         load_reasoning, load_texts, require_rows)
 from engine.errors import MedkoError, log
+from engine.locations import SOURCES, Source
 
-# role: its file name in a local data directory (the hub sources are engine.data.SOURCES)
+# role: its file name in a local data directory (the hub sources are engine.locations.SOURCES)
 LOCAL_FILES = {"medqa": "medqa_en.jsonl", "ko_text": "ko_medical_text.jsonl", "en_text": "en_medical_text.jsonl",
                "pairs": "ko_en_pairs.jsonl", "reasoning": "reasoning_ko.jsonl"}
 HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_medical_text_heldout.jsonl",
