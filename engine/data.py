@@ -1,20 +1,23 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
-texts, pairs and instructions; KorMedMCQA; split overlap; the files s0 wrote, read lazily.
+texts, pairs and instructions, held whole (Rows) or read as they are used (Stream); KorMedMCQA; split overlap; the
+files s0 wrote, read lazily.
 
 Imports engine.errors, engine.locations, engine.records and engine.rows.
 """
 from __future__ import annotations
 
-import re
+import hashlib
 import unicodedata
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
 
 from engine.errors import MedkoError, log
 from engine.locations import SOURCES, Source, hub_files, one_format, source_files  # noqa: F401 (SOURCES: re-exported)
-from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
+from engine.records import ENCODINGS, BadRow, nfc, read_records, text_lines  # noqa: F401 (ENCODINGS: re-exported)
 from engine.rows import JsonlRows
 
 LETTERS = "ABCDE"
@@ -64,15 +67,41 @@ class Rows(list):
         super().__init__(rows)
         self.where = list(where)
 
-    def take(self, other: "Rows") -> None:
-        """Adds another load's rows, counts and provenance."""
-        self.extend(other)
-        self.where += other.where
-        self.skipped += other.skipped
-        self.dropped += other.dropped
-        self.normalized += other.normalized
-        self.files += other.files
-        self.columns = self.columns or other.columns
+    @classmethod
+    def of(cls, stream: "Stream") -> "Rows":
+        """A stream's rows held whole, with its counts and provenance."""
+        rows = cls()
+        for row, where in stream:
+            rows.append(row)
+            rows.where.append(where)
+        rows.skipped, rows.dropped, rows.normalized = stream.skipped, stream.dropped, stream.normalized
+        rows.files, rows.columns = stream.files, stream.columns
+        return rows
+
+
+class Stream:
+    """A loader's rows read as they are used: iterating gives each row once, as (row, where), and leaves the counts
+    Rows keeps (skipped, dropped, normalized, files, columns) complete when it ends. s0 reads its sources so, and
+    holds none whole; Rows.of(stream) holds one."""
+
+    skipped: int = 0
+    dropped: int = 0
+    normalized: int = 0
+    files: tuple[Path, ...] = ()
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, read: Callable[["Stream"], Iterator[tuple[Any, str]]]):
+        self._read = read
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        return self._read(self)
+
+
+def fingerprint(value: Any) -> bytes:
+    """16 bytes that stand for a value of strings, numbers and tuples of them (a row's question and options, a
+    text): what checks over every row of a source keep in its place, as two rows' fingerprints are equal only
+    when the rows are (blake2b; a chance collision is beyond reach)."""
+    return hashlib.blake2b(repr(value).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 # The roles whose fields --map renames (ROLE.FIELD=COLUMN), with the fields each role reads.
@@ -108,31 +137,32 @@ def require_rows(rows: Rows, role: str, source: Any) -> Rows:
     return rows
 
 
-def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool,
-                 encoding: str = "utf-8") -> Rows:
-    """parse(path, row index, record) over every record, NFC-normalised (rows it changed are counted); a bad row
-    stops the load, or is counted under skip_bad."""
-    rows = Rows()
-    rows.files = tuple(files)
+def _parse_rows(tally: Stream, files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any],
+                skip_bad: bool, encoding: str = "utf-8") -> Iterator[tuple[Any, str]]:
+    """parse(path, row index, record) over every record, NFC-normalised (rows it changed are counted in tally); a
+    bad row stops the load, or is counted under skip_bad."""
+    tally.files += tuple(files)
+    skipped = 0
     for path in files:
         for index, (line, record) in enumerate(read_records(path, encoding)):
-            if not rows.columns and isinstance(record, dict):
-                rows.columns = tuple(record)
+            if not tally.columns and isinstance(record, dict):
+                tally.columns = tuple(record)
             try:
                 if isinstance(record, BadRow):
                     raise record
                 normal = nfc(record)
-                rows.normalized += normal != record
-                rows.append(parse(path, index, normal))
-                rows.where.append(f"{path}:{line}")
+                tally.normalized += normal != record
+                row = parse(path, index, normal)
             except BadRow as err:
                 if not skip_bad:
                     raise MedkoError(f"{path}:{line}: {err}; fix the row, or skip bad rows with --skip-bad") from None
                 log.warning("%s:%d: %s; skipped", path, line, err)
-                rows.skipped += 1
-    if rows.skipped:
-        log.warning("skipped %d bad rows in %s", rows.skipped, ", ".join(map(str, files)))
-    return rows
+                tally.skipped += 1
+                skipped += 1
+                continue
+            yield row, f"{path}:{line}"
+    if skipped:
+        log.warning("skipped %d bad rows in %s", skipped, ", ".join(map(str, files)))
 
 
 def _mapping(source: str | Path | Source, mapping: Mapping[str, str] | None, known: set[str]) -> dict[str, str]:
@@ -217,26 +247,30 @@ def _mcq_parser(mapping: Mapping[str, str], lang: str, need_reasoning: bool, id_
     return parse
 
 
-def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
-                  skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
-    """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source).
+def stream_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
+                    skip_bad: bool = False, encoding: str = "utf-8", need_reasoning: bool = False) -> Stream:
+    """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source); need_reasoning: each row carries a worked
+    `reasoning` text (s5).
 
     Options are columns A..E or an `options` dict/list (MedQA); the answer is a letter or a 1-based number.
     """
-    mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=False), skip_bad, encoding)
+    parse = _mcq_parser(_mapping(source, mapping, MCQ_FIELDS), lang, need_reasoning)
+    return Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad, encoding))
+
+
+def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
+                  skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_mcq_file(source, mapping, lang, skip_bad, encoding))
 
 
 def load_reasoning(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "ko",
                    skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
-    """Multiple-choice rows that carry a worked `reasoning` text (s5)."""
-    mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=True), skip_bad, encoding)
+    return Rows.of(stream_mcq_file(source, mapping, lang, skip_bad, encoding, need_reasoning=True))
 
 
-def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
-                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
-                    mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Rows:
+def stream_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
+                      source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
+                      mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Stream:
     """KorMedMCQA rows with ids subset/split/row, from the hub or a local directory.
 
     A local directory is laid out like the hub: {subset}/{split}*.parquet or {subset}/{split}*.jsonl.
@@ -254,57 +288,90 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
         root = Path(source)
         if not root.is_dir():
             raise MedkoError(f"KorMedMCQA source {root} is not a directory; {hint}")
-    rows = Rows()
-    for subset in subsets:
-        files = one_format(sorted((root / subset).glob(f"{split}*")))
-        if not files:
-            raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
-        parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
-        rows.take(_drop_repeats(_parse_files(files, parser, skip_bad, encoding), f"{subset}/{split}"))
-    return rows
+
+    def read(tally: Stream) -> Iterator[tuple[MCQ, str]]:
+        for subset in subsets:
+            files = one_format(sorted((root / subset).glob(f"{split}*")))
+            if not files:
+                raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
+            parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}",
+                                 subset=subset)
+            yield from _drop_repeats(tally, _parse_rows(tally, files, parser, skip_bad, encoding), f"{subset}/{split}")
+
+    return Stream(read)
 
 
-def _drop_repeats(rows: Rows, where: str) -> Rows:
+def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
+                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
+                    mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_kormedmcqa(subsets, split, source, lang, skip_bad, mapping, encoding))
+
+
+def _drop_repeats(tally: Stream, rows: Iterable[tuple[MCQ, str]], where: str) -> Iterator[tuple[MCQ, str]]:
     # The hub has held one split twice (a re-upload beside the original shard); keep the first copy.
-    seen, kept = set(), []
-    for i, row in enumerate(rows):
-        key = (row.question, tuple(row.options.items()), row.answer)
-        if key not in seen:
-            seen.add(key)
-            kept.append(i)
-    if len(kept) < len(rows):
-        log.warning("%s: dropped %d repeated rows", where, len(rows) - len(kept))
-    rows.dropped += len(rows) - len(kept)
-    rows[:], rows.where = [rows[i] for i in kept], [rows.where[i] for i in kept]
-    return rows
+    seen, dropped = set(), 0
+    for row, at in rows:
+        key = fingerprint((row.question, tuple(row.options.items()), row.answer))
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        yield row, at
+    if dropped:
+        log.warning("%s: dropped %d repeated rows", where, dropped)
+    tally.dropped += dropped
 
 
-def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
-               encoding: str = "utf-8") -> Rows:
+def stream_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
+                 encoding: str = "utf-8") -> Stream:
     """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block.
 
     Instruction rows (no text field, an output field: Asan-AMC-Healthinfo's schema) give their output.
     """
     mapping = dict(source.mapping) if isinstance(source, Source) else {}
     parse = _text_parser(mapping.get("text", field), mapping.get("output", "output"))
-    rows = Rows()
-    for path in source_files(source):
-        if path.suffix == ".txt":
-            text = decode(path, encoding)
-            for block in re.finditer(r"(?:[^\n]*\S[^\n]*(?:\n|$))+", text):  # runs of lines that are not blank
-                rows.append(nfc(block.group().strip()))
-                rows.normalized += rows[-1] != block.group().strip()
-                rows.where.append(f"{path}:{text.count(chr(10), 0, block.start()) + 1}")
-        else:
-            rows.take(_parse_files([path], parse, skip_bad, encoding))
-    return rows
+
+    def read(tally: Stream) -> Iterator[tuple[str, str]]:
+        for path in source_files(source):
+            if path.suffix == ".txt":
+                yield from _text_blocks(tally, path, encoding)
+            else:
+                yield from _parse_rows(tally, [path], parse, skip_bad, encoding)
+
+    return Stream(read)
+
+
+def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
+               encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_texts(source, field, skip_bad, encoding))
+
+
+def _text_blocks(tally: Stream, path: Path, encoding: str) -> Iterator[tuple[str, str]]:
+    """A .txt file's texts: each run of lines that are not blank, stripped, where it starts."""
+    block: list[str] = []
+    start = 0
+    for number, line in chain(text_lines(path, encoding), [(0, "")]):  # a blank line after the last ends its block
+        if line.strip():
+            start = start if block else number
+            block.append(line.removesuffix("\n"))
+        elif block:
+            text = "\n".join(block).strip()
+            tally.normalized += nfc(text) != text
+            yield nfc(text), f"{path}:{start}"
+            block = []
+
+
+def stream_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False,
+                 encoding: str = "utf-8") -> Stream:
+    """Parallel text pairs from the fields src and tgt of each row."""
+    mapping = source.mapping if isinstance(source, Source) else {}
+    parse = _pair_parser(src, tgt, mapping)
+    return Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad, encoding))
 
 
 def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False,
                encoding: str = "utf-8") -> Rows:
-    """Parallel text pairs from the fields src and tgt of each row."""
-    mapping = source.mapping if isinstance(source, Source) else {}
-    return _parse_files(source_files(source), _pair_parser(src, tgt, mapping), skip_bad, encoding)
+    return Rows.of(stream_pairs(source, src, tgt, skip_bad, encoding))
 
 
 def _text_parser(field: str, output: str) -> Callable[[Path, int, dict[str, Any]], str]:
@@ -339,7 +406,7 @@ def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | 
         extra = _field(record, "input", mapping, required=False)
         return Instruction(f"{prompt}\n\n{extra}" if extra else prompt, str(_field(record, "output", mapping)))
 
-    return _parse_files(source_files(source), parse, skip_bad)
+    return Rows.of(Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad)))
 
 
 def normalize_question(text: str) -> str:
