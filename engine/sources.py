@@ -165,28 +165,35 @@ def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> 
     model gets right there in Korean it did not read in Korean. On the bundled data these are the questions on the
     conditions held out of every training text (data/README.md), and some others.
 
-    One scan of the text finds every answer at once (longest_answers), so the cost grows with the text and not with
-    answers x text, which at the hub's volumes (4,000 answers, 25M characters) took a minute, and 100 at ten times."""
+    One scan of the text finds every answer at once, so the cost grows with the text and not with answers x text,
+    which at the hub's volumes (4,000 answers, 25M characters) took a minute, and 100 at ten times. The scan's
+    pattern holds only the answers' first two characters (starts_pattern): a pattern of whole answers took 20 MB
+    to compile at those volumes, and 200 MB at ten times; where one matches, the answers that begin so are looked
+    up by their lengths."""
     answer_of = [row.options[row.answer].strip() for row in questions]
     searched = set(answer_of) - {""}  # the empty answer is in every text
-    found = set()
+    lengths: dict[str, set[int]] = {}  # first two characters (all of a one-character answer): the answers' lengths
+    for answer in searched:
+        lengths.setdefault(answer[:2], set()).add(len(answer))
+    found: set[str] = set()
     if searched:
-        pattern = longest_answers(searched)
+        pattern = starts_pattern(set(lengths))
         for text in korean_training:
-            found.update(m.group(1) for m in pattern.finditer(text))
-    # found holds the longest answer beginning at each place; an answer inside a found one occurs where it does.
-    joined = "\0".join(found)
-    return [i for i, answer in enumerate(answer_of) if answer not in joined]
+            for match in pattern.finditer(text):
+                at = match.start()
+                for head in (text[at], text[at:at + 2]):
+                    found.update(text[at:at + n] for n in lengths.get(head, ()) if text[at:at + n] in searched)
+    return [i for i, answer in enumerate(answer_of) if answer and answer not in found]
 
 
-def longest_answers(answers: set[str]) -> re.Pattern[str]:
-    """A pattern that matches at every position of a text where some answer begins, capturing the longest such
-    answer: the answers as a trie, each branch point an alternation of distinct next characters and each answer's
-    end an optional (greedy) continuation, inside a lookahead so that matches may overlap."""
+def starts_pattern(heads: set[str]) -> re.Pattern[str]:
+    """A pattern that matches, empty, at every position of a text where one of `heads` begins: the heads as a
+    trie, each branch point an alternation of distinct next characters and each head's end an optional
+    continuation, inside a lookahead so that matches may overlap."""
     trie: dict[str, Any] = {}
-    for answer in answers:
+    for head in heads:
         node = trie
-        for ch in answer:
+        for ch in head:
             node = node.setdefault(ch, {})
         node[""] = {}
 
@@ -197,4 +204,4 @@ def longest_answers(answers: set[str]) -> re.Pattern[str]:
         body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
         return f"(?:{body})?" if "" in node else body
 
-    return re.compile(f"(?=({render(trie)}))")
+    return re.compile(f"(?={render(trie)})")
