@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 
 from engine.errors import MedkoError, log
 from engine.locations import SOURCES, Source, hub_files, one_format, source_files  # noqa: F401 (SOURCES: re-exported)
@@ -126,15 +127,15 @@ def parse_field_map(text: str | None) -> dict[str, dict[str, str]]:
     return out
 
 
-def require_rows(rows: Rows, role: str, source: Any) -> Rows:
-    """A source that yields no rows is an error naming the source, its files and their columns."""
-    if not rows:
-        files = ", ".join(map(str, rows.files)) or "no files"
-        columns = ", ".join(rows.columns) or "no rows at all"
+def require_rows(count: int, tally: Rows | Stream, role: str, source: Any) -> None:
+    """A source that yields no rows (count, with tally's counts) is an error naming the source, its files and
+    their columns."""
+    if not count:
+        files = ", ".join(map(str, tally.files)) or "no files"
+        columns = ", ".join(tally.columns) or "no rows at all"
         raise MedkoError(f"{role} source {getattr(source, 'location', source)} yielded no rows (files: {files}; "
-                         f"columns: {columns}{'; every row was skipped as bad' if rows.skipped else ''}); map its "
+                         f"columns: {columns}{'; every row was skipped as bad' if tally.skipped else ''}); map its "
                          f"fields with --map {role}.FIELD=COLUMN or give another file")
-    return rows
 
 
 def _parse_rows(tally: Stream, files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any],
@@ -417,16 +418,29 @@ def normalize_question(text: str) -> str:
 
 
 def split_overlap(splits: Mapping[str, Sequence[MCQ]]) -> dict[str, list[tuple[str, str]]]:
-    """For every pair of splits ("train/test", ...), the (id, id) pairs whose normalised questions are equal."""
-    index = {name: {} for name in splits}
+    """For every pair of splits ("train/test", ...), the (id, id) pairs whose normalised questions are equal. Only a
+    fingerprint of each question is held; the rows whose questions meet another split's are read again."""
+    keys = {}
     for name, rows in splits.items():
+        digests = bytearray()
         for row in rows:
-            index[name].setdefault(normalize_question(row.question), []).append(row.id)
+            digests += fingerprint(normalize_question(row.question))
+        keys[name] = np.frombuffer(bytes(digests), dtype="V16")
+
+    def index(name: str, other: str) -> dict[str, list[str]]:
+        """name's ids by normalised question, for the questions other also has, in name's order."""
+        out: dict[str, list[str]] = {}
+        for i in np.flatnonzero(np.isin(keys[name], keys[other])):
+            row = splits[name][int(i)]
+            out.setdefault(normalize_question(row.question), []).append(row.id)
+        return out
+
     names = list(splits)
     out: dict[str, list[tuple[str, str]]] = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            out[f"{a}/{b}"] = [(x, y) for key, ids in index[a].items() for x in ids for y in index[b].get(key, ())]
+            index_b = index(b, a)
+            out[f"{a}/{b}"] = [(x, y) for key, ids in index(a, b).items() for x in ids for y in index_b.get(key, ())]
     return out
 
 
