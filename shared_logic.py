@@ -44,7 +44,7 @@ from stage_layout import (ENGLISH_BATCH, LAYER_WEIGHTS, MEASURES, MEASURE_PARTS,
 from engine.adapters import (add_language_embeddings as add_language_embeddings, add_lora as add_lora,  # noqa: I001
                              adapter_specs as adapter_specs, duplicate_edge_layers as duplicate_edge_layers,
                              snapshot_adapter as snapshot_adapter, teacher_mode as teacher_mode)
-from engine.data import (KORMEDMCQA_SPLITS as KORMEDMCQA_SPLITS, mcq_record as mcq_record,
+from engine.data import (KORMEDMCQA_SPLITS as KORMEDMCQA_SPLITS, lazy_rows as lazy_rows, mcq_record as mcq_record,
                          split_overlap as split_overlap)
 from engine.evaluate import (choose_formulation as choose_formulation, evaluate as evaluate,
                              letter_token_ids as letter_token_ids, translate_mcqs as translate_mcqs)
@@ -56,6 +56,7 @@ from engine.measures import translation_scores as translation_scores
 from engine.phase_losses import stage_loss as stage_loss
 from engine.reasoning import (answer_line_tokens as answer_line_tokens, exam_examples as exam_examples,
                               reasoning_eval as reasoning_eval, reasoning_examples as reasoning_examples)
+from engine.spool import spooling as spooling, write_rows as write_rows
 from engine.sources import (held_out_sets as held_out_sets, korean_training_text as korean_training_text,
                             reference_exam as reference_exam, unseen_answers as unseen_answers)
 from engine.trainer import mixed_batches as mixed_batches, steps_for_tokens as steps_for_tokens

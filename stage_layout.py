@@ -340,15 +340,16 @@ def stage_verdicts(stage: str, before: dict[str, Any], after: dict[str, Any], dr
 
 # ───────────────────────────── s0 and s1: data and the gate ─────────────────────────────
 
-def read_sources(opts: StageOptions) -> tuple[str, dict[str, list], dict[str, dict[str, int]]]:
+def read_sources(opts: StageOptions, directory: Path) -> tuple[str, dict[str, Any], dict[str, dict[str, int]]]:
     """s0's sources: the bundled sample data, a local directory (--data DIR) or the hub, each replaceable by a file
-    and read through --map. Returns where the data came from, the rows by role and engine.sources' counts."""
+    and read through --map, each into a spool in `directory`. Returns where the data came from, the spools by role
+    and engine.sources' counts."""
     hub = opts.data == "hub" or (opts.data is None and (opts.size or "270m") != "270m" and opts.model is None)
     root = None if hub else Path(opts.data or DATA_DIR)
     files = {"medqa": opts.en_mcq, "ko_text": opts.ko_text, "en_text": opts.en_text, "pairs": opts.pairs,
              "reasoning": opts.reasoning}
     rows, counts = sources.read_sources(root, files, parse_field_map(opts.map), opts.subsets.split(","),
-                                        opts.skip_bad, opts.max_bad, opts.encoding)
+                                        opts.skip_bad, opts.max_bad, directory, opts.encoding)
     return ("hub" if hub else str(root)), rows, counts
 
 

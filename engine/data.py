@@ -1,28 +1,30 @@
 """Data sources and loaders: hub or local files (JSONL, parquet, CSV) read through field mappings into MCQs,
-texts, pairs and instructions; KorMedMCQA; split overlap; the files s0 wrote, read lazily.
+texts, pairs and instructions, held whole (Rows) or read as they are used (Stream); KorMedMCQA; split overlap; the
+files s0 wrote, read lazily.
 
-Imports engine.errors, engine.hub, engine.records and engine.rows.
+Imports engine.errors, engine.locations, engine.records and engine.rows.
 """
 from __future__ import annotations
 
-import fnmatch
-import re
+import hashlib
 import unicodedata
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from engine.errors import MedkoError, log
-from engine.hub import hub_snapshot
-from engine.records import ENCODINGS, BadRow, decode, nfc, read_records  # noqa: F401 (ENCODINGS: re-exported)
+from engine.locations import SOURCES, Source, hub_files, one_format, source_files  # noqa: F401 (SOURCES: re-exported)
+from engine.records import ENCODINGS, BadRow, nfc, read_records, text_lines  # noqa: F401 (ENCODINGS: re-exported)
 from engine.rows import JsonlRows
 
 LETTERS = "ABCDE"
 KORMEDMCQA = "sean0042/KorMedMCQA"
 KORMEDMCQA_SUBSETS = ("doctor", "nurse", "pharm", "dentist")
 KORMEDMCQA_SPLITS = ("train", "dev", "test", "fewshot")
-DATA_SUFFIXES_BY_PREFERENCE = (".parquet", ".jsonl", ".json", ".csv", ".txt")
 
 
 @dataclass
@@ -66,37 +68,43 @@ class Rows(list):
         super().__init__(rows)
         self.where = list(where)
 
-    def take(self, other: "Rows") -> None:
-        """Adds another load's rows, counts and provenance."""
-        self.extend(other)
-        self.where += other.where
-        self.skipped += other.skipped
-        self.dropped += other.dropped
-        self.normalized += other.normalized
-        self.files += other.files
-        self.columns = self.columns or other.columns
+    @classmethod
+    def of(cls, stream: "Stream") -> "Rows":
+        """A stream's rows held whole, with its counts and provenance."""
+        rows = cls()
+        for row, where in stream:
+            rows.append(row)
+            rows.where.append(where)
+        rows.skipped, rows.dropped, rows.normalized = stream.skipped, stream.dropped, stream.normalized
+        rows.files, rows.columns = stream.files, stream.columns
+        return rows
 
 
-@dataclass
-class Source:
-    """A data set on the hub or in a local file or directory, read through a field mapping.
+class Stream:
+    """A loader's rows read as they are used: iterating gives each row once, as (row, where), and leaves the counts
+    Rows keeps (skipped, dropped, normalized, files, columns) complete when it ends. s0 reads its sources so, and
+    holds none whole; Rows.of(stream) holds one."""
 
-    Hub schemas change, so every field can be renamed: mapping is medko's field name -> the source's.
-    """
+    skipped: int = 0
+    dropped: int = 0
+    normalized: int = 0
+    files: tuple[Path, ...] = ()
+    columns: tuple[str, ...] = ()
 
-    location: str  # hub id "owner/name", or a local file or directory
-    mapping: dict[str, str] = field(default_factory=dict)  # e.g. {"question": "q", "answer": "label"}
-    split: str = "train"  # hub split, matched against file names ({split}-*.parquet, {split}.jsonl)
-    subset: str = ""  # hub sub-directory (a config such as "doctor"); empty for none
+    def __init__(self, read: Callable[["Stream"], Iterator[tuple[Any, str]]]):
+        self._read = read
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        return self._read(self)
 
 
-# Default hub sources by role (DESIGN "Data"); a local file with a mapping replaces any of them.
-SOURCES: Mapping[str, Source] = MappingProxyType({
-    "medqa": Source("GBaker/MedQA-USMLE-4-options", {"answer": "answer_idx"}),  # "answer" holds the text
-    "ko_text": Source("ChuGyouk/Asan-AMC-Healthinfo"),  # instruction/output rows: load_instructions
-    # Columns inferred from third-party code, not verified: question, A-E, answer (1-5), thinking, response.
-    "reasoning": Source("ChuGyouk/medical-reasoning-train-kormedmcqa", {"reasoning": "thinking"}),
-})
+def fingerprint(value: Any) -> bytes:
+    """16 bytes that stand for a value of strings, numbers and tuples of them (a row's question and options, a
+    text): what checks over every row of a source keep in its place, as two rows' fingerprints are equal only
+    when the rows are (blake2b; a chance collision is beyond reach)."""
+    return hashlib.blake2b(repr(value).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 # The roles whose fields --map renames (ROLE.FIELD=COLUMN), with the fields each role reads.
 MAP_ROLES: Mapping[str, set[str]] = MappingProxyType({
     "exam": {"question", "answer", *LETTERS}, "medqa": {"id", "subset", "question", "options", "answer", *LETTERS},
@@ -119,92 +127,43 @@ def parse_field_map(text: str | None) -> dict[str, dict[str, str]]:
     return out
 
 
-def require_rows(rows: Rows, role: str, source: Any) -> Rows:
-    """A source that yields no rows is an error naming the source, its files and their columns."""
-    if not rows:
-        files = ", ".join(map(str, rows.files)) or "no files"
-        columns = ", ".join(rows.columns) or "no rows at all"
+def require_rows(count: int, tally: Rows | Stream, role: str, source: Any) -> None:
+    """A source that yields no rows (count, with tally's counts) is an error naming the source, its files and
+    their columns."""
+    if not count:
+        files = ", ".join(map(str, tally.files)) or "no files"
+        columns = ", ".join(tally.columns) or "no rows at all"
         raise MedkoError(f"{role} source {getattr(source, 'location', source)} yielded no rows (files: {files}; "
-                         f"columns: {columns}{'; every row was skipped as bad' if rows.skipped else ''}); map its "
+                         f"columns: {columns}{'; every row was skipped as bad' if tally.skipped else ''}); map its "
                          f"fields with --map {role}.FIELD=COLUMN or give another file")
-    return rows
 
 
-def _hub_matches(repo_id: str, patterns: list[str], local_hint: str) -> list[Path]:
-    root = hub_snapshot(repo_id, patterns, local_hint=local_hint)
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in patterns))
-
-
-def _hub_files(repo_id: str, patterns: list[str], local_hint: str, single_file: bool = False) -> list[Path]:
-    """The repository's files matching patterns; with single_file, a repository holding one data file whose name
-    names no split (Asan-AMC-Healthinfo.jsonl) gives that file when the patterns match nothing."""
-    files = _hub_matches(repo_id, patterns, local_hint)
-    if not files and single_file:
-        data = _hub_matches(repo_id, [f"*{suffix}" for suffix in DATA_SUFFIXES_BY_PREFERENCE if suffix != ".json"],
-                            local_hint)
-        files = data if len(data) == 1 else []
-    if not files:
-        raise MedkoError(f"{repo_id} has no files matching {patterns}"
-                         f"{' nor a single data file' if single_file else ''} in the cache or on the hub; check "
-                         f"the split and subset names, {local_hint}")
-    return files
-
-
-def source_files(source: str | Path | Source) -> list[Path]:
-    """The data files behind a source: a local file, a local directory's {split}* files, or a hub split."""
-    if not isinstance(source, Source):
-        source = Source(str(source))
-    path = Path(source.location)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = _one_format(sorted(p for p in path.rglob("*") if p.name.startswith(source.split)))
-        if not files:
-            raise MedkoError(f"{path} holds no {source.split}*.jsonl/.parquet/.csv files; check the split name")
-        return files
-    if path.suffix in DATA_SUFFIXES_BY_PREFERENCE:
-        raise MedkoError(f"{path} does not exist; check the path")
-    prefix = f"{source.subset}/" if source.subset else ""
-    patterns = [f"{prefix}*{source.split}{tail}" for tail in ("-*.parquet", ".parquet", "-*.jsonl", ".jsonl", ".csv")]
-    return _one_format(_hub_files(source.location, patterns, "or give a local file with a field mapping",
-                                  single_file=not source.subset))
-
-
-def _one_format(files: Sequence[Path]) -> list[Path]:
-    # A repository may hold the same split in two formats (parquet beside jsonl); read only one.
-    for suffix in DATA_SUFFIXES_BY_PREFERENCE:
-        chosen = [f for f in files if f.suffix == suffix]
-        if chosen:
-            return chosen
-    return []
-
-
-def _parse_files(files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any], skip_bad: bool,
-                 encoding: str = "utf-8") -> Rows:
-    """parse(path, row index, record) over every record, NFC-normalised (rows it changed are counted); a bad row
-    stops the load, or is counted under skip_bad."""
-    rows = Rows()
-    rows.files = tuple(files)
+def _parse_rows(tally: Stream, files: Sequence[Path], parse: Callable[[Path, int, dict[str, Any]], Any],
+                skip_bad: bool, encoding: str = "utf-8") -> Iterator[tuple[Any, str]]:
+    """parse(path, row index, record) over every record, NFC-normalised (rows it changed are counted in tally); a
+    bad row stops the load, or is counted under skip_bad."""
+    tally.files += tuple(files)
+    skipped = 0
     for path in files:
         for index, (line, record) in enumerate(read_records(path, encoding)):
-            if not rows.columns and isinstance(record, dict):
-                rows.columns = tuple(record)
+            if not tally.columns and isinstance(record, dict):
+                tally.columns = tuple(record)
             try:
                 if isinstance(record, BadRow):
                     raise record
                 normal = nfc(record)
-                rows.normalized += normal != record
-                rows.append(parse(path, index, normal))
-                rows.where.append(f"{path}:{line}")
+                tally.normalized += normal != record
+                row = parse(path, index, normal)
             except BadRow as err:
                 if not skip_bad:
                     raise MedkoError(f"{path}:{line}: {err}; fix the row, or skip bad rows with --skip-bad") from None
                 log.warning("%s:%d: %s; skipped", path, line, err)
-                rows.skipped += 1
-    if rows.skipped:
-        log.warning("skipped %d bad rows in %s", rows.skipped, ", ".join(map(str, files)))
-    return rows
+                tally.skipped += 1
+                skipped += 1
+                continue
+            yield row, f"{path}:{line}"
+    if skipped:
+        log.warning("skipped %d bad rows in %s", skipped, ", ".join(map(str, files)))
 
 
 def _mapping(source: str | Path | Source, mapping: Mapping[str, str] | None, known: set[str]) -> dict[str, str]:
@@ -289,26 +248,30 @@ def _mcq_parser(mapping: Mapping[str, str], lang: str, need_reasoning: bool, id_
     return parse
 
 
-def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
-                  skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
-    """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source).
+def stream_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
+                    skip_bad: bool = False, encoding: str = "utf-8", need_reasoning: bool = False) -> Stream:
+    """Multiple-choice rows from JSONL, parquet or CSV (or a hub Source); need_reasoning: each row carries a worked
+    `reasoning` text (s5).
 
     Options are columns A..E or an `options` dict/list (MedQA); the answer is a letter or a 1-based number.
     """
-    mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=False), skip_bad, encoding)
+    parse = _mcq_parser(_mapping(source, mapping, MCQ_FIELDS), lang, need_reasoning)
+    return Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad, encoding))
+
+
+def load_mcq_file(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "en",
+                  skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_mcq_file(source, mapping, lang, skip_bad, encoding))
 
 
 def load_reasoning(source: str | Path | Source, mapping: Mapping[str, str] | None = None, lang: str = "ko",
                    skip_bad: bool = False, encoding: str = "utf-8") -> Rows:
-    """Multiple-choice rows that carry a worked `reasoning` text (s5)."""
-    mapping = _mapping(source, mapping, MCQ_FIELDS)
-    return _parse_files(source_files(source), _mcq_parser(mapping, lang, need_reasoning=True), skip_bad, encoding)
+    return Rows.of(stream_mcq_file(source, mapping, lang, skip_bad, encoding, need_reasoning=True))
 
 
-def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
-                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
-                    mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Rows:
+def stream_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
+                      source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
+                      mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Stream:
     """KorMedMCQA rows with ids subset/split/row, from the hub or a local directory.
 
     A local directory is laid out like the hub: {subset}/{split}*.parquet or {subset}/{split}*.jsonl.
@@ -320,63 +283,96 @@ def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: st
                          f"{list(KORMEDMCQA_SUBSETS)} and splits {list(KORMEDMCQA_SPLITS)}")
     hint = "or pass a local directory laid out {subset}/{split}.jsonl (data/kormedmcqa is one)"
     if source == "hub":
-        files = _hub_files(KORMEDMCQA, [f"{s}/{split}-*.parquet" for s in subsets], hint)
+        files = hub_files(KORMEDMCQA, [f"{s}/{split}-*.parquet" for s in subsets], hint)
         root = files[0].parents[1]
     else:
         root = Path(source)
         if not root.is_dir():
             raise MedkoError(f"KorMedMCQA source {root} is not a directory; {hint}")
-    rows = Rows()
-    for subset in subsets:
-        files = _one_format(sorted((root / subset).glob(f"{split}*")))
-        if not files:
-            raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
-        parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}", subset=subset)
-        rows.take(_drop_repeats(_parse_files(files, parser, skip_bad, encoding), f"{subset}/{split}"))
-    return rows
+
+    def read(tally: Stream) -> Iterator[tuple[MCQ, str]]:
+        for subset in subsets:
+            files = one_format(sorted((root / subset).glob(f"{split}*")))
+            if not files:
+                raise MedkoError(f"{root / subset} has no {split}*.parquet or {split}*.jsonl; check the directory")
+            parser = _mcq_parser(mapping or {}, lang, need_reasoning=False, id_prefix=f"{subset}/{split}",
+                                 subset=subset)
+            yield from _drop_repeats(tally, _parse_rows(tally, files, parser, skip_bad, encoding), f"{subset}/{split}")
+
+    return Stream(read)
 
 
-def _drop_repeats(rows: Rows, where: str) -> Rows:
+def load_kormedmcqa(subsets: str | Sequence[str] = KORMEDMCQA_SUBSETS, split: str = "test",
+                    source: str | Path = "hub", lang: str = "ko", skip_bad: bool = False,
+                    mapping: Mapping[str, str] | None = None, encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_kormedmcqa(subsets, split, source, lang, skip_bad, mapping, encoding))
+
+
+def _drop_repeats(tally: Stream, rows: Iterable[tuple[MCQ, str]], where: str) -> Iterator[tuple[MCQ, str]]:
     # The hub has held one split twice (a re-upload beside the original shard); keep the first copy.
-    seen, kept = set(), []
-    for i, row in enumerate(rows):
-        key = (row.question, tuple(row.options.items()), row.answer)
-        if key not in seen:
-            seen.add(key)
-            kept.append(i)
-    if len(kept) < len(rows):
-        log.warning("%s: dropped %d repeated rows", where, len(rows) - len(kept))
-    rows.dropped += len(rows) - len(kept)
-    rows[:], rows.where = [rows[i] for i in kept], [rows.where[i] for i in kept]
-    return rows
+    seen, dropped = set(), 0
+    for row, at in rows:
+        key = fingerprint((row.question, tuple(row.options.items()), row.answer))
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        yield row, at
+    if dropped:
+        log.warning("%s: dropped %d repeated rows", where, dropped)
+    tally.dropped += dropped
 
 
-def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
-               encoding: str = "utf-8") -> Rows:
+def stream_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
+                 encoding: str = "utf-8") -> Stream:
     """Plain texts: a field of JSONL/parquet/CSV rows, or a .txt file with one text per blank-line block.
 
     Instruction rows (no text field, an output field: Asan-AMC-Healthinfo's schema) give their output.
     """
     mapping = dict(source.mapping) if isinstance(source, Source) else {}
     parse = _text_parser(mapping.get("text", field), mapping.get("output", "output"))
-    rows = Rows()
-    for path in source_files(source):
-        if path.suffix == ".txt":
-            text = decode(path, encoding)
-            for block in re.finditer(r"(?:[^\n]*\S[^\n]*(?:\n|$))+", text):  # runs of lines that are not blank
-                rows.append(nfc(block.group().strip()))
-                rows.normalized += rows[-1] != block.group().strip()
-                rows.where.append(f"{path}:{text.count(chr(10), 0, block.start()) + 1}")
-        else:
-            rows.take(_parse_files([path], parse, skip_bad, encoding))
-    return rows
+
+    def read(tally: Stream) -> Iterator[tuple[str, str]]:
+        for path in source_files(source):
+            if path.suffix == ".txt":
+                yield from _text_blocks(tally, path, encoding)
+            else:
+                yield from _parse_rows(tally, [path], parse, skip_bad, encoding)
+
+    return Stream(read)
+
+
+def load_texts(source: str | Path | Source, field: str = "text", skip_bad: bool = False,
+               encoding: str = "utf-8") -> Rows:
+    return Rows.of(stream_texts(source, field, skip_bad, encoding))
+
+
+def _text_blocks(tally: Stream, path: Path, encoding: str) -> Iterator[tuple[str, str]]:
+    """A .txt file's texts: each run of lines that are not blank, stripped, where it starts."""
+    block: list[str] = []
+    start = 0
+    for number, line in chain(text_lines(path, encoding), [(0, "")]):  # a blank line after the last ends its block
+        if line.strip():
+            start = start if block else number
+            block.append(line.removesuffix("\n"))
+        elif block:
+            text = "\n".join(block).strip()
+            tally.normalized += nfc(text) != text
+            yield nfc(text), f"{path}:{start}"
+            block = []
+
+
+def stream_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False,
+                 encoding: str = "utf-8") -> Stream:
+    """Parallel text pairs from the fields src and tgt of each row."""
+    mapping = source.mapping if isinstance(source, Source) else {}
+    parse = _pair_parser(src, tgt, mapping)
+    return Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad, encoding))
 
 
 def load_pairs(source: str | Path | Source, src: str = "ko", tgt: str = "en", skip_bad: bool = False,
                encoding: str = "utf-8") -> Rows:
-    """Parallel text pairs from the fields src and tgt of each row."""
-    mapping = source.mapping if isinstance(source, Source) else {}
-    return _parse_files(source_files(source), _pair_parser(src, tgt, mapping), skip_bad, encoding)
+    return Rows.of(stream_pairs(source, src, tgt, skip_bad, encoding))
 
 
 def _text_parser(field: str, output: str) -> Callable[[Path, int, dict[str, Any]], str]:
@@ -411,7 +407,7 @@ def load_instructions(source: str | Path | Source, mapping: Mapping[str, str] | 
         extra = _field(record, "input", mapping, required=False)
         return Instruction(f"{prompt}\n\n{extra}" if extra else prompt, str(_field(record, "output", mapping)))
 
-    return _parse_files(source_files(source), parse, skip_bad)
+    return Rows.of(Stream(lambda tally: _parse_rows(tally, source_files(source), parse, skip_bad)))
 
 
 def normalize_question(text: str) -> str:
@@ -422,16 +418,29 @@ def normalize_question(text: str) -> str:
 
 
 def split_overlap(splits: Mapping[str, Sequence[MCQ]]) -> dict[str, list[tuple[str, str]]]:
-    """For every pair of splits ("train/test", ...), the (id, id) pairs whose normalised questions are equal."""
-    index = {name: {} for name in splits}
+    """For every pair of splits ("train/test", ...), the (id, id) pairs whose normalised questions are equal. Only a
+    fingerprint of each question is held; the rows whose questions meet another split's are read again."""
+    keys = {}
     for name, rows in splits.items():
+        digests = bytearray()
         for row in rows:
-            index[name].setdefault(normalize_question(row.question), []).append(row.id)
+            digests += fingerprint(normalize_question(row.question))
+        keys[name] = np.frombuffer(bytes(digests), dtype="V16")
+
+    def index(name: str, other: str) -> dict[str, list[str]]:
+        """name's ids by normalised question, for the questions other also has, in name's order."""
+        out: dict[str, list[str]] = {}
+        for i in np.flatnonzero(np.isin(keys[name], keys[other])):
+            row = splits[name][int(i)]
+            out.setdefault(normalize_question(row.question), []).append(row.id)
+        return out
+
     names = list(splits)
     out: dict[str, list[tuple[str, str]]] = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            out[f"{a}/{b}"] = [(x, y) for key, ids in index[a].items() for x in ids for y in index[b].get(key, ())]
+            index_b = index(b, a)
+            out[f"{a}/{b}"] = [(x, y) for key, ids in index(a, b).items() for x in ids for y in index_b.get(key, ())]
     return out
 
 

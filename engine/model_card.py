@@ -1,7 +1,7 @@
 """What travels with an export: the model card (README.md in Hugging Face's format, YAML metadata first), Gemma's
 chat template and the Ollama Modelfile. Every figure in the card is read from the run's records, never retyped.
 
-Imports engine.data, engine.hub, engine.model and engine.export_gguf.
+Imports engine.data, engine.locations, engine.hub, engine.model and engine.export_gguf.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data import KORMEDMCQA, SOURCES
+from engine.data import KORMEDMCQA
+from engine.locations import SOURCES
 from engine.hub import HUB_MODELS
 from engine.export_gguf import gguf_file_name, llama_cpp_problems
 from engine.model import ModelConfig

@@ -1,21 +1,25 @@
 """s0's sources and held-out sets: every role (exam, English MCQ, Korean and English text, pairs, reasoning)
-read from the bundled data, a local directory, a file per role or the hub, each through its field mapping;
-skip and repeat counts per source; the held-out sets that are never trained on; and reference translations of
-an exam, row for row.
+read from the bundled data, a local directory, a file per role or the hub, each through its field mapping, once,
+into a spool (engine.spool), so that no source is held whole; skip and repeat counts per source; the held-out sets
+that are never trained on; and reference translations of an exam, row for row.
 
-Imports engine.data and engine.errors.
+Imports engine.data, engine.errors, engine.locations and engine.spool.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from engine.data import (KORMEDMCQA_SPLITS, MCQ, SOURCES, Pair, Rows, Source, load_kormedmcqa, load_mcq_file,
-                         load_pairs, load_reasoning, load_texts, require_rows)
-from engine.errors import MedkoError, log
+import numpy as np
 
-# role: its file name in a local data directory (the hub sources are engine.data.SOURCES)
+from engine.data import (KORMEDMCQA_SPLITS, MCQ, Pair, Stream, load_kormedmcqa, require_rows, stream_kormedmcqa,
+                         stream_mcq_file, stream_pairs, stream_texts)
+from engine.errors import MedkoError
+from engine.locations import SOURCES, Source
+from engine.spool import Spool, check_repeats, held_out
+
+# role: its file name in a local data directory (the hub sources are engine.locations.SOURCES)
 LOCAL_FILES = {"medqa": "medqa_en.jsonl", "ko_text": "ko_medical_text.jsonl", "en_text": "en_medical_text.jsonl",
                "pairs": "ko_en_pairs.jsonl", "reasoning": "reasoning_ko.jsonl"}
 HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_medical_text_heldout.jsonl",
@@ -23,13 +27,13 @@ HELD_OUT_FILES = {"ko_text": "ko_medical_text_heldout.jsonl", "en_text": "en_med
 
 
 def read_sources(root: Path | None, files: dict[str, str | None], maps: dict[str, dict[str, str]],
-                 subsets: Sequence[str], skip_bad: bool, max_bad: float, encoding: str = "utf-8"
-                 ) -> tuple[dict[str, list], dict[str, dict[str, int]]]:
+                 subsets: Sequence[str], skip_bad: bool, max_bad: float, directory: Path, encoding: str = "utf-8"
+                 ) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
     """The rows by role from `root` (None: the hub), each role replaceable by a file in `files`, each read through
-    its field mapping (`maps`, over any default) and its text files decoded as `encoding` (engine.records). Returns
-    the rows and, per source, the rows skipped as bad (under skip_bad), dropped as repeats, dropped for conflicting
-    answers (check_repeats), repeated and kept, and changed by NFC; a source that yields no rows, or whose bad share
-    passes max_bad, is refused."""
+    its field mapping (`maps`, over any default) and its text files decoded as `encoding` (engine.records), each
+    into a spool in `directory` (the exam: one a split). Returns the spools and, per source, the rows skipped as
+    bad (under skip_bad), dropped as repeats, dropped for conflicting answers (check_repeats), repeated and kept,
+    and changed by NFC; a source that yields no rows, or whose bad share passes max_bad, is refused."""
 
     def source(role: str) -> Source | None:
         """The role's file, else the data directory's file, else the hub source; --map goes over any of them."""
@@ -43,100 +47,72 @@ def read_sources(root: Path | None, files: dict[str, str | None], maps: dict[str
             default = {} if flag or role != "medqa" else hub_source.mapping
         return Source(str(path) if path else hub_source.location, {**default, **maps.get(role, {})})
 
-    def rows(role: str, src: Source | None, load: Callable) -> Rows:
-        return require_rows(load(src), role, src) if src is not None else Rows()
+    def spooled(name: str, kind: str, role: str, src: Source | None, load: Callable[[Source], Stream],
+                lang: str = "ko") -> Spool:
+        spool = Spool(directory, name, kind, lang)
+        if src is not None:
+            spool.fill(load(src))
+            require_rows(len(spool), spool.tally, role, src)
+        return spool
 
     location = "hub" if root is None else str(root / "kormedmcqa")
-    exam = {s: rows("exam", Source(location, maps.get("exam", {})),
-                    lambda src, s=s: load_kormedmcqa(list(subsets), s, src.location, skip_bad=skip_bad,
-                                                     mapping=src.mapping, encoding=encoding))
+    exam = {s: spooled(f"exam_{s}", "mcq", "exam", Source(location, maps.get("exam", {})),
+                       lambda src, s=s: stream_kormedmcqa(list(subsets), s, src.location, skip_bad=skip_bad,
+                                                          mapping=src.mapping, encoding=encoding))
             for s in KORMEDMCQA_SPLITS}
-    en_mcq = rows("medqa", source("medqa"), lambda src: load_mcq_file(src, lang="en", skip_bad=skip_bad,
-                                                                                   encoding=encoding))
-    ko_text = rows("ko_text", source("ko_text"), lambda src: load_texts(src, skip_bad=skip_bad, encoding=encoding))
+    en_mcq = spooled("en_mcq", "mcq", "medqa", source("medqa"),
+                     lambda src: stream_mcq_file(src, lang="en", skip_bad=skip_bad, encoding=encoding), lang="en")
+    ko_text = spooled("ko_text", "text", "ko_text", source("ko_text"),
+                      lambda src: stream_texts(src, skip_bad=skip_bad, encoding=encoding))
     en_src = source("en_text")
     # The hub has no English text source of its own: MedQA vignettes serve as English medical text.
-    en_text = rows("en_text", en_src, lambda src: load_texts(src, skip_bad=skip_bad, encoding=encoding)) \
-        if en_src else Rows(r.question for r in en_mcq)
-    pairs = rows("pairs", source("pairs"), lambda src: load_pairs(src, skip_bad=skip_bad, encoding=encoding))
-    reasoning = rows("reasoning", source("reasoning"), lambda src: load_reasoning(src, lang="ko", skip_bad=skip_bad,
-                                                                                   encoding=encoding))
+    en_text = spooled("en_text", "text", "en_text", en_src,
+                      lambda src: stream_texts(src, skip_bad=skip_bad, encoding=encoding)) if en_src else \
+        Spool(directory, "en_text", "text").fill((r.question, "") for r in en_mcq.rows)
+    pairs = spooled("pairs", "pair", "pairs", source("pairs"),
+                    lambda src: stream_pairs(src, skip_bad=skip_bad, encoding=encoding))
+    reasoning = spooled("reasoning", "reasoning", "reasoning", source("reasoning"),
+                        lambda src: stream_mcq_file(src, lang="ko", skip_bad=skip_bad, encoding=encoding,
+                                                    need_reasoning=True))
     by_source = {**{f"exam_{s}": r for s, r in exam.items()}, "en_mcq": en_mcq, "ko_text": ko_text,
-                 "en_text": en_text if en_src else Rows(), "pairs": pairs, "reasoning": reasoning}
-    for name, r in by_source.items():
-        if r.skipped > max_bad * (len(r) + r.skipped):
-            raise MedkoError(f"{r.skipped} of {len(r) + r.skipped} rows of {name} are bad, more than "
-                             f"--max-bad {max_bad:.0%}; fix that source or raise --max-bad")
-        check_repeats(r, name, skip_bad)
-    counts = {name: {"skipped": r.skipped, "dropped": r.dropped, "conflicting": r.conflicting,
-                     "repeated": r.repeated, "normalized": r.normalized} for name, r in by_source.items()}
+                 "en_text": en_text if en_src else None, "pairs": pairs, "reasoning": reasoning}
+    for name, spool in by_source.items():
+        if spool is not None:
+            bad, n = spool.tally.skipped, len(spool) + spool.tally.skipped
+            if bad > max_bad * n:
+                raise MedkoError(f"{bad} of {n} rows of {name} are bad, more than --max-bad {max_bad:.0%}; fix that "
+                                 f"source or raise --max-bad")
+            check_repeats(spool, skip_bad)
+    counts = {name: {"skipped": r.tally.skipped, "dropped": r.tally.dropped, "conflicting": r.conflicting,
+                     "repeated": r.repeated, "normalized": r.tally.normalized} if r else NO_COUNTS
+              for name, r in by_source.items()}
     return {"exam": exam, "en_mcq": en_mcq, "ko_text": ko_text, "en_text": en_text, "pairs": pairs,
             "reasoning": reasoning}, counts
 
 
-def _identity(row: Any) -> tuple[Any, Any]:
-    """(what a row is about, what it says about it): a question with its options and its answer, a pair's source and
-    its translation, a text and nothing."""
-    if isinstance(row, MCQ):
-        return (row.question, tuple(row.options.items())), row.answer
-    if isinstance(row, Pair):
-        return row.src, row.tgt
-    return row, None
+NO_COUNTS = {"skipped": 0, "dropped": 0, "conflicting": 0, "repeated": 0, "normalized": 0}  # the hub's English text
 
 
-def check_repeats(rows: Rows, name: str, skip_bad: bool) -> Rows:
-    """Counts rows that repeat an earlier one (kept, in rows.repeated) and refuses, naming both rows, a row that
-    repeats an earlier one's question or source with another answer or translation; under skip_bad every row of
-    such a clash is dropped (no one can tell which is right) and counted in rows.conflicting."""
-    first: dict[Any, int] = {}
-    clashing: set[Any] = set()
-    rows.repeated = rows.conflicting = 0
-    for i, row in enumerate(rows):
-        key, value = _identity(row)
-        j = first.setdefault(key, i)
-        if j == i:
-            continue
-        if _identity(rows[j])[1] == value:
-            rows.repeated += 1
-            continue
-        if not skip_bad:
-            raise MedkoError(f"{name}: {rows.where[i]} repeats {rows.where[j]} with another "
-                             f"{'answer' if isinstance(row, MCQ) else 'translation'} ({value!r}, there "
-                             f"{_identity(rows[j])[1]!r}); fix one of them, or drop both with --skip-bad")
-        clashing.add(key)
-    if clashing:
-        kept = [i for i, row in enumerate(rows) if _identity(row)[0] not in clashing]
-        rows.conflicting = len(rows) - len(kept)
-        log.warning("%s: dropped %d rows whose question or source repeats with another answer or translation",
-                    name, rows.conflicting)
-        rows[:], rows.where = [rows[i] for i in kept], [rows.where[i] for i in kept]
-    if rows.repeated:
-        log.warning("%s: %d rows repeat an earlier row (kept, counted in s0's meta.json)", name, rows.repeated)
-    return rows
-
-
-def held_out(texts: list) -> tuple[list, list]:
-    """(training, held out): the last tenth (at least 2) is never trained on; losses and drift use it."""
-    keep = max(2, len(texts) // 10)
-    return texts[:-keep], texts[-keep:]
-
-
-def held_out_sets(source: str, rows: dict[str, list], encoding: str = "utf-8") -> dict[str, tuple[list, list]]:
-    """(training, held out) for Korean text, English text and pairs. A local source names its held-out sets
-    explicitly (HELD_OUT_FILES, written apart from the training files); the hub has none, so its last tenth is
-    held out. A held-out row that also appears in training is refused."""
+def held_out_sets(source: str, spools: dict[str, Any], directory: Path, encoding: str = "utf-8"
+                  ) -> dict[str, tuple[tuple[Spool, range], tuple[Spool, range]]]:
+    """((spool, training rows), (spool, held-out rows)) for Korean text, English text and pairs. A local source
+    names its held-out sets explicitly (HELD_OUT_FILES, written apart from the training files; spooled in
+    `directory`); the hub has none, so its last tenth is held out. A held-out row that also appears in training is
+    refused."""
     out = {}
     for role, name in HELD_OUT_FILES.items():
-        path = Path(source) / name
+        path, train = Path(source) / name, spools[role]
         if source != "hub" and path.is_file():
-            held = list(load_pairs(path, encoding=encoding) if role == "pairs" else load_texts(path, encoding=encoding))
+            kind, load = ("pair", stream_pairs) if role == "pairs" else ("text", stream_texts)
+            held = Spool(directory, f"{role}_heldout", kind).fill(load(path, encoding=encoding))
             key = (lambda p: p.src) if role == "pairs" else (lambda t: t)  # noqa: E731
-            shared = {key(r) for r in held} & {key(r) for r in rows[role]}
+            shared = {key(held.rows[int(i)]) for i in np.flatnonzero(np.isin(held.about, train.about))}
             if shared:
                 raise MedkoError(f"{path} shares {len(shared)} rows with the training set, e.g. {sorted(shared)[0]!r}")
-            out[role] = (rows[role], held)
+            out[role] = ((train, range(len(train))), (held, range(len(held))))
         else:
-            out[role] = held_out(rows[role])
+            rows, held_rows = held_out(train)
+            out[role] = ((train, rows), (train, held_rows))
     return out
 
 
@@ -150,42 +126,50 @@ def reference_exam(reference: Path, rows: Sequence[MCQ], split: str, subsets: st
     return [by_id[r.id] for r in rows]
 
 
-def korean_training_text(texts: Sequence[str], pairs: Sequence[Pair], reasoning: Sequence[MCQ],
-                         train_exam: Sequence[MCQ]) -> list[str]:
-    """The Korean every later stage trains on, for unseen_answers: texts, pairs' sources, reasoning rows (question,
-    options, reasoning) and the train exam (question and options; s4 translates it)."""
-    return [*texts, *(p.src for p in pairs),
-            *(f"{r.question} {' '.join(r.options.values())} {r.reasoning}" for r in reasoning),
-            *(f"{r.question} {' '.join(r.options.values())}" for r in train_exam)]
+def korean_training_text(texts: Iterable[str], pairs: Iterable[Pair], reasoning: Iterable[MCQ],
+                         train_exam: Iterable[MCQ]) -> Iterator[str]:
+    """The Korean every later stage trains on, for unseen_answers, read as it is used: texts, pairs' sources,
+    reasoning rows (question, options, reasoning) and the train exam (question and options; s4 translates it)."""
+    yield from texts
+    yield from (p.src for p in pairs)
+    yield from (f"{r.question} {' '.join(r.options.values())} {r.reasoning}" for r in reasoning)
+    yield from (f"{r.question} {' '.join(r.options.values())}" for r in train_exam)
 
 
-def unseen_answers(questions: Sequence[MCQ], korean_training: Sequence[str]) -> list[int]:
+def unseen_answers(questions: Sequence[MCQ], korean_training: Iterable[str]) -> list[int]:
     """Positions of the questions whose right option's text appears in no Korean text a run trains on: what the
     model gets right there in Korean it did not read in Korean. On the bundled data these are the questions on the
     conditions held out of every training text (data/README.md), and some others.
 
-    One scan of the text finds every answer at once (longest_answers), so the cost grows with the text and not with
-    answers x text, which at the hub's volumes (4,000 answers, 25M characters) took a minute, and 100 at ten times."""
+    One scan of the text finds every answer at once, so the cost grows with the text and not with answers x text,
+    which at the hub's volumes (4,000 answers, 25M characters) took a minute, and 100 at ten times. The scan's
+    pattern holds only the answers' first two characters (starts_pattern): a pattern of whole answers took 20 MB
+    to compile at those volumes, and 200 MB at ten times; where one matches, the answers that begin so are looked
+    up by their lengths."""
     answer_of = [row.options[row.answer].strip() for row in questions]
     searched = set(answer_of) - {""}  # the empty answer is in every text
-    found = set()
+    lengths: dict[str, set[int]] = {}  # first two characters (all of a one-character answer): the answers' lengths
+    for answer in searched:
+        lengths.setdefault(answer[:2], set()).add(len(answer))
+    found: set[str] = set()
     if searched:
-        pattern = longest_answers(searched)
+        pattern = starts_pattern(set(lengths))
         for text in korean_training:
-            found.update(m.group(1) for m in pattern.finditer(text))
-    # found holds the longest answer beginning at each place; an answer inside a found one occurs where it does.
-    joined = "\0".join(found)
-    return [i for i, answer in enumerate(answer_of) if answer not in joined]
+            for match in pattern.finditer(text):
+                at = match.start()
+                for head in (text[at], text[at:at + 2]):
+                    found.update(text[at:at + n] for n in lengths.get(head, ()) if text[at:at + n] in searched)
+    return [i for i, answer in enumerate(answer_of) if answer and answer not in found]
 
 
-def longest_answers(answers: set[str]) -> re.Pattern[str]:
-    """A pattern that matches at every position of a text where some answer begins, capturing the longest such
-    answer: the answers as a trie, each branch point an alternation of distinct next characters and each answer's
-    end an optional (greedy) continuation, inside a lookahead so that matches may overlap."""
+def starts_pattern(heads: set[str]) -> re.Pattern[str]:
+    """A pattern that matches, empty, at every position of a text where one of `heads` begins: the heads as a
+    trie, each branch point an alternation of distinct next characters and each head's end an optional
+    continuation, inside a lookahead so that matches may overlap."""
     trie: dict[str, Any] = {}
-    for answer in answers:
+    for head in heads:
         node = trie
-        for ch in answer:
+        for ch in head:
             node = node.setdefault(ch, {})
         node[""] = {}
 
@@ -196,4 +180,4 @@ def longest_answers(answers: set[str]) -> re.Pattern[str]:
         body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
         return f"(?:{body})?" if "" in node else body
 
-    return re.compile(f"(?=({render(trie)}))")
+    return re.compile(f"(?={render(trie)})")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import load_mcq_file, load_pairs, load_texts
+from engine.data import load_mcq_file, load_pairs, load_texts, stream_mcq_file, stream_pairs, stream_texts
 from engine.errors import MedkoError
-from engine.sources import check_repeats
+from engine.spool import Spool, check_repeats
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each command's required arguments; a command added without an entry here fails the test below.
@@ -125,26 +125,28 @@ def test_decomposed_hangul_is_composed_and_counted(tmp_path):
 
 
 def test_repeats_are_counted_and_a_different_answer_names_both_rows(tmp_path):
+    spools = tmp_path / "spools"
+    spools.mkdir()
     path = tmp_path / "exam.jsonl"
     rows = [{"question": q, "A": "a", "B": "b", "C": "c", "D": "d", "answer": a}
             for q, a in (("q1", 1), ("q2", 2), ("q1", 1), ("q3", 1), ("q2", 3))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(MedkoError) as refused:
-        check_repeats(load_mcq_file(path), "exam_train", skip_bad=False)
+        check_repeats(Spool(spools, "exam_train", "mcq").fill(stream_mcq_file(path)), skip_bad=False)
     assert str(refused.value) == (f"exam_train: {path}:5 repeats {path}:2 with another answer ('C', there 'B'); fix "
                                   f"one of them, or drop both with --skip-bad")
-    kept = check_repeats(load_mcq_file(path), "exam_train", skip_bad=True)
-    assert [r.question for r in kept] == ["q1", "q1", "q3"]
+    kept = check_repeats(Spool(spools, "exam_train", "mcq").fill(stream_mcq_file(path)), skip_bad=True)
+    assert [r.question for r in kept.rows] == ["q1", "q1", "q3"]
     assert (kept.repeated, kept.conflicting) == (1, 2)
-    assert kept.where == [f"{path}:1", f"{path}:3", f"{path}:4"]
+    assert [kept.where(i) for i in range(len(kept))] == [f"{path}:1", f"{path}:3", f"{path}:4"]
 
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "a", "a")))
-    assert check_repeats(load_texts(texts), "ko_text", skip_bad=False).repeated == 2
+    assert check_repeats(Spool(spools, "ko_text", "text").fill(stream_texts(texts)), skip_bad=False).repeated == 2
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"ko": k, "en": e}) + "\n" for k, e in (("가", "a"), ("나", "b"), ("가", "c"))))
     with pytest.raises(MedkoError, match=r"pairs: .*pairs.jsonl:3 repeats .*pairs.jsonl:1 with another translation"):
-        check_repeats(load_pairs(pairs), "pairs", skip_bad=False)
+        check_repeats(Spool(spools, "pairs", "pair").fill(stream_pairs(pairs)), skip_bad=False)
 
 
 def test_eval_reads_another_encoding_when_told(tiny_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import shared_logic as sl
 from engine.checkpoints import load_base, read_checkpoint
-from engine.data import Source, load_texts, parse_field_map
+from engine.data import SOURCES, Source, load_kormedmcqa, load_reasoning, load_texts, parse_field_map
 from engine.errors import MedkoError
 
 # Under `pytest -n 2 --dist loadgroup` this file's tests share one worker and its session fixtures.
@@ -23,20 +23,22 @@ def s0_options(run_dir: Path, *args: str) -> sl.StageOptions:
 
 
 def test_hub_sources_load_with_their_real_schemas(offline_hub, tmp_path):
-    source, rows, _ = sl.read_sources(s0_options(tmp_path))
+    source, rows, _ = sl.read_sources(s0_options(tmp_path), tmp_path)
     assert source == "hub"
     assert {len(rows["exam"][s]) for s in ("train", "dev", "test")} == {12, 8}  # 4 subsets, parquet per split
-    assert rows["exam"]["dev"][0].meta["year"] and isinstance(rows["exam"]["dev"][0].meta["q_number"], int)
-    assert rows["en_mcq"][0].answer in "ABCD" and len(rows["en_mcq"][0].options) == 4  # answer_idx, not the text
+    medqa = rows["en_mcq"].rows[0]
+    assert medqa.answer in "ABCD" and len(medqa.options) == 4  # answer_idx, not the text
     assert len(rows["ko_text"]) == 20  # Asan-AMC-Healthinfo.jsonl: one file, no split in its name; outputs
-    reasoning = rows["reasoning"]
+    reasoning = list(rows["reasoning"].rows)
     assert len(reasoning) == 8 and all(r.reasoning for r in reasoning)  # thinking, by default
-    assert "response" in reasoning[0].meta
+    dev = load_kormedmcqa(split="dev")  # the spools keep what s0 writes; the loaders give the source's other fields
+    assert dev[0].meta["year"] and isinstance(dev[0].meta["q_number"], int)
+    assert "response" in load_reasoning(SOURCES["reasoning"])[0].meta
 
 
 def test_field_map_renames_a_source_column(offline_hub, tmp_path):
-    _, rows, _ = sl.read_sources(s0_options(tmp_path, "--map", "reasoning.reasoning=response"))
-    assert rows["reasoning"][0].reasoning.startswith("정답은")
+    _, rows, _ = sl.read_sources(s0_options(tmp_path, "--map", "reasoning.reasoning=response"), tmp_path)
+    assert rows["reasoning"].rows[0].reasoning.startswith("정답은")
     assert parse_field_map("medqa.answer=answer_idx, ko_text.text=body") == {"medqa": {"answer": "answer_idx"},
                                                                              "ko_text": {"text": "body"}}
     for bad in ("nosuch.text=x", "reasoning.thought=x", "reasoning.reasoning"):
@@ -48,8 +50,10 @@ def test_a_source_with_zero_rows_names_its_file_and_columns(offline_hub, tmp_pat
     empty = tmp_path / "reasoning.jsonl"
     empty.write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": 1,
                                  "thought": "x"}) + "\n")
+    spools = tmp_path / "spools"
+    spools.mkdir()
     with pytest.raises(MedkoError) as err:
-        sl.read_sources(s0_options(tmp_path, "--reasoning", str(empty), "--skip-bad"))
+        sl.read_sources(s0_options(tmp_path, "--reasoning", str(empty), "--skip-bad"), spools)
     message = str(err.value)
     assert "reasoning source" in message and str(empty) in message and "thought" in message
 

@@ -79,18 +79,32 @@ def test_reasoning_rows_carry_the_answer_line_loss_of_their_last_tokens(tiny_mod
 
 def test_held_out_sets_come_from_their_own_files_and_never_overlap_training(tmp_path):
     from engine.data import Pair
+    from engine.spool import Spool
 
-    rows = {"ko_text": ["가", "나"], "en_text": ["a", "b", "c"], "pairs": [Pair("가", "a")]}
+    spools = tmp_path / "spools"
+    spools.mkdir()
+
+    def spooled(role: str, kind: str, rows: list) -> Spool:
+        return Spool(spools, role, kind).fill((row, "") for row in rows)
+
+    def read(part: tuple) -> list:
+        spool, rows = part
+        return [spool.rows[i] for i in rows]
+
+    rows = {"ko_text": spooled("ko_text", "text", ["가", "나"]), "en_text": spooled("en_text", "text", ["a", "b", "c"]),
+            "pairs": spooled("pairs", "pair", [Pair("가", "a")])}
     (tmp_path / "ko_medical_text_heldout.jsonl").write_text('{"text": "다"}\n', encoding="utf-8")
     (tmp_path / "en_medical_text_heldout.jsonl").write_text('{"text": "d"}\n', encoding="utf-8")
     (tmp_path / "ko_en_pairs_heldout.jsonl").write_text('{"ko": "나", "en": "b"}\n', encoding="utf-8")
-    held = sl.held_out_sets(str(tmp_path), rows)
-    assert held["ko_text"] == (["가", "나"], ["다"]) and held["en_text"] == (["a", "b", "c"], ["d"])
-    assert [p.src for p in held["pairs"][1]] == ["나"]
-    assert sl.held_out_sets("hub", rows)["en_text"] == (["a"], ["b", "c"])  # no files on the hub: the last tenth
+    held = sl.held_out_sets(str(tmp_path), rows, spools)
+    assert [read(part) for part in held["ko_text"]] == [["가", "나"], ["다"]]
+    assert [read(part) for part in held["en_text"]] == [["a", "b", "c"], ["d"]]
+    assert [p.src for p in read(held["pairs"][1])] == ["나"]
+    on_hub = sl.held_out_sets("hub", rows, spools)["en_text"]  # no files on the hub: the last tenth
+    assert [read(part) for part in on_hub] == [["a"], ["b", "c"]]
     (tmp_path / "en_medical_text_heldout.jsonl").write_text('{"text": "b"}\n', encoding="utf-8")
     with pytest.raises(sl.MedkoError, match="shares 1 rows with the training set"):
-        sl.held_out_sets(str(tmp_path), rows)
+        sl.held_out_sets(str(tmp_path), rows, spools)
 
 
 def test_bundled_data_is_big_enough_and_its_held_out_sets_are_disjoint():
