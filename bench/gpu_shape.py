@@ -53,18 +53,22 @@ def score(model, tokenizer: Tokenizer, questions: int, batch: int) -> dict:
     return {"questions": len(rows), "batch": batch, "s": seconds, "questions_per_s": len(rows) / seconds}
 
 
+ROWS, SEQ = 4, 256  # a training step's packed rows and their tokens: bench/train.py's rows workload
+
+
 def train(model, tokenizer: Tokenizer, args: argparse.Namespace) -> dict:
-    """bench/train.py's rows workload on medko's side: 4 rows of 256 tokens a step, LoRA r16 on every projection."""
+    """bench/train.py's rows workload on medko's side: ROWS rows of SEQ tokens a step, LoRA r16 on every
+    projection."""
     texts = list(load_texts(sl.DATA_DIR / "ko_medical_text.jsonl"))
-    steps = chunks({"main": packed_rows(tokenizer, texts, 256)}, 4, args.warmup + args.steps)
-    options = SimpleNamespace(quantize=None, max_len=256, layer_weight=10.0)
+    steps = chunks({"main": packed_rows(tokenizer, texts, SEQ)}, ROWS, args.warmup + args.steps)
+    options = SimpleNamespace(quantize=None, max_len=SEQ, layer_weight=10.0)
     dtype = next(model.parameters()).dtype
     model, step = medko_trainer(options, args.device, dtype, model=model)
     batches, losses = iter(steps), []
     reset_peak_memory(args.device)
     times = timed(lambda: losses.append(step(next(batches))["loss"]), args.steps, warmup=args.warmup)
-    result = summary(times, 4 * 256)
-    return {"tokens_per_step": 4 * 256, "median_s": result["median_s"], "min_s": result["min_s"],
+    result = summary(times, ROWS * SEQ)
+    return {"tokens_per_step": ROWS * SEQ, "median_s": result["median_s"], "min_s": result["min_s"],
             "max_s": result["max_s"], "tokens_per_s": result["per_s"], "peak_mb": peak_memory_mb(args.device),
             "losses": losses}
 
@@ -101,7 +105,7 @@ def main() -> None:
     print(f"score {s['questions']} questions, batch {s['batch']}: {s['s']:.2f} s, {s['questions_per_s']:.1f} "
           "questions/s", flush=True)
     result["train"] = t = train(model, tokenizer, args)
-    print(f"train 4 x 256 tokens a step, {args.steps} steps after {args.warmup}: median {t['median_s']:.3f} s "
+    print(f"train {ROWS} x {SEQ} tokens a step, {args.steps} steps after {args.warmup}: median {t['median_s']:.3f} s "
           f"(min {t['min_s']:.3f}, max {t['max_s']:.3f}), {t['tokens_per_s']:,.0f} tokens/s, peak "
           f"{t['peak_mb']:,.0f} MiB; losses {', '.join(f'{x:.4f}' for x in t['losses'])}", flush=True)
     print(json.dumps(result))

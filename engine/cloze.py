@@ -49,8 +49,8 @@ def cloze_prompt(row: MCQ, lang: str) -> str:
 class Encoded:
     """One question as the cloze scorer feeds it: the context tokens and each option's continuation tokens."""
 
-    context: list[int]
-    options: list[list[int]]
+    context: Sequence[int]  # a list, or a 32-bit array once compact() has made it one
+    options: list[Sequence[int]]
     chars: list[int]  # each option text's length in characters (acc_norm's divisor)
 
 
