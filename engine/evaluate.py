@@ -1,12 +1,11 @@
 """The multiple-choice evaluator (lm-evaluation-harness kormedmcqa prompt and extraction) and translation.
 
-Imports engine.distributed, engine.errors, engine.files, engine.fit, engine.model, engine.tokenizer, engine.data and
-engine.generate.
+Imports engine.distributed, engine.errors, engine.files, engine.fit, engine.model, engine.tokenizer, engine.data,
+engine.generate and engine.translation_cache.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 import time
@@ -25,6 +24,7 @@ from engine.fit import rows_that_fit
 from engine.generate import generate, left_pad
 from engine.model import Gemma3, model_device
 from engine.tokenizer import Tokenizer, chat_prompt
+from engine.translation_cache import TranslationCache
 
 ANSWER_CUE = {"ko": "정답：", "en": "Answer:"}  # lm-eval's Korean cue ends in a full-width colon, U+FF1A
 # lm-eval kormedmcqa generation_kwargs.until; Gemma's <eos> and <end_of_turn> also end generation.
@@ -283,25 +283,7 @@ def translation_prompt(text: str, to: str, chat: bool = False) -> str:
     return f"{shots}{LANG_NAMES[src]}: {text}\n{LANG_NAMES[to]}:"
 
 
-def _read_cache(path: Path) -> dict[str, str]:
-    cache: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                cache[entry["key"]] = entry["out"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # the last line of an interrupted write; that text is translated again
-    return cache
-
-
 TRANSLATION_MARGIN = 16  # new tokens a translated line may take beyond twice its source's
-
-
-def _append_cache(path: Path, entries: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
 
 
 def failed_translation(text: str) -> str | None:
@@ -320,29 +302,29 @@ def distinct_lines(texts: Sequence[str]) -> list[str]:
 def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str = "en",
               cache_path: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
               progress: bool = False, *, model_id: str, chat: bool = False,
-              stats: dict[str, int] | None = None, cache: dict[str, str] | None = None, bar: Any = None) -> list[str]:
+              stats: dict[str, int] | None = None, cache: TranslationCache | None = None, bar: Any = None) -> list[str]:
     """Greedy translations, line by line (so a line break stops a base model without losing text).
 
     Each line may take twice its source's tokens plus a margin (at most max_new_tokens when given); `stats`, when
     given, receives the lines, those that used their whole budget (likely cut) and those that came back empty or
     degenerate, which keep their source text. Each line is cached under sha256(prompt + model_id) in a JSONL file
     appended after every batch, so an interrupted run resumes where it stopped. model_id must change whenever the
-    weights do. `cache`: the file's entries already read, and `bar`: a progress bar over every call's lines
-    (translate_mcqs reads the file once and shows one bar for all its chunks).
+    weights do. `cache`: the file already indexed, and `bar`: a progress bar over every call's lines
+    (translate_mcqs indexes the file once and shows one bar for all its chunks).
     """
     from tqdm import tqdm
 
-    cache_path = Path(cache_path) if cache_path else None
     if cache is None:
-        cache = _read_cache(cache_path) if cache_path else {}
+        cache = TranslationCache(cache_path)
     split = [text.split("\n") for text in texts]
     prompts = {line: translation_prompt(line, to, chat) for line in distinct_lines(texts)}
     keys = {line: hashlib.sha256(f"{p}\0{model_id}".encode()).hexdigest() for line, p in prompts.items()}
     budget = {line: 2 * len(tokenizer.encode(line, bos=False)) + TRANSLATION_MARGIN for line in prompts}
     if max_new_tokens is not None:
         budget = {line: min(b, max_new_tokens) for line, b in budget.items()}
+    done = dict(zip(prompts, cache.lookup([keys[line] for line in prompts])))  # None: not translated yet
     # Longest first, so each batch holds lines of similar length (and budget).
-    todo = sorted((line for line in prompts if keys[line] not in cache), key=lambda s: -len(s))
+    todo = sorted((line for line, out in done.items() if out is None), key=lambda s: -len(s))
     shared = bar is not None
     if shared:
         bar.update(len(prompts) - len(todo))  # the cached lines
@@ -353,13 +335,11 @@ def translate(model: Gemma3, tokenizer: Tokenizer, texts: Sequence[str], to: str
         outs = generate(model, tokenizer, [prompts[line] for line in chunk], max(budget[line] for line in chunk),
                         ["\n"], batch_size)
         entries = [{"key": keys[line], "src": line, "out": out.strip()} for line, out in zip(chunk, outs)]
-        cache.update((e["key"], e["out"]) for e in entries)
-        if cache_path:
-            distributed.on_main(_append_cache, cache_path, entries)
+        cache.add(entries)
+        done.update((e["src"], e["out"]) for e in entries)
         bar.update(len(chunk))
     if not shared:
         bar.close()
-    done = {line: cache[keys[line]] for line in prompts}
     failed = {line: failed_translation(out) for line, out in done.items()}
     if stats is not None:
         stats["lines"] = stats.get("lines", 0) + len(done)
@@ -377,7 +357,7 @@ TRANSLATION_CHUNK = 256  # questions translated per call: memory holds one chunk
 def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to: str = "en",
                    chunk: int = TRANSLATION_CHUNK, **kwargs: Any) -> Iterator[MCQ]:
     """The rows with question and options translated, yielded in order, `chunk` rows at a time (longest lines
-    first within a chunk); ids, answers and meta unchanged. The cache file is read once for all chunks."""
+    first within a chunk); ids, answers and meta unchanged. The cache file is indexed once for all chunks."""
     from tqdm import tqdm
 
     def texts(part: Sequence[MCQ]) -> list[str]:
@@ -386,7 +366,7 @@ def translate_mcqs(rows: Sequence[MCQ], model: Gemma3, tokenizer: Tokenizer, to:
     chunks = [range(start, min(start + chunk, len(rows))) for start in range(0, len(rows), chunk)]
     lines = sum(len(distinct_lines(texts([rows[i] for i in c]))) for c in chunks)  # as translate() counts them
     path = kwargs.get("cache_path")
-    cache = _read_cache(Path(path)) if path else {}
+    cache = TranslationCache(path)
     with tqdm(total=lines, desc="translate", unit="line", disable=not kwargs.pop("progress", False),
               file=sys.stderr) as bar:
         for c in chunks:

@@ -254,8 +254,8 @@ def test_translate_mcqs_in_chunks_gives_the_same_rows_with_one_chunk_of_bookkeep
     cache = tmp_path / "cache.jsonl"
     assert list(translate_mcqs(ROWS, model, tiny_tokenizer, "en", chunk=1, max_new_tokens=3, model_id="tiny",
                                cache_path=cache)) == whole
-    reads, read = [], evaluate._read_cache
-    monkeypatch.setattr(evaluate, "_read_cache", lambda path: reads.append(path) or read(path))
+    reads, index = [], evaluate.TranslationCache
+    monkeypatch.setattr(evaluate, "TranslationCache", lambda path: reads.append(path) or index(path))
     monkeypatch.setattr(evaluate, "generate", lambda *a: pytest.fail("every line is in the cache"))
     assert list(translate_mcqs(ROWS, None, tiny_tokenizer, "en", chunk=1, max_new_tokens=3, model_id="tiny",
                                cache_path=cache)) == whole
