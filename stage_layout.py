@@ -8,7 +8,7 @@ re-exports the names stages use, so a stage imports shared_logic alone. Nothing 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,29 +208,30 @@ def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str
 
 @dataclass
 class RunData:
-    """The normalised data s0 wrote into the run. What grows with the data is read from s0's files as it is used
-    (engine.rows), so a stage's memory stays flat however large the data; the small held-out sets are lists."""
+    """The normalised data s0 wrote into the run, read from s0's files as it is used (engine.rows), held-out sets
+    too (a tenth of the Korean text: 45 MiB as strings at ten times the real volumes), so that a stage's memory stays
+    flat however large the data."""
 
     exam: dict[str, Sequence[MCQ]]  # Korean exam by split: train, dev, test, fewshot
     en_mcq: Sequence[MCQ]  # English exam-style questions (MedQA style)
     ko_text: Sequence[str]  # Korean medical text for training
     en_text: Sequence[str]  # English medical text for training
-    ko_heldout: list[str]  # Korean text never trained on, for before/after losses
-    en_heldout: list[str]  # English text never trained on, for losses and drift
+    ko_heldout: Sequence[str]  # Korean text never trained on, for before/after losses
+    en_heldout: Sequence[str]  # English text never trained on, for losses and drift
     pairs: Sequence[Pair]  # Korean-English pairs
     reasoning: Sequence[MCQ]  # Korean exam rows with worked reasoning
-    pairs_heldout: list[Pair] = field(default_factory=list)  # Korean-English pairs never trained on (s4's chrF)
+    pairs_heldout: Sequence[Pair] = ()  # Korean-English pairs never trained on (s4's chrF)
 
 
 def load_run_data(run_dir: Path) -> RunData:
     d = stage_dir(run_dir, "s0")
     exam = {s: lazy_rows(d / f"exam_{s}.jsonl", "mcq", "ko") for s in KORMEDMCQA_SPLITS}
-    texts = lambda name: list(lazy_rows(d / f"{name}.jsonl", "text"))  # noqa: E731
+    texts = lambda name: lazy_rows(d / f"{name}.jsonl", "text")  # noqa: E731
     pairs = lambda name: lazy_rows(d / name, "pair") if (d / name).is_file() else []  # noqa: E731
     return RunData(exam, lazy_rows(d / "en_mcq.jsonl", "mcq", "en"), lazy_rows(d / "ko_text.jsonl", "text"),
                    lazy_rows(d / "en_text.jsonl", "text"), texts("ko_heldout"), texts("en_heldout"),
                    pairs("pairs.jsonl"), lazy_rows(d / "reasoning.jsonl", "reasoning", "ko"),
-                   list(pairs("pairs_heldout.jsonl")))
+                   pairs("pairs_heldout.jsonl"))
 
 
 def run_formulation(run_dir: Path) -> str:

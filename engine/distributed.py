@@ -90,12 +90,13 @@ def sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def split_work(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T], model: nn.Module) -> list[Any]:
+def split_work(fn: Callable[[Sequence[T]], Sequence[Any]], items: Sequence[T], model: nn.Module) -> list[Any]:
     """fn over this rank's share of items, the results gathered in the original order. A sharded model needs the
-    same forward passes on every rank (each one gathers weights from all), so it runs the whole list everywhere."""
+    same forward passes on every rank (each one gathers weights from all), so it runs the whole list everywhere.
+    One process gets items as they are: rows read from a file as they are used (engine.rows) stay on disk."""
     materialize(model)
     if not active() or sharded(model):
-        return list(fn(list(items)))
+        return list(fn(items))
     part = share(items)
     return gather(list(fn(part)) if part else [])
 

@@ -1,4 +1,6 @@
 """Measurements stream their texts in bounded batches, so peak memory does not grow with the held-out data."""
+import json
+
 import pytest
 import torch
 
@@ -93,3 +95,37 @@ def test_drift_from_a_snapshot_teacher_holds_in_every_batch(tiny_model, tiny_tok
     assert batched[1] == pytest.approx(whole[1], rel=1e-5)
     from_base = losses_and_drift(tiny_model, tiny_tokenizer, texts, 64, batch_size=3, teacher=BASE)[1]
     assert all(b > 5 * s for b, s in zip(from_base, batched[1]))  # every batch's texts, the last included
+
+
+def test_held_out_texts_read_from_a_file_are_read_a_chunk_at_a_time(tiny_model, tiny_tokenizer, tmp_path):
+    """A run's held-out sets are rows of s0's files (engine.rows); a measurement reads them in slices, never whole."""
+    from engine.data import lazy_rows
+    from engine.measures import text_losses
+    from engine.rows import View
+
+    class Sliced(View):
+        def __init__(self, rows):
+            self.rows, self.largest = rows, 0
+
+        def __len__(self):
+            return len(self.rows)
+
+        def _one(self, k):
+            return self.rows[k]
+
+        def _range(self, start, stop):
+            self.largest = max(self.largest, stop - start)
+            return self.rows[start:stop]
+
+        def __iter__(self):
+            raise AssertionError("the held-out texts were read whole")
+
+    path = tmp_path / "ko_heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": f"본문 {i} " * (1 + i % 3)}, ensure_ascii=False) + "\n"
+                            for i in range(150)), "utf-8")
+    rows = lazy_rows(path, "text")
+    texts = list(rows)
+    sliced = Sliced(rows)
+    losses = text_losses(tiny_model, tiny_tokenizer, sliced, 64)
+    assert sliced.largest <= 64 < len(texts)
+    assert losses == pytest.approx(text_losses(tiny_model, tiny_tokenizer, texts, 64), rel=1e-6)
