@@ -3,7 +3,7 @@ accuracy in each formulation, the English–Korean gap and how often the two lan
 answer-line compliance where both have it, and English held-out loss and drift from the base. Every row is paired:
 exact McNemar for right/wrong outcomes, a paired bootstrap over questions or texts for means.
 
-Imports engine.data, engine.errors, engine.evaluate, engine.model, engine.stats and engine.tokenizer.
+Imports engine.data, engine.errors, engine.evaluate, engine.model, engine.rows, engine.stats and engine.tokenizer.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from engine.data import MCQ
 from engine.errors import MedkoError
 from engine.evaluate import evaluate
 from engine.model import Gemma3
+from engine.rows import Mapped
 from engine.stats import accuracy_summary, bootstrap_difference, language_agreement, mcnemar
 from engine.tokenizer import Tokenizer
 
@@ -34,8 +35,8 @@ def score_exams(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], englis
     agreement overall and on the `unseen` question ids; the top level is the Korean exam in `formulation`, and
     "english" the English one's outcomes."""
     if english is not None:  # row-aligned by id; a smoke run scores the first Korean rows only
-        by_id = {r.id: r for r in english}
-        english = [by_id[r.id] for r in rows if r.id in by_id]
+        at = {r.id: k for k, r in enumerate(english)}  # ids alone: the rows stay where they are read from
+        english = Mapped([at[r.id] for r in rows if r.id in at], english.__getitem__)
     formulations = {}
     for mode in ("logits", "cloze"):
         ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)
