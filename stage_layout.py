@@ -209,8 +209,8 @@ def parse_stage_options(stage: str, argv: Sequence[str] | None, description: str
 @dataclass
 class RunData:
     """The normalised data s0 wrote into the run, read from s0's files as it is used (engine.rows), held-out sets
-    too (53 MiB of strings at ten times the real volumes), so that a stage's memory stays
-    flat however large the data."""
+    too (53 MiB of strings at ten times the real volumes), so that a stage's memory stays flat however large the
+    data."""
 
     exam: dict[str, Sequence[MCQ]]  # Korean exam by split: train, dev, test, fewshot
     en_mcq: Sequence[MCQ]  # English exam-style questions (MedQA style)
