@@ -19,12 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from measure_memory import kib  # bench/: it imports no engine module at the top, so --root still decides
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
 
 
 def measure(count: int, root: Path) -> dict:
