@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -40,6 +40,10 @@ HARNESS_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (r"정답[:\s]*([ABCDE
                                                            r"\b([ABCDE])\.", r"\b([ABCDE])\b")]
 EXTRACTIONS = {"medko": ANSWER_PATTERNS, "harness": HARNESS_PATTERNS}
 MODES = ("logits", "generate", "cloze")  # MCF's next letter, greedy generation, OLMES's cloze (engine.cloze)
+# Questions scored at once: a split's prompts, token arrays and outputs are held a window at a time, so memory
+# stays flat however large the split (each window is still length-sorted into batches).
+WINDOW = 1024
+T = TypeVar("T")
 GENERATE_TOKENS = 1024  # lm-eval kormedmcqa's max_gen_toks: a shorter cap cuts long answers before their letter
 
 
@@ -177,12 +181,13 @@ def check_cloze_prompt(mode: str, chat: bool, fewshot: Sequence[MCQ]) -> None:
 def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str = "logits", lang: str = "ko",
              chat: bool = False, fewshot: Sequence[MCQ] = (), batch_size: int = 16,
              max_new_tokens: int = GENERATE_TOKENS, progress: bool = True, model_name: str = "",
-             extraction: str = "medko") -> Report:
-    """Scores multiple-choice rows with the harness prompt.
+             extraction: str = "medko", sink: Callable[[dict[str, Any]], None] | None = None) -> Report:
+    """Scores multiple-choice rows with the harness prompt, WINDOW rows at a time.
 
     logits: the highest next-token logit among the row's letters. generate: greedy decoding cut at
     lm-eval's stop strings, then the extraction cascade. A question gets the few-shot examples of its own
-    subset when there are any, else all of them.
+    subset when there are any, else all of them. sink, when given, takes each prediction entry as it is made
+    and the report's predictions stay empty: a split's outcomes then never sit in memory whole.
     """
     _check_lang(lang)
     if mode not in MODES:
@@ -191,6 +196,48 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
     if not rows:
         raise MedkoError("no questions to evaluate; check the data source and split")
     start = time.perf_counter()
+    golds: list[str] = []
+    preds: list[str | None] = []
+    predictions: list[dict[str, Any]] = []
+    subsets: dict[str, dict[str, float]] = {}
+    for part, inner in windows(rows, f"{mode} {lang}", progress):
+        for entry in _score(model, tokenizer, part, mode, lang, chat, fewshot, batch_size, max_new_tokens, inner,
+                            extraction):
+            golds.append(entry["gold"])
+            preds.append(entry["pred"])
+            stats = subsets.setdefault(entry["subset"], {"n": 0, "correct": 0})
+            stats["n"] += 1
+            stats["correct"] += entry["correct"]
+            (sink or predictions.append)(entry)
+    seconds = time.perf_counter() - start
+    subsets = {name: {"n": s["n"], "accuracy": s["correct"] / s["n"]} for name, s in sorted(subsets.items())}
+    n = len(golds)
+    return Report(
+        model=model_name, mode=mode, lang=lang, chat=chat, fewshot=[f.id for f in fewshot], n=n,
+        accuracy=sum(g == p for g, p in zip(golds, preds)) / n, subsets=subsets, macro_f1=macro_f1(golds, preds),
+        format_compliance=sum(p is not None for p in preds) / n if mode == "generate" else None,
+        seconds=seconds, questions_per_second=n / seconds if seconds > 0 else float("inf"), predictions=predictions,
+        extraction=extraction if mode == "generate" else None)
+
+
+def windows(rows: Sequence[T], desc: str, progress: bool) -> Iterator[tuple[list[T], bool]]:
+    """The rows WINDOW at a time, each with whether its scorer shows a progress bar of its own: with one window it
+    does (by batch, as before), with more one bar here counts the questions a window at a time."""
+    from tqdm import tqdm
+
+    several = len(rows) > WINDOW
+    with tqdm(total=len(rows), desc=desc, unit="question", disable=not (progress and several),
+              file=sys.stderr) as bar:
+        for at in range(0, len(rows), WINDOW):
+            part = list(rows[at:at + WINDOW])
+            yield part, progress and not several
+            bar.update(len(part))
+
+
+def _score(model: Gemma3, tokenizer: Tokenizer, rows: list[MCQ], mode: str, lang: str, chat: bool,
+           fewshot: Sequence[MCQ], batch_size: int, max_new_tokens: int, progress: bool, extraction: str
+           ) -> list[dict[str, Any]]:
+    """One window's prediction entries, in row order."""
     prompts = [mcq_prompt(r, lang, chat, [f for f in fewshot if f.subset == r.subset] or fewshot) for r in rows]
     outputs: list[str] | None = None
     details: list[dict[str, Any]] | None = None
@@ -206,7 +253,6 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
     else:
         outputs = generate(model, tokenizer, prompts, max_new_tokens, STOP_STRINGS, batch_size, progress)
         preds = [extract_answer(o, extraction) for o in outputs]
-    seconds = time.perf_counter() - start
     predictions = [{"id": r.id, "subset": r.subset, "gold": r.answer, "pred": p, "correct": p == r.answer}
                    for r, p in zip(rows, preds)]
     if outputs is not None:
@@ -214,20 +260,7 @@ def evaluate(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str
             entry["output"] = output
     for entry, scores in zip(predictions, details or ()):
         entry["scores"] = scores
-    subsets: dict[str, dict[str, float]] = {}
-    for entry in predictions:
-        stats = subsets.setdefault(entry["subset"], {"n": 0, "correct": 0})
-        stats["n"] += 1
-        stats["correct"] += entry["correct"]
-    subsets = {name: {"n": s["n"], "accuracy": s["correct"] / s["n"]} for name, s in sorted(subsets.items())}
-    n = len(rows)
-    return Report(
-        model=model_name, mode=mode, lang=lang, chat=chat, fewshot=[f.id for f in fewshot], n=n,
-        accuracy=sum(e["correct"] for e in predictions) / n, subsets=subsets,
-        macro_f1=macro_f1([r.answer for r in rows], preds),
-        format_compliance=sum(p is not None for p in preds) / n if mode == "generate" else None,
-        seconds=seconds, questions_per_second=n / seconds if seconds > 0 else float("inf"), predictions=predictions,
-        extraction=extraction if mode == "generate" else None)
+    return predictions
 
 
 def agreement(a: Report | Mapping[str, Any], b: Report | Mapping[str, Any]) -> float:

@@ -12,7 +12,7 @@ import torch
 
 from engine.data import LETTERS, MCQ
 from engine.errors import MedkoError
-from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, strict_answer
+from engine.evaluate import ANSWER_CUE, extract_answer, mcq_prompt, question_block, strict_answer, windows
 from engine.examples import ExampleFile, cut_middle_examples, lm_examples
 from engine.generate import generate
 from engine.model import Gemma3
@@ -54,10 +54,14 @@ def reasoning_eval(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], max
     """Greedy reasoning on the dev exam: strict format compliance (the generation ends in the trained answer line,
     which it names once), the extraction cascade's looser compliance, and accuracy, with the per-question values."""
     model.eval()
-    # One batch: decoding is step-bound on a CPU, so 24 rows cost about what 8 do.
-    outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in rows], max_new_tokens, batch_size=64)
-    preds = [extract_answer(o) for o in outputs]
-    strict = [strict_answer(o) is not None for o in outputs]
+    strict: list[bool] = []
+    preds: list[str | None] = []
+    for part, progress in windows(rows, "reasoning", True):  # a window's prompts and outputs at a time
+        # One batch: decoding is step-bound on a CPU, so 24 rows cost about what 8 do.
+        outputs = generate(model, tokenizer, [reasoning_prompt(r) for r in part], max_new_tokens, batch_size=64,
+                           progress=progress)
+        preds += [extract_answer(o) for o in outputs]
+        strict += [strict_answer(o) is not None for o in outputs]
     correct = [p == r.answer for p, r in zip(preds, rows)]
     return {"compliance": mean(strict), "loose_compliance": sum(p is not None for p in preds) / len(rows),
             "accuracy": mean(correct), "strict": strict, "correct": correct}

@@ -153,6 +153,49 @@ def test_generate_mode_extracts_from_each_output(model, tiny_tokenizer, monkeypa
     assert report.format_compliance == 3 / 5 and report.accuracy == 3 / 5
 
 
+# ── windows ──
+
+SCORERS = {"logits": "letter_scores", "cloze": "cloze_logprobs", "generate": "generate"}
+
+
+@pytest.mark.parametrize("mode", ["logits", "cloze", "generate"])
+def test_a_split_scored_a_window_at_a_time_is_scored_as_a_whole(model, tiny_tokenizer, monkeypatch, mode):
+    rows = [replace(r, id=f"{r.id}.{k}") for k in range(3) for r in ROWS]  # 15 rows
+    whole = evaluate(model, tiny_tokenizer, rows, mode, "ko", batch_size=4, max_new_tokens=4, progress=False)
+    seen = []
+    real = getattr(engine.evaluate, SCORERS[mode])
+
+    def counting(model, tokenizer, items, *args):
+        seen.append(len(items))
+        return real(model, tokenizer, items, *args)
+
+    monkeypatch.setattr(engine.evaluate, SCORERS[mode], counting)
+    monkeypatch.setattr(engine.evaluate, "WINDOW", 4)
+    kept = []
+    windowed = evaluate(model, tiny_tokenizer, rows, mode, "ko", batch_size=4, max_new_tokens=4, progress=True,
+                        sink=kept.append)
+    assert seen == [4, 4, 4, 3]  # the scorer never holds more than a window of prompts
+    assert windowed.predictions == [] and len(kept) == len(rows)  # the sink took every entry, in row order
+    for a, b in zip(kept, whole.predictions):
+        assert {**a, "scores": None} == {**b, "scores": None}
+        for kind, values in a.get("scores", {}).items():  # cloze: batched otherwise, equal to float32 rounding
+            assert values == pytest.approx(b["scores"][kind], rel=1e-4), kind
+    for field in ("n", "accuracy", "subsets", "macro_f1", "format_compliance"):
+        assert getattr(windowed, field) == getattr(whole, field), field
+
+
+def test_reasoning_is_generated_a_window_at_a_time(model, tiny_tokenizer, monkeypatch):
+    import engine.reasoning
+
+    whole = engine.reasoning.reasoning_eval(model, tiny_tokenizer, ROWS, 4)
+    seen = []
+    real = engine.reasoning.generate
+    monkeypatch.setattr(engine.reasoning, "generate",
+                        lambda model, tok, prompts, *a, **k: seen.append(len(prompts)) or real(model, tok, prompts, *a, **k))
+    monkeypatch.setattr(engine.evaluate, "WINDOW", 2)
+    assert engine.reasoning.reasoning_eval(model, tiny_tokenizer, ROWS, 4) == whole and seen == [2, 2, 1]
+
+
 # ── report ──
 
 def test_report_fields_order_and_atomic_json(model, tiny_tokenizer, tmp_path, monkeypatch):
