@@ -16,7 +16,7 @@ from engine.costs import GPUS, hours_table
 from engine.data import KORMEDMCQA_SUBSETS, load_kormedmcqa, load_mcq_file, load_texts, normalize_question
 from engine.evaluate import (EXTRACTIONS, GENERATE_TOKENS, MODES as EVAL_MODES, agreement, check_cloze_prompt,
                              format_table, translate)
-from engine.compare import Side, compare, table as compare_table
+from engine.compare import Side, compare, read_test_report, table as compare_table
 from engine.export import FORMATS, HeldOut, export_run
 from engine.export_gguf import GGUF_TYPES
 from engine.faults import catch_sigterm, crash_report, interrupt_code, interrupt_word
@@ -201,15 +201,17 @@ def compare_side(path: str, other: str, device: str | None = None) -> tuple[Side
         base = sl.run_base(run_dir, None, None)
         model, tokenizer, _ = load_base(base["size"], base["model"], device)
         cached = run_dir / "base_test_report.json"
-        test = read_json(cached) if cached.is_file() else sl.test_exams(model, tokenizer, run_dir, data, "base")
-        distributed.on_main(sl.write_json_atomic, test, cached)
+        if not cached.is_file():
+            test = sl.test_exams(model, tokenizer, run_dir, data, "base", "base_test_predictions")
+            distributed.on_main(sl.write_json_atomic, test, cached)
+        test = read_test_report(cached)
         name = f"base ({base['model'] or base['size']})"
     else:
         report = run_dir / "test_report.json"
         if not report.is_file():
             raise sl.MedkoError(f"{report} is missing: score the run's test split first (python medko.py test --run-dir "
                              f"{run_dir})")
-        test, name = read_json(report), str(run_dir)
+        test, name = read_test_report(report), str(run_dir)
         model, tokenizer, _ = sl.load_run_model_after(run_dir, sl.final_stage(run_dir), device)
     losses, drifts = losses_and_drift(model, tokenizer, data.en_heldout, 512, teacher=BASE)
     return Side(name, test, losses, drifts), sl.unseen_test_ids(run_dir, data.exam["test"])

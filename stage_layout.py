@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from engine import sources
 from engine.adapters import apply_surgery, load_additions_file
 from engine.checkpoints import SIZES, load_base
-from engine.compare import score_exams
+from engine.compare import read_test_report, score_exams
 from engine.data import ENCODINGS, KORMEDMCQA_SPLITS, MCQ, Pair, lazy_rows, parse_field_map
 from engine.errors import MedkoError, log
 from engine.files import read_json, write_json_atomic
@@ -397,13 +397,14 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     the report says), not a second identical pass."""
     out = Path(run_dir) / "test_report.json"
     if out.exists():
-        raise MedkoError(f"{out} exists: the test split is scored once per run; delete it to score again")
+        raise MedkoError(f"{out} exists: the test split is scored once per run; delete it (and test_predictions/) "
+                         f"to score again")
     stage = final_stage(run_dir)
     model, tokenizer, _ = load_run_model_after(run_dir, stage, device)
     data = load_run_data(run_dir)
     if stage_meta(run_dir, "s0").get("smoke"):
         data.exam["test"] = data.exam["test"][:SMOKE_TEST_QUESTIONS]
-    report = test_exams(model, tokenizer, run_dir, data, f"{run_dir}:{stage}")
+    report = test_exams(model, tokenizer, run_dir, data, f"{run_dir}:{stage}", "test_predictions")
     meta = stage_meta(run_dir, stage)
     if meta.get("reasoning_tokens"):  # the stage trained the answer line: score it on the test split too
         scores = reasoning_eval(model, tokenizer, data.exam["test"], meta["reasoning_tokens"])
@@ -426,11 +427,13 @@ def unseen_test_ids(run_dir: Path, rows: Sequence[MCQ]) -> set[str]:
     return {rows[i].id for i in unseen if i < len(rows)}  # a smoke run scores the first rows only
 
 
-def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, name: str) -> dict[str, Any]:
-    """The Korean test exam and its English version in both formulations (engine.compare.score_exams)."""
+def test_exams(model: Gemma3, tokenizer: Tokenizer, run_dir: Path, data: RunData, name: str,
+               predictions: str) -> dict[str, Any]:
+    """The Korean test exam and its English version in both formulations (engine.compare.score_exams), each
+    scoring's predictions written to RUN_DIR/PREDICTIONS/."""
     rows = data.exam["test"]
     return score_exams(model, tokenizer, rows, test_english(run_dir, rows), run_formulation(run_dir),
-                       unseen_test_ids(run_dir, rows), name)
+                       unseen_test_ids(run_dir, rows), name, Path(run_dir) / predictions)
 
 
 def write_run_report(run_dir: Path) -> Path:
@@ -441,4 +444,4 @@ def write_run_report(run_dir: Path) -> Path:
         raise MedkoError(f"{run_dir} holds no finished stage; run the curriculum (bash run.sh) first")
     test = run_dir / "test_report.json"
     return render_run_report(run_dir, [(s.name, s.title, s.directory) for s in STAGE_TABLE], TRAINING_STAGES, metas,
-                             read_json(test) if test.is_file() else None)
+                             read_test_report(test) if test.is_file() else None)

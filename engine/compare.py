@@ -3,18 +3,25 @@ accuracy in each formulation, the English–Korean gap and how often the two lan
 answer-line compliance where both have it, and English held-out loss and drift from the base. Every row is paired:
 exact McNemar for right/wrong outcomes, a paired bootstrap over questions or texts for means.
 
-Imports engine.data, engine.errors, engine.evaluate, engine.model, engine.rows, engine.stats and engine.tokenizer.
+Imports engine.data, engine.distributed, engine.errors, engine.evaluate, engine.files, engine.model, engine.rows,
+engine.stats and engine.tokenizer.
 """
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
+
+from engine import distributed
 
 from engine.data import MCQ
 from engine.errors import MedkoError
+from engine.files import atomic_write, read_json
 from engine.evaluate import evaluate
 from engine.model import Gemma3
-from engine.rows import Mapped
+from engine.rows import JsonlRows, Mapped
 from engine.stats import accuracy_summary, bootstrap_difference, language_agreement, mcnemar
 from engine.tokenizer import Tokenizer
 
@@ -24,35 +31,75 @@ class Side:
     """One model as compare sees it."""
 
     name: str  # a run directory, or "base (270m)"
-    test: dict[str, Any]  # its test_report.json (engine.evaluate reports by formulation, as score_test_split writes)
+    test: dict[str, Any]  # its test report as read_test_report reads it (by formulation, as score_exams writes)
     en_losses: list[float] = field(default_factory=list)  # per held-out English text
     drifts: list[float] = field(default_factory=list)  # per held-out English text, KL(base || model)
 
 
 def score_exams(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], english: Sequence[MCQ] | None,
-                formulation: str, unseen: set[str], name: str) -> dict[str, Any]:
+                formulation: str, unseen: set[str], name: str, predictions: Path) -> dict[str, Any]:
     """A Korean exam and (when given) its row-aligned English version, each in both formulations, with EN↔KO
     agreement overall and on the `unseen` question ids; the top level is the Korean exam in `formulation`, and
-    "english" the English one's outcomes."""
+    "english" the English one's outcomes.
+
+    Each scoring's predictions go to predictions/MODE_LANG.jsonl as they are made, each file whole or absent, and
+    the report names it ("predictions_file", relative to the report's directory, predictions.parent): only each
+    question's letter and right/wrong stay in memory. read_test_report reads them back."""
     if english is not None:  # row-aligned by id; a smoke run scores the first Korean rows only
         at = {r.id: k for k, r in enumerate(english)}  # ids alone: the rows stay where they are read from
         english = Mapped([at[r.id] for r in rows if r.id in at], english.__getitem__)
-    formulations = {}
+    if distributed.is_main():
+        predictions.mkdir(parents=True, exist_ok=True)
+    formulations, report = {}, {}
     for mode in ("logits", "cloze"):
-        ko = evaluate(model, tokenizer, rows, mode, "ko", progress=True, model_name=name)
-        scored = {"ko": asdict(ko)}
+        scored = {"ko": _scored(model, tokenizer, rows, mode, "ko", name, predictions)}
+        outcomes = {"ko": scored["ko"].pop("outcomes")}
         if english is not None:
-            en = evaluate(model, tokenizer, english, mode, "en", progress=True, model_name=name)
-            scored["en"] = asdict(en)
-            scored["languages"] = language_agreement(ko.predictions, en.predictions)
+            scored["en"] = _scored(model, tokenizer, english, mode, "en", name, predictions)
+            outcomes["en"] = scored["en"].pop("outcomes")
+            scored["languages"] = language_agreement(outcomes["ko"], outcomes["en"])
             if unseen:
-                pick = lambda preds: [p for p in preds if p["id"] in unseen]  # noqa: E731
-                scored["languages_unseen"] = language_agreement(pick(ko.predictions), pick(en.predictions))
+                pick = lambda entries: [e for e in entries if e["id"] in unseen]  # noqa: E731
+                scored["languages_unseen"] = language_agreement(pick(outcomes["ko"]), pick(outcomes["en"]))
+            if mode == formulation:
+                en = scored["en"]
+                report["english"] = {"accuracy": en["accuracy"], "n": en["n"],
+                                     "correct": [e["correct"] for e in outcomes["en"]]}
         formulations[mode] = scored
-    report = {**formulations[formulation]["ko"], "formulation": formulation, "formulations": formulations}
-    if "en" in formulations[formulation]:
-        en = formulations[formulation]["en"]
-        report["english"] = {"accuracy": en["accuracy"], "n": en["n"], "correct": [e["correct"] for e in en["predictions"]]}
+    return {**formulations[formulation]["ko"], "formulation": formulation, "formulations": formulations, **report}
+
+
+def _scored(model: Gemma3, tokenizer: Tokenizer, rows: Sequence[MCQ], mode: str, lang: str, name: str,
+            predictions: Path) -> dict[str, Any]:
+    """One scoring's report, its predictions written to their file on rank 0, with "outcomes": each question's id,
+    letter and right/wrong (what language_agreement pairs), for the caller to take out."""
+    path = predictions / f"{mode}_{lang}.jsonl"
+    outcomes: list[dict[str, Any]] = []
+    with (atomic_write(path) if distributed.is_main() else nullcontext(None)) as tmp, \
+            (tmp.open("w", encoding="utf-8") if tmp else nullcontext(None)) as f:
+        def keep(entry: dict[str, Any]) -> None:
+            outcomes.append({"id": entry["id"], "pred": entry["pred"], "correct": entry["correct"]})
+            if f:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+        report = evaluate(model, tokenizer, rows, mode, lang, progress=True, model_name=name, sink=keep)
+    scored = {k: v for k, v in asdict(report).items() if k != "predictions"}
+    return {**scored, "predictions_file": f"{predictions.name}/{path.name}", "outcomes": outcomes}
+
+
+def _rows(path: Path) -> JsonlRows:
+    return JsonlRows(path, lambda _path, _index, record: record)
+
+
+def read_test_report(path: Path) -> dict[str, Any]:
+    """A test report (test_report.json, base_test_report.json) with each scoring's "predictions" read from its file
+    as they are used (engine.rows: only each line's offset resident). A report written before the predictions had
+    files of their own holds them inline and reads as it is."""
+    report = read_json(path)
+    scorings = [report] + [s for f in report.get("formulations", {}).values() for s in (f.get("ko"), f.get("en")) if s]
+    for scored in scorings:
+        if "predictions_file" in scored:
+            scored["predictions"] = _rows(Path(path).parent / scored["predictions_file"])
     return report
 
 
@@ -60,8 +107,8 @@ def _correct(test: dict[str, Any], mode: str, lang: str, ids: Sequence[str] | No
     scored = test.get("formulations", {}).get(mode, {}).get(lang)
     if scored is None:
         return None
-    by_id = {p["id"]: p for p in scored["predictions"]}
-    return [bool(by_id[i]["correct"]) for i in (ids if ids is not None else by_id)]
+    by_id = {p["id"]: bool(p["correct"]) for p in scored["predictions"]}
+    return [by_id[i] for i in (ids if ids is not None else by_id)]
 
 
 def _preds(test: dict[str, Any], mode: str, lang: str) -> dict[str, str | None]:

@@ -121,6 +121,9 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
     assert test["formulation"] == formulation and set(test["formulations"]) == {"logits", "cloze"}
     for scored in test["formulations"].values():
         assert scored["ko"]["n"] == scored["en"]["n"] == 12 and scored["languages"]["n"] == 12
+        for lang in ("ko", "en"):  # each scoring's predictions in a file of their own, one line a question
+            assert "predictions" not in scored[lang]
+            assert len((run_dir / scored[lang]["predictions_file"]).read_text().splitlines()) == 12
     assert len(test["reasoning"]["strict"]) == 12  # s5 trained the answer line: scored on test too
     # The baseline's budget: what s2-s5 trained on their own data, counted without training.
     opts = sl.StageOptions(run_dir=run_dir, model=str(tiny_dir), max_steps=2, max_len=1024)
@@ -323,9 +326,9 @@ def test_run_sh_smoke_on_the_tiny_model(tiny_dir, small_data, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     shared = [run_dir / n for n in ("report.md", "report.png", "test_report.json")] + list(run_dir.glob("s*/meta.json"))
-    shared += list(run_dir.glob("s*/*/metrics.jsonl"))
+    shared += list(run_dir.glob("s*/*/metrics.jsonl")) + list(run_dir.glob("test_predictions/*.jsonl"))
     modes = {str(f.relative_to(run_dir)): oct(f.stat().st_mode & 0o777) for f in shared}
-    assert len(modes) == 16 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    assert len(modes) == 20 and set(modes.values()) == {oct(0o666 & ~mask)}, modes
     assert not list(run_dir.glob(".*.lock"))
     test = json.loads((run_dir / "test_report.json").read_text())
     assert test["n"] == SMOKE_TEST_QUESTIONS < 12 and test["english"]["n"] == SMOKE_TEST_QUESTIONS  # of 12
