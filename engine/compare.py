@@ -131,7 +131,8 @@ def _mean_row(label: str, a: Sequence[float], b: Sequence[float]) -> dict[str, A
 def compare(a: Side, b: Side, unseen: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The rows of the comparison of b against a (change = b − a), on the questions both were scored on."""
     rows = []
-    ids = [p["id"] for p in a.test["predictions"] if p["id"] in {q["id"] for q in b.test["predictions"]}]
+    in_b = {q["id"] for q in b.test["predictions"]}  # once: inside the comprehension it was built per question
+    ids = [p["id"] for p in a.test["predictions"] if p["id"] in in_b]
     if not ids:
         raise MedkoError(f"{a.name} and {b.name} share no test question; compare runs made from the same data")
     for mode in ("cloze", "logits"):
