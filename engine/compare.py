@@ -130,7 +130,7 @@ def _mean_row(label: str, a: Sequence[float], b: Sequence[float]) -> dict[str, A
 
 def compare(a: Side, b: Side, unseen: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The rows of the comparison of b against a (change = b − a), on the questions both were scored on."""
-    rows = []
+    rows, unseen = [], set(unseen)
     in_b = {q["id"] for q in b.test["predictions"]}  # once: inside the comprehension it was built per question
     ids = [p["id"] for p in a.test["predictions"] if p["id"] in in_b]
     if not ids:
@@ -140,7 +140,7 @@ def compare(a: Side, b: Side, unseen: Sequence[str] = ()) -> list[dict[str, Any]
         if ko_a is None or ko_b is None:
             continue
         rows.append(_accuracy_row(f"Korean {mode}", ko_a, ko_b))
-        keep = [i for i, q in enumerate(ids) if q in set(unseen)]
+        keep = [i for i, q in enumerate(ids) if q in unseen]
         if keep:
             rows.append(_accuracy_row(f"Korean {mode}, answer not in Korean training text",
                                       [ko_a[i] for i in keep], [ko_b[i] for i in keep]))
