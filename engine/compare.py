@@ -99,7 +99,11 @@ def read_test_report(path: Path) -> dict[str, Any]:
     scorings = [report] + [s for f in report.get("formulations", {}).values() for s in (f.get("ko"), f.get("en")) if s]
     for scored in scorings:
         if "predictions_file" in scored:
-            scored["predictions"] = _rows(Path(path).parent / scored["predictions_file"])
+            file = Path(path).parent / scored["predictions_file"]
+            if not file.is_file():
+                raise MedkoError(f"{file} is missing, and {path} names it: delete {path} and score the test split "
+                                 f"again (python medko.py test --run-dir {Path(path).parent})")
+            scored["predictions"] = _rows(file)
     return report
 
 

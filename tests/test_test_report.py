@@ -75,3 +75,13 @@ def test_a_scoring_that_fails_leaves_no_file_behind(model, tiny_tokenizer, tmp_p
     # The scorings done are whole; the failed one left neither its file nor a temporary one.
     assert sorted(p.name for p in (tmp_path / "test_predictions").iterdir()) == ["logits_en.jsonl", "logits_ko.jsonl"]
     assert all(len(p.read_text().splitlines()) == len(KOREAN) for p in (tmp_path / "test_predictions").iterdir())
+
+
+def test_a_missing_predictions_file_is_named_with_what_to_do(model, tiny_tokenizer, tmp_path):
+    report = score_exams(model, tiny_tokenizer, KOREAN[:2], None, "logits", set(), "tiny", tmp_path / "test_predictions")
+    write_json_atomic(report, tmp_path / "test_report.json")
+    assert len(read_test_report(tmp_path / "test_report.json")["predictions"]) == 2 and "english" not in report
+    (tmp_path / "test_predictions" / "cloze_ko.jsonl").unlink()
+    with pytest.raises(MedkoError, match=r"cloze_ko.jsonl is missing.*python medko.py test --run-dir"):
+        read_test_report(tmp_path / "test_report.json")
+
