@@ -185,7 +185,8 @@ def cmd_test(args: argparse.Namespace) -> None:
     result = sl.score_test_split(Path(args.run_dir), args.device)
     english = "" if result["en_accuracy"] is None else f", English {result['en_accuracy']:.3f}"
     print(f"test accuracy after {result['stage']} ({result['formulation']}): Korean {result['accuracy']:.3f}{english} "
-          f"on {result['n']} questions; English drift {result['drift']:.4f} nats/token on held-out English text")
+          f"on {result['n']} questions; English drift {result['drift']:.4f} nats/token, KL from the stage's teacher "
+          f"({result['drift_source']}; `compare` gives it from the base)")
     for mode, scored in result["formulations"].items():
         if "languages" in scored:
             print(f"EN↔KO ({mode}): {describe_agreement(scored['languages'])}")

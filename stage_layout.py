@@ -418,7 +418,7 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
     write_json_atomic(report, out)
     return {"stage": stage, "accuracy": report["accuracy"], "subsets": report["subsets"], "n": report["n"],
             "formulation": report["formulation"], "en_accuracy": report.get("english", {}).get("accuracy"),
-            "drift": report["drift"]["value"], "formulations": report["formulations"]}
+            "drift": report["drift"]["value"], "drift_source": source, "formulations": report["formulations"]}
 
 
 def unseen_test_ids(run_dir: Path, rows: Sequence[MCQ]) -> set[str]:

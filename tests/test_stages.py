@@ -109,6 +109,8 @@ def test_whole_curriculum_with_the_english_branch(gated_run, tiny_dir, tmp_path,
 
     import medko
     assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    # The drift it prints names its teacher and source: compare's "from the base" is another number.
+    assert "KL from the stage's teacher (s5's measurement of held-out English texts" in capsys.readouterr().out
     assert medko.main(["test", "--run-dir", str(run_dir), "--device", "cpu"]) == 1  # scored once
     assert "scored once" in capsys.readouterr().err
     assert medko.main(["report", str(run_dir)]) == 0
