@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine import distributed
-
 from engine.data import MCQ
 from engine.errors import MedkoError
-from engine.files import atomic_write, read_json
 from engine.evaluate import evaluate
+from engine.files import atomic_write, read_json
 from engine.model import Gemma3
 from engine.rows import JsonlRows, Mapped
 from engine.stats import accuracy_summary, bootstrap_difference, language_agreement, mcnemar
