@@ -410,7 +410,7 @@ def score_test_split(run_dir: Path, device: str | None = None) -> dict[str, Any]
         scores = reasoning_eval(model, tokenizer, data.exam["test"], meta["reasoning_tokens"])
         report["reasoning"] = {k: scores[k] for k in ("compliance", "accuracy", "strict", "correct")}
     drifts = meta.get("after", {}).get("drifts")
-    source = f"{stage}'s measurement of held-out English texts (the guard's)"
+    source = f"{stage}'s measurement of held-out English texts, the guard's"
     if not drifts:
         drifts, source = losses_and_drift(model, tokenizer, data.en_heldout, 512)[1], "held-out English texts"
     low, high = bootstrap_mean(drifts)
